@@ -1,0 +1,53 @@
+"""The ``prunedlora`` command. It only parses: each subcommand calls a public function.
+
+Each stage owns its subcommands in ``prunedlora/<stage>/cli.py`` with a ``register(subparsers)``
+function; handlers import heavy libraries (torch, vLLM) only when they run, so ``--help`` is fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from prunedlora.errors import PrunedLoraError
+
+_STAGE_CLIS = (
+    "prunedlora.train.cli",
+    "prunedlora.export.cli",
+    "prunedlora.serve.cli",
+    "prunedlora.bench.cli",
+    "prunedlora.demo",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="prunedlora",
+        description="Train, export, serve and benchmark pruned variable-rank LoRA adapters.",
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for module_name in _STAGE_CLIS:
+        module = importlib.import_module(module_name)
+        register = getattr(module, "register", None)
+        if register is not None:
+            register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        result = args.handler(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except PrunedLoraError as err:
+        print(f"prunedlora {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,5 @@
+"""`prunedlora demo`: the README main job."""
+
+
+def register(subparsers) -> None:
+    pass
