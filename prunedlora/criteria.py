@@ -1,0 +1,143 @@
+"""Scores that say how much the loss would rise if a rank component were removed.
+
+A LoRA module's rank component j is column j of B together with row j of A. Every criterion returns
+one score per *active* component; lower means cheaper to remove. Scores of the "obs" criterion are
+estimated loss increases, so they can be ranked across modules (global allocation).
+
+The second-order machinery works on a *row view* of a weight matrix: ``W`` is (n x s), each of its n
+rows is a weight vector over the s active components, ``G`` holds the loss gradients in the same
+layout. For B (out x r) the rows are B's rows; for A (r x in) they are A's columns, i.e. ``A.T``.
+All rows share one Hessian ``H = G^T G + damping * I`` (s x s), as in the PrunedLoRA paper.
+
+Derivation (per row w with gradient g): minimise the quadratic model ``g^T d + 1/2 d^T H d`` subject to
+``(w + d)_j = 0``. With ``Hinv = H^-1`` the Lagrangian gives
+
+    lambda = (w_j - [Hinv g]_j) / Hinv_jj
+    d      = -Hinv g - lambda * Hinv e_j
+    cost   = 1/2 lambda^2 Hinv_jj  -  1/2 g^T Hinv g
+
+and the last term is the same for every j, so the score is ``sum_rows 1/2 lambda^2 Hinv_jj``.
+(The paper's released code multiplies an s x s inverse by a d-long gradient; this is derived from the
+objective instead.)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+_COMPUTE_DTYPE = torch.float64
+
+
+def damped_inverse_hessian(grad_rows: torch.Tensor, damping: float) -> torch.Tensor:
+    """``(G^T G + delta I)^-1`` with ``delta = damping * mean(diag(G^T G))``.
+
+    The damping is relative so that it means the same thing for modules whose gradients differ by
+    orders of magnitude; an all-zero gradient falls back to an absolute damping so H stays invertible.
+    """
+    g = grad_rows.to(_COMPUTE_DTYPE)
+    hessian = g.T @ g
+    s = hessian.shape[0]
+    delta = damping * hessian.diagonal().mean().item() if s else 0.0
+    if not delta > 0.0:
+        delta = damping
+    hessian.diagonal().add_(delta)
+    chol, info = torch.linalg.cholesky_ex(hessian)
+    if int(info) == 0:
+        return torch.cholesky_inverse(chol)
+    return torch.linalg.pinv(hessian, hermitian=True)
+
+
+def obs_row_costs(weight_rows: torch.Tensor, grad_rows: torch.Tensor, hinv: torch.Tensor) -> torch.Tensor:
+    """Estimated loss increase of removing each of the s components (summed over rows), shape (s,)."""
+    w = weight_rows.to(_COMPUTE_DTYPE)
+    g = grad_rows.to(_COMPUTE_DTYPE)
+    diag = hinv.diagonal().clamp_min(torch.finfo(_COMPUTE_DTYPE).tiny)
+    lam = (w - g @ hinv) / diag  # (n, s): lambda for row i, component j
+    return 0.5 * (lam.square() * diag).sum(dim=0)
+
+
+@dataclass
+class RemovalResult:
+    """Rows after removing the requested components, and the downdated inverse Hessian."""
+
+    weight_rows: torch.Tensor
+    hinv: torch.Tensor
+
+
+def remove_components(
+    weight_rows: torch.Tensor,
+    grad_rows: torch.Tensor,
+    hinv: torch.Tensor,
+    remove: list[int],
+    recovery: str,
+) -> RemovalResult:
+    """Remove components one at a time, applying the recovery update and downdating ``Hinv``.
+
+    recovery:
+      - ``"none"``: zero the components, touch nothing else.
+      - ``"compensate"``: the OBS compensation ``d = -(w_j / Hinv_jj) Hinv e_j`` that moves the
+        surviving components to make up for component j (the gradient term is left out; this update
+        does not depend on the scale of H, which a one-batch gradient estimates poorly).
+      - ``"newton"``: the full solution of the derivation above, including ``-Hinv g``. After the
+        first removal the quadratic model's gradient on the surviving components is zero, so later
+        removals in the same event are pure compensations.
+
+    Sequential removal with the downdate ``Hinv <- Hinv - Hinv[:, j] Hinv[j, :] / Hinv_jj`` equals
+    removing the whole set jointly (tested).
+    """
+    w = weight_rows.to(_COMPUTE_DTYPE).clone()
+    g = grad_rows.to(_COMPUTE_DTYPE).clone()
+    hinv = hinv.to(_COMPUTE_DTYPE).clone()
+    for j in remove:
+        if recovery != "none":
+            hjj = hinv[j, j].clamp_min(torch.finfo(_COMPUTE_DTYPE).tiny)
+            if recovery == "newton":
+                hg = g @ hinv
+                lam = (w[:, j] - hg[:, j]) / hjj
+                w -= hg + lam[:, None] * hinv[j, :][None, :]
+                g.zero_()
+            else:
+                lam = w[:, j] / hjj
+                w -= lam[:, None] * hinv[j, :][None, :]
+            col = hinv[:, j].clone()
+            hinv -= torch.outer(col, col) / hjj
+        w[:, j] = 0.0
+        hinv[j, :] = 0.0
+        hinv[:, j] = 0.0
+    return RemovalResult(weight_rows=w, hinv=hinv)
+
+
+# --- criteria on a whole module ------------------------------------------------------------------
+
+
+def obs_scores(
+    lora_b: torch.Tensor, lora_a: torch.Tensor, grad_b: torch.Tensor, grad_a: torch.Tensor, damping: float
+) -> torch.Tensor:
+    """PrunedLoRA's second-order score for each column of ``lora_b`` / row of ``lora_a`` given.
+
+    Arguments hold only the active components: B is (out x s), A is (s x in).
+    """
+    hinv_b = damped_inverse_hessian(grad_b, damping)
+    hinv_a = damped_inverse_hessian(grad_a.T, damping)
+    return obs_row_costs(lora_b, grad_b, hinv_b) + obs_row_costs(lora_a.T, grad_a.T, hinv_a)
+
+
+def taylor_scores(
+    lora_b: torch.Tensor, lora_a: torch.Tensor, grad_b: torch.Tensor, grad_a: torch.Tensor
+) -> torch.Tensor:
+    """First-order importance ``sum |g * w|`` over the component's entries (as LLM-Pruner)."""
+    b = (grad_b.to(_COMPUTE_DTYPE) * lora_b.to(_COMPUTE_DTYPE)).abs().sum(dim=0)
+    a = (grad_a.to(_COMPUTE_DTYPE) * lora_a.to(_COMPUTE_DTYPE)).abs().sum(dim=1)
+    return b + a
+
+
+def magnitude_scores(lora_b: torch.Tensor, lora_a: torch.Tensor) -> torch.Tensor:
+    """``||B[:, j]|| * ||A[j, :]||``: the norm bound of the component's rank-1 product."""
+    return lora_b.to(_COMPUTE_DTYPE).norm(dim=0) * lora_a.to(_COMPUTE_DTYPE).norm(dim=1)
+
+
+def activation_scores(lora_b: torch.Tensor, activation_sq_sum: torch.Tensor) -> torch.Tensor:
+    """Wanda-style ``||X A_j^T|| * ||B[:, j]||`` from the squared activations summed since the last event."""
+    return activation_sq_sum.to(_COMPUTE_DTYPE).clamp_min(0).sqrt() * lora_b.to(_COMPUTE_DTYPE).norm(dim=0)

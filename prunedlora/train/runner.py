@@ -1,0 +1,196 @@
+"""``train``: one recipe -> one run directory (see prunedlora.metadata for its files)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from prunedlora import metadata
+from prunedlora.config import ConfigError, PrunedLoraConfig
+from prunedlora.pruner import RankPruner, find_lora_modules
+from prunedlora.train.recipe import TrainRecipe
+
+logger = logging.getLogger(__name__)
+_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    ranks: dict[str, int]
+    average_rank: float
+    train_loss: float
+    losses: list[tuple[int, float]]
+    global_step: int
+
+
+def lora_config_for(method: PrunedLoraConfig):
+    """PEFT's LoraConfig at rank r0 for this method (training always starts at r0)."""
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=method.r0,
+        lora_alpha=method.lora_alpha,
+        use_rslora=method.use_rslora,
+        lora_dropout=method.lora_dropout,
+        target_modules=list(method.target_modules),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+
+
+def build_peft_model(model_dir: Path, method: PrunedLoraConfig, dtype: str = "float32"):
+    """The base model with LoRA at r0 on the target modules; fails clearly on names that match nothing."""
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype))
+    linear_names = [n for n, m in base.named_modules() if isinstance(m, torch.nn.Linear)]
+    method.check_modules([n for n, _ in base.named_modules()], linear_names)
+    return get_peft_model(base, lora_config_for(method))
+
+
+def last_checkpoint(run_dir: Path) -> Path | None:
+    found = [(int(m.group(1)), p) for p in run_dir.glob("checkpoint-*") if (m := _CHECKPOINT.match(p.name))]
+    return max(found)[1] if found else None
+
+
+def train(recipe: TrainRecipe, resume: bool | str = "auto", callbacks: list | None = None) -> TrainResult:
+    """Fine-tune with LoRA at r0 and prune to the recipe's target; write the run directory.
+
+    ``resume="auto"`` continues from the run directory's last checkpoint when there is one, so an
+    interrupted command can simply be run again.
+    """
+    from transformers import AutoTokenizer, Trainer, TrainingArguments
+    from transformers.trainer_callback import ProgressCallback
+
+    from prunedlora.models import resolve_model
+    from prunedlora.train.callback import PrunedLoraCallback, RankProgressCallback
+    from prunedlora.train.data import build_train_dataset, make_collator
+
+    model_dir = resolve_model(recipe.model)
+    run_dir = Path(recipe.training.output_dir)
+    opts = recipe.training
+    if recipe.prune and recipe.method.schedule == "cubic" and recipe.method.prune_end_step >= opts.max_steps:
+        raise ConfigError(
+            f"prune_end_step ({recipe.method.prune_end_step}) must be before max_steps ({opts.max_steps}) "
+            "so that the run ends at the target rank"
+        )
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    torch.manual_seed(opts.seed)
+    model = build_peft_model(model_dir, recipe.method, opts.dtype)
+    if opts.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        model.enable_input_require_grads()
+    dataset = build_train_dataset(tokenizer, recipe.data)
+
+    pruner = RankPruner(model, recipe.method)
+    if not recipe.prune:  # plain LoRA at r0: the pruner only reports ranks, it never fires
+        pruner.schedule = type(pruner.schedule)(events=(), num_modules=len(pruner.modules), r0=recipe.method.r0,
+                                                final_total=len(pruner.modules) * recipe.method.r0)
+    args = TrainingArguments(
+        output_dir=str(run_dir),
+        max_steps=opts.max_steps,
+        per_device_train_batch_size=opts.per_device_train_batch_size,
+        gradient_accumulation_steps=opts.gradient_accumulation_steps,
+        learning_rate=opts.learning_rate,
+        weight_decay=opts.weight_decay,
+        warmup_steps=opts.warmup_steps,
+        lr_scheduler_type=opts.lr_scheduler_type,
+        max_grad_norm=opts.max_grad_norm,
+        logging_steps=opts.logging_steps,
+        save_strategy="steps",
+        save_steps=opts.save_steps,
+        save_total_limit=opts.save_total_limit,
+        seed=opts.seed,
+        data_seed=opts.seed,
+        report_to=[],
+        use_cpu=not torch.cuda.is_available(),
+        dataloader_num_workers=0,
+        remove_unused_columns=False,
+        ddp_find_unused_parameters=False,
+    )
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        data_collator=make_collator(tokenizer),
+        callbacks=[PrunedLoraCallback(pruner), *(callbacks or [])],
+    )
+    trainer.remove_callback(ProgressCallback)
+    trainer.add_callback(RankProgressCallback(pruner))
+
+    checkpoint = None
+    if resume:
+        checkpoint = Path(resume) if isinstance(resume, str) and resume != "auto" else last_checkpoint(run_dir)
+        if checkpoint is not None:
+            logger.warning("resuming from %s", checkpoint)
+    output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+
+    losses = [(e["step"], e["loss"]) for e in trainer.state.log_history if "loss" in e]
+    if trainer.is_world_process_zero():
+        write_run_dir(run_dir, model, pruner, recipe, model_dir, trainer.state.global_step)
+    return TrainResult(
+        run_dir=run_dir,
+        ranks=pruner.ranks(),
+        average_rank=pruner.average_rank,
+        train_loss=float(output.training_loss),
+        losses=losses,
+        global_step=trainer.state.global_step,
+    )
+
+
+def write_run_dir(run_dir: Path, model, pruner: RankPruner, recipe: TrainRecipe, model_dir: Path, step: int) -> None:
+    """Adapter at r0 (pruned components exactly 0), masks, rank history, run record, rank heatmap."""
+    from prunedlora.train.plots import plot_rank_heatmap
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    pruner.mask_weights()
+    model.save_pretrained(run_dir / metadata.RUN_ADAPTER_DIR)
+    metadata.save_masks(run_dir / metadata.MASKS_FILE, pruner.masks)
+    metadata.write_rank_history(run_dir / metadata.RANK_HISTORY_FILE, pruner.history)
+    ranks = pruner.ranks()
+    metadata.write_run_record(
+        run_dir,
+        metadata.RunRecord(
+            base_model=str(model_dir),
+            r0=recipe.method.r0,
+            lora_alpha=recipe.method.lora_alpha,
+            use_rslora=recipe.method.use_rslora,
+            target_modules=list(recipe.method.target_modules),
+            ranks=ranks,
+            method=recipe.method.to_dict(),
+            training=recipe.to_dict(),
+            global_step=step,
+        ),
+    )
+    plot_rank_heatmap(ranks, run_dir / metadata.RANKS_PLOT_FILE, r0=recipe.method.r0,
+                      title=f"final ranks (average {sum(ranks.values()) / len(ranks):.2f}, r0={recipe.method.r0})")
+
+
+def format_rank_table(ranks: dict[str, int]) -> str:
+    """Layers x module types as text, for the console."""
+    rows: dict[str, dict[str, int]] = {}
+    types: list[str] = []
+    for name, rank in ranks.items():
+        match = re.search(r"layers\.(\d+)\.(?:[^.]+\.)?([^.]+)$", name)
+        layer, kind = (match.group(1), match.group(2)) if match else ("-", name)
+        rows.setdefault(layer, {})[kind] = rank
+        if kind not in types:
+            types.append(kind)
+    width = max(6, *(len(t) for t in types))
+    lines = ["layer " + " ".join(t.rjust(width) for t in types)]
+    for layer in sorted(rows, key=lambda x: (len(x), x)):
+        lines.append(f"{layer:>5} " + " ".join(str(rows[layer].get(t, "")).rjust(width) for t in types))
+    total = sum(ranks.values())
+    lines.append(f"average rank {total / len(ranks):.3f} over {len(ranks)} modules ({total} components)")
+    return "\n".join(lines)

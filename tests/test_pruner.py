@@ -1,0 +1,148 @@
+"""RankPruner on a tiny PEFT model driven by a plain training loop (no Trainer)."""
+
+import copy
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from prunedlora.config import ConfigError, PrunedLoraConfig
+from prunedlora.pruner import RankPruner, find_lora_modules
+
+VOCAB = 64
+
+
+def tiny_peft(r0=8, seed=0, targets=("q_proj", "v_proj", "down_proj")):
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    base = LlamaForCausalLM(config)
+    model = get_peft_model(base, LoraConfig(r=r0, lora_alpha=2 * r0, target_modules=list(targets)))
+    # make lora_B non-zero so components differ from the start
+    for module in find_lora_modules(model).values():
+        torch.nn.init.normal_(module.lora_b, std=0.05)
+    return model
+
+
+def batches(n, seed=0, batch=4, length=12):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, VOCAB, (batch, length), generator=gen) for _ in range(n)]
+
+
+def run_loop(model, pruner, steps, accumulation=2, seed=0, lr=1e-2):
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    data = batches(steps * accumulation, seed=seed)
+    for step in range(steps):
+        for micro in range(accumulation):
+            ids = data[step * accumulation + micro]
+            (model(input_ids=ids, labels=ids).loss / accumulation).backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        if pruner is not None:
+            pruner.before_optimizer_step(step, optimizer)
+        optimizer.step()
+        if pruner is not None:
+            pruner.after_optimizer_step()
+        optimizer.zero_grad()
+    return optimizer
+
+
+@pytest.mark.parametrize("criterion", ["obs", "taylor", "activation", "magnitude"])
+def test_pruned_components_stay_exactly_zero_with_zero_optimizer_state(criterion):
+    model = tiny_peft()
+    config = PrunedLoraConfig(r0=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"],
+                              target_rank=3, min_rank=1, prune_start_step=2, prune_end_step=6, prune_every=2,
+                              criterion=criterion)
+    pruner = RankPruner(model, config)
+    optimizer = run_loop(model, pruner, steps=7 + 50)
+    ranks = pruner.ranks()
+    assert sum(ranks.values()) == 3 * len(ranks)
+    assert any(not m.all() for m in pruner.masks.values())
+    for name, module in pruner.modules.items():
+        dead = ~pruner.masks[name]
+        assert torch.all(module.lora_b[:, dead] == 0) and torch.all(module.lora_a[dead, :] == 0)
+        assert torch.any(module.lora_b[:, ~dead] != 0)
+        for param, sl in ((module.lora_b, (slice(None), dead)), (module.lora_a, (dead, slice(None)))):
+            state = optimizer.state[param]
+            assert torch.all(state["exp_avg"][sl] == 0) and torch.all(state["exp_avg_sq"][sl] == 0)
+
+
+def test_pruner_without_events_does_not_change_training():
+    reference, pruned = tiny_peft(seed=1), tiny_peft(seed=1)
+    config = PrunedLoraConfig(r0=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"],
+                              target_rank=4, prune_start_step=100, prune_end_step=120, prune_every=10)
+    run_loop(reference, None, steps=5)
+    run_loop(pruned, RankPruner(pruned, config), steps=5)
+    for (name, a), (_, b) in zip(reference.named_parameters(), pruned.named_parameters()):
+        assert torch.equal(a, b), name
+
+
+def test_uniform_allocation_through_the_pruner_and_history():
+    model = tiny_peft(seed=2)
+    config = PrunedLoraConfig(r0=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"],
+                              target_rank=2, allocation="uniform", schedule="constant", components_per_event=3,
+                              prune_start_step=0, prune_every=1)
+    pruner = RankPruner(model, config)
+    run_loop(model, pruner, steps=4)
+    assert set(pruner.ranks().values()) == {2}
+    assert [e["average_rank"] for e in pruner.history] == [5.0, 2.0]
+    assert pruner.finished
+    removed = pruner.history[0]["removed"]
+    assert all(len(idx) == 3 for idx in removed.values())
+
+
+def test_state_round_trip(tmp_path):
+    model = tiny_peft(seed=3)
+    config = PrunedLoraConfig(r0=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"],
+                              target_rank=4, criterion="activation", prune_start_step=1, prune_end_step=3,
+                              prune_every=2)
+    pruner = RankPruner(model, config)
+    run_loop(model, pruner, steps=3)
+    pruner.save(tmp_path)
+    fresh_model = tiny_peft(seed=3)
+    other = RankPruner(fresh_model, config)
+    other.load(tmp_path)
+    assert other.history == pruner.history
+    assert all(torch.equal(other.masks[n], pruner.masks[n]) for n in pruner.masks)
+    assert all(torch.equal(other.activation_sq[n], pruner.activation_sq[n]) for n in pruner.masks)
+    # loading applies the masks to the fresh weights
+    for name, module in other.modules.items():
+        assert torch.all(module.lora_b[:, ~other.masks[name]] == 0)
+
+
+def test_module_names_are_the_base_models_and_r0_must_match():
+    model = tiny_peft(r0=4)
+    names = list(find_lora_modules(model))
+    assert names[0] == "model.layers.0.self_attn.q_proj"
+    with pytest.raises(ConfigError, match="must have rank r0=8"):
+        RankPruner(model, PrunedLoraConfig(r0=8, target_rank=2, target_modules=["q_proj"]))
+    with pytest.raises(ConfigError, match="no PEFT LoRA layers"):
+        RankPruner(copy.deepcopy(model).get_base_model().model.layers[0].mlp, PrunedLoraConfig(r0=4, target_rank=2),
+                   adapter_name="other")
+
+
+@pytest.mark.parametrize("recovery", ["compensate", "newton"])
+def test_recovery_changes_surviving_components_only_at_events(recovery):
+    model = tiny_peft(seed=4)
+    config = PrunedLoraConfig(r0=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"],
+                              target_rank=4, allocation="uniform", schedule="constant", components_per_event=4,
+                              prune_start_step=0, prune_every=1, recovery=recovery)
+    pruner = RankPruner(model, config)
+    ids = batches(1)[0]
+    model(input_ids=ids, labels=ids).loss.backward()
+    before = {n: m.lora_b.detach().clone() for n, m in pruner.modules.items()}
+    pruner.before_optimizer_step(0)
+    for name, module in pruner.modules.items():
+        alive = pruner.masks[name]
+        assert torch.all(module.lora_b[:, ~alive] == 0)
+        assert not torch.equal(module.lora_b[:, alive], before[name][:, alive])
+
+
+def test_missing_gradients_give_a_clear_error():
+    model = tiny_peft(seed=5)
+    config = PrunedLoraConfig(r0=8, target_modules=["q_proj"], target_rank=4, prune_start_step=0,
+                              prune_end_step=0, prune_every=1)
+    pruner = RankPruner(model, config)
+    with pytest.raises(Exception, match="no gradient on model.layers.0.self_attn.q_proj"):
+        pruner.before_optimizer_step(0)
