@@ -42,7 +42,7 @@ class TrainRecipe:
     """
 
     model: str = "default"
-    data: DataConfig = field(default_factory=DataConfig)
+    data: DataConfig = field(default_factory=lambda: DataConfig(task="sst2"))
     method: PrunedLoraConfig = field(default_factory=PrunedLoraConfig)
     training: TrainingOptions = field(default_factory=TrainingOptions)
     prune: bool = True
@@ -51,7 +51,7 @@ class TrainRecipe:
         return {
             "model": self.model,
             "prune": self.prune,
-            "data": asdict(self.data),
+            "data": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self.data).items()},
             "method": self.method.to_dict(),
             "training": asdict(self.training),
         }

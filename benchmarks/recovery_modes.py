@@ -1,0 +1,119 @@
+"""Which recovery update (and which criterion) loses the least when components are removed.
+
+One-shot experiment on SmolLM2-135M-Instruct: train LoRA at r0=32 on SST-2 for a few steps, then
+prune in a single event to an average rank of 8 (global allocation) from the gradient of one
+calibration batch, and measure the held-out loss right after pruning (no further training) and after
+a few recovery steps. Every cell starts from the same trained adapter. Writes
+benchmarks/results/recovery_modes.json; docs/results.md quotes it.
+
+    python benchmarks/recovery_modes.py [--warm-steps 30] [--after-steps 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).parent / "results" / "recovery_modes.json"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="default")
+    parser.add_argument("--warm-steps", type=int, default=30)
+    parser.add_argument("--after-steps", type=int, default=10)
+    parser.add_argument("--batch", type=int, default=16)
+    args = parser.parse_args()
+
+    from transformers import AutoTokenizer
+
+    from prunedlora.config import PrunedLoraConfig
+    from prunedlora.models import resolve_model
+    from prunedlora.pruner import RankPruner
+    from prunedlora.schedule import PruningEvent
+    from prunedlora.train.data import DataConfig, build_train_dataset, make_collator
+    from prunedlora.train.runner import build_peft_model
+
+    torch.manual_seed(0)
+    model_dir = resolve_model(args.model)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    train_set = build_train_dataset(tokenizer, DataConfig(task="sst2", max_examples=1024, max_length=96))
+    dev_set = build_train_dataset(tokenizer, DataConfig(task="sst2", split="dev", max_examples=128, max_length=96))
+    collate = make_collator(tokenizer)
+    batches = [collate([train_set[i] for i in range(s, s + args.batch)])
+               for s in range(0, len(train_set) - args.batch + 1, args.batch)]
+    dev_batches = [collate([dev_set[i] for i in range(s, min(s + 32, len(dev_set)))]) for s in range(0, len(dev_set), 32)]
+
+    base_config = PrunedLoraConfig(r0=32, lora_alpha=64, target_rank=8, prune_start_step=0, prune_end_step=0)
+    model = build_peft_model(model_dir, base_config)
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def dev_loss(m) -> float:
+        m.eval()
+        with torch.no_grad():
+            total = sum(m(**b).loss.item() * len(b["input_ids"]) for b in dev_batches)
+        m.train()
+        return total / len(dev_set)
+
+    def steps(m, opt, start, count, pruner=None):
+        for k in range(count):
+            batch = batches[(start + k) % len(batches)]
+            m(**batch).loss.backward()
+            torch.nn.utils.clip_grad_norm_([p for p in m.parameters() if p.requires_grad], 1.0)
+            if pruner is not None:
+                pruner.mask_gradients()
+            opt.step()
+            if pruner is not None:
+                pruner.after_optimizer_step()
+            opt.zero_grad()
+
+    optimizer = torch.optim.AdamW(params, lr=2e-4)
+    t0 = time.time()
+    steps(model, optimizer, 0, args.warm_steps)
+    print(f"warm-up {args.warm_steps} steps in {time.time() - t0:.0f}s; dev loss {dev_loss(model):.4f}", flush=True)
+    trained = copy.deepcopy(model.state_dict())
+    trained_opt = copy.deepcopy(optimizer.state_dict())
+    results = {"unpruned_r0": dev_loss(model), "cells": []}
+
+    cells = [("obs", r) for r in ("none", "compensate", "newton")] + [
+        (c, "compensate") for c in ("taylor", "magnitude", "activation")] + [("magnitude", "none")]
+    for criterion, recovery in cells:
+        model.load_state_dict(trained)
+        optimizer.load_state_dict(trained_opt)
+        config = PrunedLoraConfig(r0=32, lora_alpha=64, target_rank=8, prune_start_step=0, prune_end_step=0,
+                                  criterion=criterion, recovery=recovery)
+        pruner = RankPruner(model, config)
+        calib = batches[args.warm_steps % len(batches)]
+        if criterion == "activation":  # statistics from a forward pass over the calibration batch
+            model(**calib)
+        model(**calib).loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        final = pruner.schedule.events[-1]
+        pruner.prune(PruningEvent(0, final.total, final.per_module, final.cap), optimizer)
+        optimizer.zero_grad()
+        right_after = dev_loss(model)
+        steps(model, optimizer, args.warm_steps + 1, args.after_steps, pruner)
+        after = dev_loss(model)
+        cell = {"criterion": criterion, "recovery": recovery, "dev_loss_after_prune": right_after,
+                f"dev_loss_after_{args.after_steps}_steps": after, "average_rank": pruner.average_rank}
+        results["cells"].append(cell)
+        print(json.dumps(cell), flush=True)
+        pruner.remove_hooks()
+    results.update(model=str(model_dir), warm_steps=args.warm_steps, after_steps=args.after_steps, batch=args.batch)
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"\nunpruned r0=32: {results['unpruned_r0']:.4f}")
+    print("| criterion | recovery | dev loss right after pruning 32->8 | after %d steps |\n|---|---|---|---|"
+          % args.after_steps)
+    for c in results["cells"]:
+        print(f"| {c['criterion']} | {c['recovery']} | {c['dev_loss_after_prune']:.4f} | "
+              f"{c[f'dev_loss_after_{args.after_steps}_steps']:.4f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,41 @@
+"""Run by torchrun in tests/train/test_distributed.py: one rank of a 2-process PrunedLoRA run."""
+
+import os
+import sys
+
+import torch
+
+
+def main(model_dir: str, run_dir: str, dump_dir: str) -> None:
+    from prunedlora.train.recipe import recipe_from_dict
+    from prunedlora.train.runner import train
+    from prunedlora.pruner import find_lora_modules
+
+    recipe = recipe_from_dict(
+        {
+            "model": model_dir,
+            "data": {"task": "sst2", "max_examples": 64, "max_length": 64},
+            "method": {"r0": 8, "lora_alpha": 16, "target_rank": 3, "target_modules": ["q_proj", "v_proj", "up_proj"],
+                       "prune_start_step": 1, "prune_end_step": 5, "prune_every": 2, "criterion": "activation"},
+            "training": {"output_dir": run_dir, "max_steps": 7, "per_device_train_batch_size": 2,
+                         "gradient_accumulation_steps": 2, "learning_rate": 5e-3, "save_steps": 100},
+        }
+    )
+    captured = {}
+
+    from transformers import TrainerCallback
+
+    class Capture(TrainerCallback):
+        def on_train_end(self, args, state, control, model=None, **kwargs):
+            for name, module in find_lora_modules(model).items():
+                captured[f"{name}.A"] = module.lora_a.detach().clone()
+                captured[f"{name}.B"] = module.lora_b.detach().clone()
+
+    result = train(recipe, resume=False, callbacks=[Capture()])
+    rank = int(os.environ["RANK"])
+    torch.save({"ranks": result.ranks, "weights": captured, "world": int(os.environ["WORLD_SIZE"])},
+               os.path.join(dump_dir, f"rank{rank}.pt"))
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:4])
