@@ -178,19 +178,14 @@ def write_run_dir(run_dir: Path, model, pruner: RankPruner, recipe: TrainRecipe,
 
 
 def format_rank_table(ranks: dict[str, int]) -> str:
-    """Layers x module types as text, for the console."""
-    rows: dict[str, dict[str, int]] = {}
-    types: list[str] = []
-    for name, rank in ranks.items():
-        match = re.search(r"layers\.(\d+)\.(?:[^.]+\.)?([^.]+)$", name)
-        layer, kind = (match.group(1), match.group(2)) if match else ("-", name)
-        rows.setdefault(layer, {})[kind] = rank
-        if kind not in types:
-            types.append(kind)
-    width = max(6, *(len(t) for t in types))
-    lines = ["layer " + " ".join(t.rjust(width) for t in types)]
-    for layer in sorted(rows, key=lambda x: (len(x), x)):
-        lines.append(f"{layer:>5} " + " ".join(str(rows[layer].get(t, "")).rjust(width) for t in types))
+    """Layers x module types as text, for the console (the same grid as the heatmap)."""
+    from prunedlora.train.plots import rank_table
+
+    rows, cols, grid = rank_table(ranks)
+    width = max(5, *(len(c) for c in cols))
+    lines = ["layer " + " ".join(c.rjust(width) for c in cols)]
+    for row, values in zip(rows, grid):
+        lines.append(f"{row:>5} " + " ".join(("" if v is None else str(v)).rjust(width) for v in values))
     total = sum(ranks.values())
     lines.append(f"average rank {total / len(ranks):.3f} over {len(ranks)} modules ({total} components)")
     return "\n".join(lines)
