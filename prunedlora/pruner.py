@@ -83,6 +83,18 @@ def find_lora_modules(model: nn.Module, adapter_name: str = "default") -> dict[s
     return found
 
 
+def _world_size() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
 class RankPruner:
     """Prunes rank components of a PEFT LoRA model on the schedule its config describes."""
 
@@ -278,11 +290,27 @@ class RankPruner:
             self._hooks.append(lora_a.register_forward_hook(hook))
 
     def _all_reduce_activations(self) -> None:
-        import torch.distributed as dist
+        if _world_size() > 1:
+            import torch.distributed as dist
 
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             for stats in self.activation_sq.values():
                 dist.all_reduce(stats)
+
+    def consolidate_statistics(self) -> None:
+        """Gather the activation statistics on process 0 (call on every process, before saving).
+
+        Each process accumulates its own inputs and the event sums them; a checkpoint written by
+        process 0 must hold that sum, and the other processes restart from zero, so a resumed run
+        sums to the same totals as an uninterrupted one.
+        """
+        if not self.activation_sq or _world_size() <= 1:
+            return
+        import torch.distributed as dist
+
+        self._all_reduce_activations()
+        if dist.get_rank() != 0:
+            for stats in self.activation_sq.values():
+                stats.zero_()
 
     def remove_hooks(self) -> None:
         for handle in self._hooks:
@@ -304,8 +332,8 @@ class RankPruner:
             raise PrunedLoraError(f"pruner state does not match this model: missing {missing[:3]}, extra {extra[:3]}")
         self.masks = {n: masks[n].to(torch.bool).clone() for n in self.masks}
         for name, stats in state.get("activation_sq", {}).items():
-            if name in self.activation_sq:
-                self.activation_sq[name].copy_(stats)
+            if name in self.activation_sq:  # process 0 holds the sum (see consolidate_statistics)
+                self.activation_sq[name].copy_(stats if _rank() == 0 else torch.zeros_like(stats))
         self.history = list(state["history"])
         for name, mask in self.masks.items():
             self._apply_mask(self.modules[name], mask)

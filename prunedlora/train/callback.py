@@ -43,6 +43,7 @@ class PrunedLoraCallback(TrainerCallback):
         self.pruner.after_optimizer_step()
 
     def on_save(self, args, state, control, **kwargs):
+        self.pruner.consolidate_statistics()  # every process takes part; process 0 writes
         if state.is_world_process_zero:
             self.pruner.save(Path(args.output_dir) / f"checkpoint-{state.global_step}")
 

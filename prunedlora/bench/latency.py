@@ -1,0 +1,448 @@
+"""``prunedlora bench latency``: what a pruned adapter's smaller LoRA slot buys when vLLM serves it.
+
+vLLM pads every adapter to the engine's ``max_lora_rank`` (the slot) and computes with the padded
+slot, so the question is what the slot costs. On the same prompts, in one run, this measures:
+
+- the base model alone (an engine without LoRA): the reference every ratio is taken against;
+- adapters at r0 in the r0 slot: the plain LoRA a user would otherwise train;
+- each pruned family in the smallest slot that holds it, and in the r0 slot (the cost of padding);
+- the uniform-rank pruned adapter in a sweep of slots (the curve of cost against slot rank);
+- mixes of 1, 4 and 16 distinct pruned adapters in one batch, in one engine with max_loras = 16.
+
+Every engine setting (slot rank, max_loras) is a fresh vLLM engine in its own process
+(``latency_worker``); configurations that share the settings share the engine. The numbers are
+vLLM's per-request statistics over its offline ``LLM.generate`` path (see ``metrics``). Memory
+reserved for LoRA slots is read from vLLM's slot tensors and checked against the closed form
+``max_loras x max_lora_rank x dtype bytes x (sum over LoRA-wrapped layers of in + out)``, where
+vLLM wraps every decoder projection plus the embedding and the logits (vocab + hidden each),
+whatever modules the adapters target.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from prunedlora.bench.adapters import AdapterSet, adapter_set_summary, adapters_from_runs, synthetic_adapters
+from prunedlora.errors import PrunedLoraError
+from prunedlora.vllm_compat import ALLOWED_MAX_LORA_RANKS, smallest_slot_rank
+
+DEFAULT_RESULTS_DIR = Path("benchmarks/results")
+RESULT_FILES = {"json": "latency.json", "markdown": "latency.md", "plot": "latency.png"}
+# The decoder projections vLLM wraps with LoRA layers in Llama-style models (q/k/v and gate/up are
+# packed there, which changes nothing in the byte count).
+LORA_WRAPPED_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+class LatencyBenchError(PrunedLoraError):
+    """The latency bench cannot run as asked."""
+
+
+@dataclass
+class LatencyBenchConfig:
+    """What ``prunedlora bench latency`` measures and where it writes.
+
+    ``runs`` are finished ``prunedlora train`` runs whose exported adapters are served; empty means
+    synthetic adapters with the ranks of real runs (see ``adapters``): ``adapters_per_family`` of the
+    mixed family (a mix of more cycles through them under distinct ids), one of each other family.
+    ``work_dir`` holds the bench adapters and each engine's spec, result and log (default: the
+    prunedlora cache).
+    """
+
+    model: str = "default"
+    out_dir: str = str(DEFAULT_RESULTS_DIR)
+    work_dir: str | None = None
+    runs: list[str] = field(default_factory=list)
+    r0: int = 32
+    target_rank: int = 8
+    num_prompts: int = 16
+    prompt_tokens: int = 32
+    output_tokens: int = 32
+    repeats: int = 1
+    sweep_slots: list[int] = field(default_factory=lambda: [8, 32, 64])
+    mixes: list[int] = field(default_factory=lambda: [1, 4, 16])
+    mix_family: str = "pruned-global"
+    adapters_per_family: int = 3
+    dtype: str = "auto"
+    max_model_len: int = 512
+    kv_cache_gib: float | None = None
+    engine_timeout_s: float = 900.0
+    echo: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("num_prompts", "prompt_tokens", "output_tokens", "repeats", "r0", "target_rank"):
+            if getattr(self, name) < 1:
+                raise LatencyBenchError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.output_tokens < 2:
+            raise LatencyBenchError("--output-tokens must be at least 2 (time per output token needs two tokens)")
+        bad = [s for s in self.sweep_slots if s not in ALLOWED_MAX_LORA_RANKS]
+        if bad:
+            raise LatencyBenchError(
+                f"--slots {bad} are not slot ranks vLLM allows; use some of {', '.join(map(str, ALLOWED_MAX_LORA_RANKS))}"
+            )
+        if any(m < 1 for m in self.mixes):
+            raise LatencyBenchError(f"--mixes must be positive, got {self.mixes}")
+        if self.prompt_tokens + self.output_tokens > self.max_model_len:
+            raise LatencyBenchError(
+                f"--prompt-tokens + --output-tokens ({self.prompt_tokens + self.output_tokens}) exceed "
+                f"--max-model-len {self.max_model_len}"
+            )
+
+
+@dataclass
+class Configuration:
+    """One measured row: a family of adapters (None: the base model) in a slot, N distinct per batch."""
+
+    name: str
+    family: str | None
+    slot: int | None
+    mix: int
+    max_loras: int | None
+    role: str  # base, r0, smallest, padded, sweep, mix
+
+    @property
+    def engine_key(self) -> tuple:
+        return ("base",) if self.family is None else (self.slot, self.max_loras)
+
+
+# -- the plan -----------------------------------------------------------------------------------------
+
+
+def family_slot(adapters: AdapterSet, family: str) -> int:
+    """The smallest slot vLLM allows that holds every adapter of the family."""
+    return smallest_slot_rank(max(a.max_rank for a in adapters.families[family]))
+
+
+def plan_configurations(adapters: AdapterSet, config: LatencyBenchConfig) -> list[Configuration]:
+    """The rows to measure, deduplicated (the same family, slot and mix is measured once)."""
+    r0_slot = family_slot(adapters, "r0") if "r0" in adapters.families else smallest_slot_rank(config.r0)
+    plan: list[Configuration] = [Configuration("base", None, None, 1, None, "base")]
+    seen: set[tuple] = set()
+
+    def add(family: str, slot: int, mix: int, max_loras: int, role: str) -> None:
+        key = (family, slot, mix, max_loras)
+        if family not in adapters.families or key in seen:
+            return
+        if slot < family_slot(adapters, family):
+            return  # the family does not fit this slot
+        seen.add(key)
+        suffix = "" if mix == 1 and max_loras == 1 else f" x{mix} (max_loras {max_loras})"
+        plan.append(Configuration(f"{family} @ slot {slot}{suffix}", family, slot, mix, max_loras, role))
+
+    add("r0", r0_slot, 1, 1, "r0")
+    for family in adapters.families:
+        if family != "r0":
+            add(family, family_slot(adapters, family), 1, 1, "smallest")
+            add(family, r0_slot, 1, 1, "padded")
+    sweep_family = "pruned-uniform" if "pruned-uniform" in adapters.families else config.mix_family
+    for slot in config.sweep_slots:
+        add(sweep_family, slot, 1, 1, "sweep")
+    mixes = sorted(set(config.mixes))
+    if mixes and mixes != [1]:
+        family = config.mix_family if config.mix_family in adapters.families else next(
+            f for f in adapters.families if f != "r0"
+        )
+        top = max(mixes)
+        for mix in mixes:
+            add(family, family_slot(adapters, family), mix, top, "mix")
+    return plan
+
+
+# -- memory ---------------------------------------------------------------------------------------------
+
+
+def lora_slot_bytes_estimate(model_dir: str | os.PathLike, max_lora_rank: int, max_loras: int, dtype_bytes: int) -> int:
+    """Bytes vLLM reserves for LoRA slots: A (rank x in) and B (out x rank) per slot for every decoder
+    projection, plus the embedding's and the logits' LoRA (vocab + hidden each), from the base
+    model's weight shapes (safetensors headers)."""
+    from prunedlora.serve.validate import base_weight_shapes
+
+    shapes = base_weight_shapes(model_dir)
+    per_rank = 0
+    hidden = vocab = None
+    for name, shape in shapes.items():
+        if len(shape) != 2 or not name.endswith(".weight"):
+            continue
+        module = name[: -len(".weight")].rsplit(".", 1)[-1]
+        if module in LORA_WRAPPED_PROJECTIONS:
+            per_rank += shape[0] + shape[1]
+        elif module == "embed_tokens":
+            vocab, hidden = shape
+    if vocab is None:
+        raise LatencyBenchError(f"{model_dir} has no embed_tokens weight; cannot size the embedding and logits LoRA")
+    per_rank += 2 * (vocab + hidden)
+    return per_rank * max_lora_rank * max_loras * dtype_bytes
+
+
+# -- prompts --------------------------------------------------------------------------------------------
+
+
+def bench_prompts(model_dir: str | os.PathLike, num_prompts: int, prompt_tokens: int) -> list[list[int]]:
+    """``num_prompts`` distinct chat-rendered prompts of exactly ``prompt_tokens`` tokens (the last ones,
+    so each ends with the assistant header), cycling through the vendored GSM8K, CodeAlpaca and SST-2
+    slices. The engines run without prefix caching, so every prompt is prefilled in full."""
+    from transformers import AutoTokenizer
+
+    from prunedlora.train.data import DataConfig, chat_prompt, load_examples
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    pools = [iter(load_examples(DataConfig(task=task))) for task in ("gsm8k", "codealpaca", "sst2")]
+    prompts: list[list[int]] = []
+    while len(prompts) < num_prompts and pools:
+        for pool in list(pools):
+            example = next(pool, None)
+            if example is None:
+                pools.remove(pool)
+                continue
+            ids = tokenizer(chat_prompt(tokenizer, example.prompt), add_special_tokens=False)["input_ids"]
+            if len(ids) >= prompt_tokens and list(ids[-prompt_tokens:]) not in prompts:
+                prompts.append(list(ids[-prompt_tokens:]))
+                if len(prompts) == num_prompts:
+                    break
+    if len(prompts) < num_prompts:
+        raise LatencyBenchError(f"only {len(prompts)} vendored prompts have {prompt_tokens} tokens; lower --prompt-tokens")
+    return prompts
+
+
+# -- running ---------------------------------------------------------------------------------------------
+
+
+def _engine_specs(plan: list[Configuration], adapters: AdapterSet, config: LatencyBenchConfig, model_dir: Path,
+                  prompts: list[list[int]]) -> list[dict]:
+    """One worker spec per engine key, in plan order."""
+    kv_bytes = None
+    if config.kv_cache_gib is not None:
+        kv_bytes = int(config.kv_cache_gib * 2**30)
+    elif not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
+        kv_bytes = 2**30
+    specs: dict[tuple, dict] = {}
+    for row in plan:
+        spec = specs.get(row.engine_key)
+        if spec is None:
+            engine = {"lora": row.family is not None, "dtype": config.dtype, "max_model_len": config.max_model_len,
+                      "enforce_eager": True, "seed": 0, "kv_cache_bytes": kv_bytes,
+                      "max_num_seqs": max(config.num_prompts, 1)}
+            if row.family is not None:
+                engine.update(max_lora_rank=row.slot, max_loras=row.max_loras)
+            spec = specs[row.engine_key] = {
+                "model": str(model_dir), "engine": engine, "adapters": {}, "prompts": prompts,
+                "output_tokens": config.output_tokens, "warmup_tokens": 4, "repeats": config.repeats,
+                "measurements": [],
+            }
+        names = []
+        if row.family is not None:
+            family = adapters.families[row.family]
+            for i in range(row.mix):
+                adapter = family[i % len(family)]
+                # A mix of more adapters than the family has reuses folders under distinct names and
+                # ids: vLLM loads each id into its own slot, as its own throughput bench does.
+                name = adapter.name if i < len(family) else f"{adapter.name}-copy{i // len(family)}"
+                spec["adapters"][name] = str(adapter.path)
+                names.append(name)
+        spec["measurements"].append({"name": row.name, "adapters": names})
+    return list(specs.values())
+
+
+def _run_worker(spec: dict, engine_dir: Path, timeout_s: float, echo: bool) -> dict:
+    engine_dir.mkdir(parents=True, exist_ok=True)
+    spec_path, result_path, log_path = engine_dir / "spec.json", engine_dir / "result.json", engine_dir / "vllm.log"
+    spec_path.write_text(json.dumps(spec, indent=2) + "\n")
+    result_path.unlink(missing_ok=True)
+    cmd = [sys.executable, "-m", "prunedlora.bench.latency_worker", str(spec_path), str(result_path)]
+    env = dict(os.environ)
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                                   start_new_session=True)
+        try:
+            code = process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            _kill_group(process)
+            code = None
+        except BaseException:
+            _kill_group(process)
+            raise
+    result = json.loads(result_path.read_text()) if result_path.is_file() else {"engine": spec["engine"], "results": {}}
+    if code != 0:
+        tail = log_path.read_text(errors="replace").strip().splitlines()[-1:] if log_path.is_file() else []
+        why = f"timed out after {timeout_s:.0f} s" if code is None else f"exited with code {code}"
+        result["error"] = f"engine {why}: {tail[0] if tail else ''} (log: {log_path})"
+        for measurement in spec["measurements"]:
+            result["results"].setdefault(measurement["name"], {"error": result["error"]})
+    return result
+
+
+def _kill_group(process: subprocess.Popen) -> None:
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(process.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            return
+        try:
+            process.wait(timeout=20)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def _engine_dir_name(spec: dict) -> str:
+    engine = spec["engine"]
+    return "base" if not engine["lora"] else f"slot{engine['max_lora_rank']}-loras{engine['max_loras']}"
+
+
+def machine_description() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.release()}"
+
+
+def run_latency_bench(config: LatencyBenchConfig) -> dict:
+    """Measure every configuration, write latency.json, latency.md and latency.png; return the report.
+
+    Returns the JSON payload: ``rows`` (one per configuration, with p50/p99 TTFT, TPOT and E2E, output
+    tokens per second, LoRA slot bytes and ratios against the base model), ``adapters``, ``machine``
+    and ``files``.
+    """
+    from prunedlora.bench.report import latency_markdown, plot_latency
+    from prunedlora.models import cache_dir, resolve_model
+
+    started = time.perf_counter()
+    model_dir = resolve_model(config.model)
+    work_dir = Path(config.work_dir) if config.work_dir else cache_dir() / "bench" / "latency"
+    out_dir = Path(config.out_dir)
+    say = (lambda text: print(text, flush=True)) if config.echo else (lambda text: None)
+
+    say(f"bench latency: preparing adapters in {work_dir / 'adapters'}")
+    if config.runs:  # separate folders: the same names mean different adapters in the two sets
+        adapters = adapters_from_runs(config.runs, work_dir / "adapters" / "from-runs")
+    else:
+        adapters = synthetic_adapters(model_dir, work_dir / "adapters" / "synthetic", r0=config.r0, target_rank=config.target_rank,
+                                      per_family={config.mix_family: config.adapters_per_family})
+    plan = plan_configurations(adapters, config)
+    prompts = bench_prompts(model_dir, config.num_prompts, config.prompt_tokens)
+    specs = _engine_specs(plan, adapters, config, model_dir, prompts)
+    say(f"bench latency: {len(plan)} configurations on {len(specs)} engines, {config.num_prompts} prompts x "
+        f"{config.prompt_tokens} prompt tokens -> {config.output_tokens} output tokens")
+
+    measured: dict[str, dict] = {}
+    engines: dict[str, dict] = {}
+    from tqdm.auto import tqdm
+
+    for spec in tqdm(specs, desc="engines", disable=not config.echo):
+        name = _engine_dir_name(spec)
+        t0 = time.perf_counter()
+        result = _run_worker(spec, work_dir / "engines" / name, config.engine_timeout_s, config.echo)
+        engine = dict(result.get("engine", {}))
+        engine["wall_s"] = time.perf_counter() - t0
+        if "error" in result:
+            engine["error"] = result["error"]
+            say(f"  {name}: {result['error']}")
+        engines[name] = engine
+        for row_name, values in result.get("results", {}).items():
+            measured[row_name] = {"engine": name, **values}
+
+    rows = _rows(plan, measured, engines, model_dir)
+    payload = {
+        "bench": "latency",
+        "model": str(model_dir),
+        "machine": machine_description(),
+        "vllm": _version("vllm-cpu") or _version("vllm"),
+        "settings": {k: v for k, v in asdict(config).items() if k not in ("echo",)},
+        "adapters": adapter_set_summary(adapters),
+        "rows": rows,
+        "engines": engines,
+        "elapsed_s": time.perf_counter() - started,
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = {key: str(out_dir / name) for key, name in RESULT_FILES.items()}
+    payload["files"] = files
+    plot_latency(payload, files["plot"])
+    Path(files["markdown"]).write_text(latency_markdown(payload))
+    Path(files["json"]).write_text(json.dumps(payload, indent=2) + "\n")
+    return payload
+
+
+def _version(dist: str) -> str | None:
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+RATIO_KEYS = {
+    "ttft_p50_s": "ttft_p50_x_base",
+    "tpot_p50_s": "tpot_p50_x_base",
+    "e2e_p50_s": "e2e_p50_x_base",
+    "e2e_p99_s": "e2e_p99_x_base",
+}
+
+
+def _rows(plan: list[Configuration], measured: dict[str, dict], engines: dict[str, dict], model_dir: Path) -> list[dict]:
+    base = measured.get("base", {})
+    rows = []
+    for row in plan:
+        values = dict(measured.get(row.name, {"error": "not measured"}))
+        entry = {"name": row.name, "family": row.family, "slot": row.slot, "mix": row.mix, "max_loras": row.max_loras,
+                 "role": row.role, **values}
+        if row.family is not None:
+            engine = engines.get(values.get("engine", ""), {})
+            dtype = engine.get("model_dtype") or "bfloat16"
+            entry["lora_slot_bytes_estimate"] = lora_slot_bytes_estimate(
+                model_dir, row.slot, row.max_loras, DTYPE_BYTES.get(dtype, 2)
+            )
+            slot_memory = engine.get("slot_memory") or {}
+            entry["lora_slot_bytes"] = slot_memory.get("total_bytes")
+        else:
+            entry["lora_slot_bytes_estimate"] = entry["lora_slot_bytes"] = 0
+        if "error" not in values and "error" not in base:
+            for key, ratio in RATIO_KEYS.items():
+                if values.get(key) is not None and base.get(key):
+                    entry[ratio] = values[key] / base[key]
+            if base.get("output_tokens_per_s"):
+                entry["throughput_x_base"] = values["output_tokens_per_s"] / base["output_tokens_per_s"]
+        rows.append(entry)
+    return rows
+
+
+def demo_latency(run_dir: str | os.PathLike, out_dir: str | os.PathLike = "runs/demo/latency", model: str = "default",
+                 num_prompts: int = 8, output_tokens: int = 16) -> dict:
+    """The short comparison ``make demo`` ends with: the base model, the run's adapter at r0 and its
+    pruned export (smallest slot, and the r0 slot if that differs), on a few prompts. Prints one line
+    per configuration and the plot's path; returns the latency payload."""
+    config = LatencyBenchConfig(model=model, out_dir=str(out_dir), runs=[str(run_dir)], num_prompts=num_prompts,
+                                prompt_tokens=32, output_tokens=output_tokens, sweep_slots=[], mixes=[1])
+    payload = run_latency_bench(config)
+    print(format_headline(payload))
+    print(f"plot: {payload['files']['plot']}")
+    return payload
+
+
+def format_headline(payload: dict) -> str:
+    """One line per configuration: decode and end-to-end latency as multiples of the base model."""
+    lines = []
+    for row in payload["rows"]:
+        if "error" in row:
+            lines.append(f"{row['name']:<40} error: {row['error']}")
+            continue
+        lines.append(
+            f"{row['name']:<40} TPOT {row['tpot_p50_s'] * 1000:7.1f} ms ({row.get('tpot_p50_x_base', float('nan')):5.2f}x base)"
+            f"  E2E p50 {row['e2e_p50_s']:6.2f} s ({row.get('e2e_p50_x_base', float('nan')):5.2f}x)"
+            f"  {row['output_tokens_per_s']:7.1f} tok/s"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,518 @@
+"""``prunedlora bench quality``: is a pruned adapter as good as the plain LoRA a user would train?
+
+For each task (GSM8K, CodeAlpaca, SST-2) every method trains from the task's shipped recipe
+(``recipes/smollm2-<task>.yaml``) with the same base model, data, data order, steps, learning rate
+and seed, and is scored on the task's held-out split (``scoring``):
+
+==========================  ===================================================================
+``base``                    the base model without an adapter (no training): the reference
+``lora-target``             plain LoRA at the target rank (prune: false, r0 = target)
+``lora-r0``                 plain LoRA at r0 (prune: false)
+``pruned-obs-global``       PrunedLoRA r0 -> target, obs criterion, global allocation
+``pruned-obs-uniform``      the same with uniform allocation (every module ends at the target)
+``pruned-taylor-global``    taylor criterion, global allocation, same final budget
+``pruned-activation-global`` activation criterion, global allocation, same final budget
+``pruned-magnitude-global`` magnitude criterion, global allocation, same final budget
+``adalora``                 PEFT's AdaLoRA, init_r = r0 -> target_r = target (same budget)
+==========================  ===================================================================
+
+A *cell* is one (task, method, seed) with everything that determines its result (the resolved
+recipe, the evaluation settings, the model). Its hash names its folder, which holds ``cell.json``,
+the training run and ``result.json``; a cell whose ``result.json`` exists is not run again, and an
+interrupted training resumes from its checkpoints, so an interrupted table resumes by running the
+same command again. Every cell can be printed as the exact command that reruns it alone.
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+import hashlib
+import json
+import shlex
+import shutil
+import statistics
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from prunedlora.errors import PrunedLoraError
+
+TASKS = ("gsm8k", "codealpaca", "sst2")
+METHODS: dict[str, dict[str, Any]] = {
+    "base": {"base": True, "prune": False},
+    "lora-target": {"prune": False, "r0": "target"},
+    "lora-r0": {"prune": False},
+    "pruned-obs-global": {"prune": True, "criterion": "obs", "allocation": "global"},
+    "pruned-obs-uniform": {"prune": True, "criterion": "obs", "allocation": "uniform"},
+    "pruned-taylor-global": {"prune": True, "criterion": "taylor", "allocation": "global"},
+    "pruned-activation-global": {"prune": True, "criterion": "activation", "allocation": "global"},
+    "pruned-magnitude-global": {"prune": True, "criterion": "magnitude", "allocation": "global"},
+    "adalora": {"adalora": True},
+}
+RECIPES_DIR = Path(__file__).resolve().parents[2] / "recipes"
+RESULT_FILE = "result.json"
+CELL_FILE = "cell.json"
+RESULT_FILES = {"json": "quality.json", "markdown": "quality.md", "plot": "quality.png"}
+CELL_FORMAT = 1  # bump when a change to training or scoring makes old cached cells incomparable
+
+# The presets: the default is small (minutes to an hour here); "full" is the issue's whole table.
+PRESETS: dict[str, dict[str, Any]] = {
+    "small": {
+        "tasks": ["sst2"],
+        "methods": ["base", "lora-target", "lora-r0", "pruned-obs-global", "adalora"],
+        "seeds": [0],
+        "max_steps": 40,
+        "eval_examples": 200,
+    },
+    "full": {
+        "tasks": list(TASKS),
+        "methods": list(METHODS),
+        "seeds": [0, 1],
+        "max_steps": None,
+        "eval_examples": None,
+    },
+}
+
+
+class QualityBenchError(PrunedLoraError):
+    """The quality bench cannot run as asked."""
+
+
+@dataclass
+class QualityBenchConfig:
+    """The table to fill: tasks x methods x seeds, and the settings every cell shares.
+
+    ``None`` for ``max_steps``, ``learning_rate``, ``batch_size``, ``train_examples`` and ``r0`` /
+    ``target_rank`` means the recipe's value. ``data_dir`` None means ``../shared/data`` when it
+    exists (else the slices vendored in the package). ``eval_examples`` caps each held-out split
+    (None: all of it). ``cells_dir`` holds the cached cells (default: the prunedlora cache).
+    """
+
+    model: str = "default"
+    tasks: list[str] = field(default_factory=lambda: list(PRESETS["small"]["tasks"]))
+    methods: list[str] = field(default_factory=lambda: list(PRESETS["small"]["methods"]))
+    seeds: list[int] = field(default_factory=lambda: list(PRESETS["small"]["seeds"]))
+    max_steps: int | None = PRESETS["small"]["max_steps"]
+    learning_rate: float | None = None
+    batch_size: int | None = None
+    train_examples: int | None = None
+    max_length: int | None = None
+    r0: int | None = None
+    target_rank: float | None = None
+    eval_examples: int | None = PRESETS["small"]["eval_examples"]
+    gen_tokens: int = 256
+    eval_batch_size: int = 16
+    data_dir: str | None = None
+    recipes_dir: str = str(RECIPES_DIR)
+    cells_dir: str | None = None
+    out_dir: str = "benchmarks/results"
+    force: bool = False
+    keep_checkpoints: bool = False
+    echo: bool = True
+
+    def __post_init__(self) -> None:
+        unknown = [t for t in self.tasks if t not in TASKS]
+        if unknown:
+            raise QualityBenchError(f"unknown task(s) {unknown}; choose from {', '.join(TASKS)}")
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown:
+            raise QualityBenchError(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
+        if not self.tasks or not self.methods or not self.seeds:
+            raise QualityBenchError("give at least one task, one method and one seed")
+        for name in ("max_steps", "batch_size", "train_examples", "eval_examples", "r0", "max_length"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise QualityBenchError(f"--{name.replace('_', '-')} must be positive, got {value}")
+
+
+@dataclass
+class Cell:
+    """One (task, method, seed): the resolved recipe and evaluation settings, and its folder."""
+
+    task: str
+    method: str
+    seed: int
+    spec: dict[str, Any]
+    key: str
+    dir: Path
+
+    @property
+    def label(self) -> str:
+        return f"{self.task} {self.method} seed {self.seed}"
+
+
+# -- building cells ------------------------------------------------------------------------------------
+
+
+def _scale_schedule(method: dict[str, Any], from_steps: int, to_steps: int) -> dict[str, Any]:
+    """The recipe's pruning schedule stretched to ``to_steps``: every step count scaled alike, so the
+    same share of training happens before, during and after pruning."""
+    if from_steps == to_steps:
+        return method
+    method = dict(method)
+    factor = to_steps / from_steps
+    for key in ("prune_start_step", "prune_end_step", "prune_every"):
+        if key in method and method[key] is not None:
+            method[key] = max(1, int(round(method[key] * factor)))
+    if method.get("schedule", "cubic") == "cubic" and method.get("prune_end_step", 0) >= to_steps:
+        method["prune_end_step"] = to_steps - 1
+    return method
+
+
+def shared_data_dir() -> Path:
+    from prunedlora.train.data import shared_data_dir as shared
+
+    return shared()
+
+
+def resolve_data_dir(data_dir: str | None) -> str | None:
+    """``data_dir`` as given; None -> ../shared/data if present, else None (the vendored slices)."""
+    if data_dir in ("vendored", ""):
+        return None
+    if data_dir is not None:
+        path = Path(data_dir).expanduser()
+        if not path.is_dir():
+            raise QualityBenchError(f"--data-dir {path} is not a folder (it should hold gsm8k/, codealpaca/, sst2/)")
+        return str(path.resolve())
+    shared = shared_data_dir()
+    return str(shared.resolve()) if shared.is_dir() else None
+
+
+def cell_recipe(config: QualityBenchConfig, task: str, method: str, seed: int, model_dir: Path,
+                data_dir: str | None, run_dir: Path) -> dict[str, Any]:
+    """The recipe dict (``recipe_from_dict`` format) of one cell, from the task's shipped recipe."""
+    path = Path(config.recipes_dir) / f"smollm2-{task}.yaml"
+    if not path.is_file():
+        raise QualityBenchError(f"recipe {path} not found; pass --recipes-dir (it should hold smollm2-{task}.yaml)")
+    raw = yaml.safe_load(path.read_text()) or {}
+    raw = copy.deepcopy(raw)
+    raw["model"] = str(model_dir)
+    data = dict(raw.get("data") or {})
+    data["path"] = str(Path(data_dir) / task) if data_dir else None
+    if config.train_examples is not None:
+        data["max_examples"] = config.train_examples
+    if config.max_length is not None:
+        data["max_length"] = config.max_length
+    data["seed"] = 0  # the dev carve never moves with the training seed
+    raw["data"] = data
+    training = dict(raw.get("training") or {})
+    recipe_steps = int(training.get("max_steps", 80))
+    steps = config.max_steps or recipe_steps
+    training.update(output_dir=str(run_dir), max_steps=steps, seed=seed)
+    if config.learning_rate is not None:
+        training["learning_rate"] = config.learning_rate
+    if config.batch_size is not None:
+        training["per_device_train_batch_size"] = config.batch_size
+    training["save_steps"] = max(1, min(int(training.get("save_steps", 50)), steps))
+    training["logging_steps"] = max(1, min(int(training.get("logging_steps", 5)), steps))
+    training["warmup_steps"] = int(round(int(training.get("warmup_steps", 0)) * steps / recipe_steps))
+    raw["training"] = training
+    spec = METHODS[method]
+    m = _scale_schedule(dict(raw.get("method") or {}), recipe_steps, steps)
+    if config.r0 is not None:
+        m["r0"] = config.r0
+        m["max_rank"] = min(int(m.get("max_rank") or config.r0), config.r0)
+    if config.target_rank is not None:
+        m["target_rank"] = config.target_rank
+    r0 = int(m.get("r0", 32))
+    if m.get("max_rank") is not None and m["max_rank"] > r0:
+        m["max_rank"] = r0
+    for key in ("criterion", "allocation"):
+        if key in spec:
+            m[key] = spec[key]
+    if spec.get("r0") == "target":
+        target = m.get("target_rank", 8)
+        if not float(target).is_integer():
+            raise QualityBenchError(f"lora-target needs an integer target rank, got {target}")
+        scale = m.get("lora_alpha", 2 * r0) / r0  # the same scaling alpha / r as at r0
+        m["r0"] = int(target)
+        m["lora_alpha"] = scale * int(target)
+        m["max_rank"] = int(target)
+        m["min_rank"] = min(int(m.get("min_rank", 1)), int(target))
+    raw["method"] = m
+    raw["prune"] = bool(spec.get("prune", True))
+    return raw
+
+
+def make_cell(config: QualityBenchConfig, task: str, method: str, seed: int, model_dir: Path, data_dir: str | None,
+              cells_dir: Path) -> Cell:
+    """The cell with its configuration hash (its folder name ends in the hash)."""
+    placeholder = Path("RUN_DIR")
+    recipe = cell_recipe(config, task, method, seed, model_dir, data_dir, placeholder)
+    spec = {
+        "format": CELL_FORMAT,
+        "task": task,
+        "method": method,
+        "seed": seed,
+        "adalora": bool(METHODS[method].get("adalora")),
+        "base": bool(METHODS[method].get("base")),
+        "recipe": recipe,
+        "eval": {"max_examples": config.eval_examples, "max_new_tokens": config.gen_tokens,
+                 "max_length": int(recipe["data"].get("max_length", 512))},
+    }
+    spec = _canonical(spec)
+    key = hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    folder = cells_dir / f"{task}-{method}-s{seed}-{key}"
+    spec["recipe"]["training"]["output_dir"] = str(folder / "run")
+    return Cell(task=task, method=method, seed=seed, spec=spec, key=key, dir=folder)
+
+
+def _canonical(value: Any) -> Any:
+    """The spec with whole floats written as ints, so ``--target-rank 8`` and ``8.0`` are one cell."""
+    if isinstance(value, dict):
+        return {k: _canonical(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_canonical(v) for v in value]
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+def plan_cells(config: QualityBenchConfig) -> list[Cell]:
+    """Every cell of the table, task-major then method then seed (the base model, untrained, once)."""
+    from prunedlora.models import resolve_model
+
+    model_dir = resolve_model(config.model)
+    data_dir = resolve_data_dir(config.data_dir)
+    cells_dir = _cells_dir(config)
+    return [make_cell(config, task, method, seed, model_dir, data_dir, cells_dir)
+            for task in config.tasks for method in config.methods
+            for seed in (config.seeds[:1] if METHODS[method].get("base") else config.seeds)]  # base: no training, one cell
+
+
+def _cells_dir(config: QualityBenchConfig) -> Path:
+    from prunedlora.models import cache_dir
+
+    return Path(config.cells_dir) if config.cells_dir else cache_dir() / "bench" / "quality" / "cells"
+
+
+def cell_command(config: QualityBenchConfig, cell: Cell) -> str:
+    """The exact ``prunedlora bench quality`` command that (re)runs this one cell."""
+    args = ["prunedlora", "bench", "quality", "--tasks", cell.task, "--methods", cell.method, "--seeds", str(cell.seed),
+            "--model", config.model]
+    options = {
+        "--max-steps": config.max_steps if config.max_steps is not None else "recipe",
+        "--learning-rate": config.learning_rate,
+        "--batch-size": config.batch_size,
+        "--train-examples": config.train_examples,
+        "--max-length": config.max_length,
+        "--r0": config.r0,
+        "--target-rank": config.target_rank,
+        "--eval-examples": config.eval_examples if config.eval_examples is not None else "all",
+        "--gen-tokens": config.gen_tokens,
+        "--eval-batch-size": config.eval_batch_size,
+        "--data-dir": config.data_dir,
+        "--recipes-dir": None if Path(config.recipes_dir).resolve() == RECIPES_DIR else config.recipes_dir,
+        "--cells-dir": config.cells_dir,
+        "--out": config.out_dir,
+    }
+    for flag, value in options.items():
+        if value is not None:
+            args += [flag, str(value)]
+    return shlex.join(args)
+
+
+# -- running one cell ---------------------------------------------------------------------------------
+
+
+def run_cell(cell: Cell, config: QualityBenchConfig) -> dict[str, Any]:
+    """Train (or resume) and score one cell; write and return its result. Cached unless ``force``."""
+    from prunedlora.bench.scoring import EvalSettings, score_adapter
+    from prunedlora.train.recipe import recipe_from_dict
+
+    result_path = cell.dir / RESULT_FILE
+    if result_path.is_file() and not config.force:
+        return json.loads(result_path.read_text())
+    if config.force and cell.dir.exists():
+        shutil.rmtree(cell.dir)
+    cell.dir.mkdir(parents=True, exist_ok=True)
+    (cell.dir / CELL_FILE).write_text(json.dumps({**cell.spec, "command": cell_command(config, cell)}, indent=2,
+                                                 default=str) + "\n")
+    recipe = recipe_from_dict(copy.deepcopy(cell.spec["recipe"]))
+    check_schedule(recipe)
+    run_dir = Path(recipe.training.output_dir)
+    start = time.perf_counter()
+    if cell.spec.get("base"):
+        adapter_dir, ranks = None, {}
+        train = {"global_step": 0, "train_loss": None, "losses": []}
+    elif cell.spec["adalora"]:
+        from prunedlora.bench.adalora import train_adalora
+
+        trained = train_adalora(recipe, run_dir)
+        adapter_dir, ranks = trained.adapter_dir, trained.ranks
+        train = {"train_loss": trained.train_loss, "global_step": trained.global_step, "losses": trained.losses}
+    else:
+        train = _train_lora(recipe, run_dir)
+        ranks = train.pop("ranks")
+        adapter_dir = run_dir / "adapter"
+    train_seconds = time.perf_counter() - start
+    if not config.keep_checkpoints:
+        for checkpoint in run_dir.glob("checkpoint-*"):
+            shutil.rmtree(checkpoint, ignore_errors=True)
+    values = sorted(ranks.values()) or [0]
+    train.update(
+        seconds=train_seconds,
+        average_rank=sum(values) / len(values),
+        min_rank=values[0],
+        max_rank=values[-1],
+        components=sum(values),
+        modules=len(ranks),
+    )
+    start = time.perf_counter()
+    eval_spec = cell.spec["eval"]
+    settings = EvalSettings(max_examples=eval_spec["max_examples"], max_length=eval_spec["max_length"],
+                            batch_size=config.eval_batch_size, max_new_tokens=eval_spec["max_new_tokens"])
+    data_path = cell.spec["recipe"]["data"].get("path")
+    metrics = score_adapter(cell.spec["recipe"]["model"], adapter_dir, cell.task, data_path, settings, data_seed=0)
+    result = {
+        "task": cell.task,
+        "method": cell.method,
+        "seed": cell.seed,
+        "key": cell.key,
+        "dir": str(cell.dir),
+        "command": cell_command(config, cell),
+        "train": train,
+        "eval": metrics,
+        "eval_seconds": time.perf_counter() - start,
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    tmp = result_path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    tmp.replace(result_path)
+    return result
+
+
+def check_schedule(recipe) -> None:
+    """Refuse a pruned cell whose last pruning event would not happen before the run ends (the run
+    would stop above the target rank and the comparison would not be at the same budget)."""
+    if not recipe.prune:
+        return
+    from prunedlora.models import resolve_model
+    from prunedlora.schedule import PruningSchedule
+    from prunedlora.serve.validate import base_linear_shapes
+
+    targets = set(recipe.method.target_modules)
+    modules = [n for n in base_linear_shapes(resolve_model(recipe.model)) if n.rsplit(".", 1)[-1] in targets]
+    last = PruningSchedule.build(recipe.method, len(modules)).last_step
+    if last >= recipe.training.max_steps:
+        raise QualityBenchError(
+            f"the pruning schedule's last event is at step {last}, not before max_steps {recipe.training.max_steps}; "
+            "give more --max-steps"
+        )
+
+
+def _train_lora(recipe, run_dir: Path) -> dict[str, Any]:
+    """Plain LoRA or PrunedLoRA through ``prunedlora.train`` (resuming from checkpoints); a finished run
+    (its run record at max_steps) is reused."""
+    from prunedlora import metadata
+    from prunedlora.train.runner import train
+
+    record_path = run_dir / metadata.RUN_RECORD_FILE
+    if record_path.is_file():
+        record = metadata.read_run_record(run_dir)
+        if record.global_step >= recipe.training.max_steps:
+            return {"ranks": record.ranks, "global_step": record.global_step, "train_loss": None, "losses": [],
+                    "reused_run": True}
+    result = train(recipe, resume="auto")
+    return {"ranks": result.ranks, "global_step": result.global_step, "train_loss": result.train_loss,
+            "losses": result.losses}
+
+
+# -- the table ----------------------------------------------------------------------------------------
+
+
+def aggregate(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Mean, sample standard deviation, min, max and n over seeds, per (task, method, metric)."""
+    from prunedlora.bench.scoring import TASK_METRICS
+
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for result in results:
+        if "error" in result:
+            continue
+        groups.setdefault((result["task"], result["method"]), []).append(result)
+    rows = []
+    for (task, method), members in groups.items():
+        row: dict[str, Any] = {"task": task, "method": method, "seeds": sorted(m["seed"] for m in members),
+                               "average_rank": statistics.fmean(m["train"]["average_rank"] for m in members),
+                               "max_rank": max(m["train"]["max_rank"] for m in members)}
+        for metric, better in TASK_METRICS[task]:
+            values = [float(m["eval"][metric]) for m in members if metric in m["eval"]]
+            if not values:
+                continue
+            row[metric] = {
+                "mean": statistics.fmean(values),
+                "std": statistics.stdev(values) if len(values) > 1 else None,
+                "min": min(values),
+                "max": max(values),
+                "n": len(values),
+                "better": better,
+            }
+        rows.append(row)
+    return rows
+
+
+def run_quality_bench(config: QualityBenchConfig) -> dict[str, Any]:
+    """Run (or reuse) every cell, then write quality.json, quality.md and quality.png to ``out_dir``.
+
+    A cell that fails is recorded with its error and the rest still run. Returns the JSON payload:
+    ``cells`` (each cell's result or error, with its command), ``summary`` (mean and spread per task
+    and method) and ``files``.
+    """
+    from prunedlora.bench.latency import machine_description
+    from prunedlora.bench.report import plot_quality, quality_markdown
+
+    started = time.perf_counter()
+    cells = plan_cells(config)
+    say = (lambda text: print(text, flush=True)) if config.echo else (lambda text: None)
+    say(f"bench quality: {len(cells)} cells ({len(config.tasks)} task(s) x {len(config.methods)} method(s) x "
+        f"{len(config.seeds)} seed(s)) in {_cells_dir(config)}")
+    results = []
+    for i, cell in enumerate(cells, start=1):
+        cached = (cell.dir / RESULT_FILE).is_file() and not config.force
+        say(f"[{i}/{len(cells)}] {cell.label}: {'cached' if cached else 'running'} ({cell.dir.name})")
+        if not cached:
+            say(f"    rerun alone: {cell_command(config, cell)}")
+        try:
+            results.append(run_cell(cell, config))
+        except KeyboardInterrupt:
+            raise
+        except Exception as err:  # record and go on: one bad cell must not cost the table
+            message = str(err) if isinstance(err, PrunedLoraError) else f"{type(err).__name__}: {err}"
+            say(f"    failed: {message}")
+            results.append({"task": cell.task, "method": cell.method, "seed": cell.seed, "key": cell.key,
+                            "dir": str(cell.dir), "command": cell_command(config, cell), "error": message,
+                            "traceback": traceback.format_exc(limit=8)})
+        gc.collect()
+    payload = {
+        "bench": "quality",
+        "model": str(cells[0].spec["recipe"]["model"]),
+        "machine": machine_description(),
+        "settings": {k: v for k, v in asdict(config).items() if k not in ("echo", "force")},
+        "data_dir": resolve_data_dir(config.data_dir),
+        "cells": results,
+        "summary": aggregate(results),
+        "elapsed_s": time.perf_counter() - started,
+    }
+    out_dir = Path(config.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = {key: str(out_dir / name) for key, name in RESULT_FILES.items()}
+    payload["files"] = files
+    plot_quality(payload, files["plot"])
+    Path(files["markdown"]).write_text(quality_markdown(payload))
+    Path(files["json"]).write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    return payload
+
+
+def preset_config(name: str, **overrides: Any) -> QualityBenchConfig:
+    """A QualityBenchConfig from a preset (``small`` or ``full``) with explicit overrides on top."""
+    if name not in PRESETS:
+        raise QualityBenchError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
+    values = dict(PRESETS[name])
+    values.update(overrides)  # only what the caller set explicitly; None means "the recipe's" / "all"
+    return QualityBenchConfig(**values)
+

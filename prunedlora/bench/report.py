@@ -1,0 +1,244 @@
+"""Markdown tables and PNG plots of the bench results (read from their JSON payloads only).
+
+Figures use matplotlib's object API on an Agg canvas, as ``prunedlora.train.plots`` does, so they
+draw headless without touching global matplotlib state.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+
+def _new_figure(width: float, height: float):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=110)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save(fig, path: str | os.PathLike) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png", bbox_inches="tight")
+    return path
+
+
+def _fmt(value, digits: int = 3, scale: float = 1.0) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{value * scale:.{digits}g}"
+
+
+def _mib(value) -> str:
+    return "-" if value is None else f"{value / 2**20:.1f}"
+
+
+# -- latency -----------------------------------------------------------------------------------------
+
+
+def latency_markdown(payload: dict) -> str:
+    """The latency table: absolute numbers, then the ratios against the base model (the headline)."""
+    settings = payload["settings"]
+    adapters = payload["adapters"]
+    source = "synthetic adapters (ranks of real runs, weights random; exported by `prunedlora export`)" if adapters[
+        "synthetic"] else "exported adapters of the given training runs"
+    lines = [
+        f"Machine: {payload['machine']}; vLLM {payload.get('vllm')}; model `{Path(payload['model']).name}`; "
+        f"{settings['num_prompts']} prompts x {settings['prompt_tokens']} prompt tokens -> "
+        f"{settings['output_tokens']} output tokens (greedy, ignore_eos), submitted as one batch; "
+        f"{settings['repeats']} measured repeat(s) after a warm-up; adapters: {source}.",
+        "",
+        "| configuration | slot | adapters in batch | TTFT p50 / p99 (s) | TPOT p50 / p99 (ms) | E2E p50 / p99 (s) "
+        "| output tok/s | LoRA slot memory (MiB) | TTFT x base | TPOT x base | E2E x base | tok/s x base |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in payload["rows"]:
+        if "error" in row:
+            lines.append(f"| {row['name']} | {row['slot'] or '-'} | {row['mix']} | error: {row['error'][:80]} "
+                         "| | | | | | | | |")
+            continue
+        memory = row.get("lora_slot_bytes")
+        if memory is None:
+            memory = row.get("lora_slot_bytes_estimate")
+        lines.append(
+            f"| {row['name']} | {row['slot'] or '-'} | {row.get('distinct_adapters', 0)} "
+            f"| {_fmt(row['ttft_p50_s'])} / {_fmt(row['ttft_p99_s'])} "
+            f"| {_fmt(row['tpot_p50_s'], scale=1000)} / {_fmt(row['tpot_p99_s'], scale=1000)} "
+            f"| {_fmt(row['e2e_p50_s'])} / {_fmt(row['e2e_p99_s'])} "
+            f"| {_fmt(row['output_tokens_per_s'])} | {_mib(memory)} "
+            f"| {_fmt(row.get('ttft_p50_x_base'))} | {_fmt(row.get('tpot_p50_x_base'))} "
+            f"| {_fmt(row.get('e2e_p50_x_base'))} | {_fmt(row.get('throughput_x_base'))} |"
+        )
+    lines.append("")
+    lines.append("Adapters (family: largest module rank / average rank, where the ranks come from):")
+    for family, members in adapters["families"].items():
+        ranks = ", ".join(f"{m['max_rank']}/{m['average_rank']:g}" for m in members)
+        sources = sorted({m["source"] for m in members})
+        lines.append(f"- {family}: {ranks} ({'; '.join(sources)})")
+    return "\n".join(lines) + "\n"
+
+
+def plot_latency(payload: dict, path: str | os.PathLike) -> Path:
+    """Three panels: decode and end-to-end latency against slot rank (as multiples of the base model),
+    output tokens per second against slot rank (base model as a line), and the mixes."""
+    rows = [r for r in payload["rows"] if "error" not in r]
+    base = next((r for r in rows if r["family"] is None), None)
+    fig = _new_figure(13.5, 4.0)
+    ax_latency, ax_tput, ax_mix = fig.subplots(1, 3)
+    single = [r for r in rows if r["family"] is not None and r["mix"] == 1 and r["max_loras"] == 1]
+    families = sorted({r["family"] for r in single})
+    markers = dict(zip(families, "osD^v<>"))
+    colours = dict(zip(families, ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple")))
+    for family in families:
+        points = sorted((r["slot"], r) for r in single if r["family"] == family)
+        slots = [s for s, _ in points]
+        ax_latency.plot(slots, [r.get("tpot_p50_x_base") for _, r in points], marker=markers[family],
+                        color=colours[family], label=f"{family}: TPOT p50")
+        ax_latency.plot(slots, [r.get("e2e_p50_x_base") for _, r in points], marker=markers[family], linestyle="--",
+                        color=colours[family], label=f"{family}: E2E p50")
+        ax_tput.plot(slots, [r["output_tokens_per_s"] for _, r in points], marker=markers[family],
+                     color=colours[family], label=family)
+    slots = sorted({r["slot"] for r in single})
+    for ax in (ax_latency, ax_tput):
+        ax.set_xscale("log", base=2)
+        if slots:
+            ax.set_xticks(slots, labels=[str(s) for s in slots])
+            ax.minorticks_off()
+    ax_latency.axhline(1.0, color="grey", linewidth=1)
+    ax_latency.set_xlabel("LoRA slot rank (max_lora_rank)")
+    ax_latency.set_ylabel("x base model (same run)")
+    ax_latency.set_title("latency vs slot rank", fontsize=10)
+    ax_latency.legend(fontsize=7)
+    ax_latency.grid(alpha=0.3)
+    if base is not None:
+        ax_tput.axhline(base["output_tokens_per_s"], color="grey", linewidth=1, label="base model")
+    ax_tput.set_xlabel("LoRA slot rank (max_lora_rank)")
+    ax_tput.set_ylabel("output tokens / s")
+    ax_tput.set_ylim(bottom=0)
+    ax_tput.set_title("throughput vs slot rank", fontsize=10)
+    ax_tput.legend(fontsize=7)
+    ax_tput.grid(alpha=0.3)
+    mixes = sorted((r["mix"], r) for r in rows if r["role"] == "mix")
+    if mixes:
+        xs = [m for m, _ in mixes]
+        ax_mix.plot(xs, [r.get("tpot_p50_x_base") for _, r in mixes], marker="o", label="TPOT p50 x base")
+        ax_mix.plot(xs, [r.get("e2e_p50_x_base") for _, r in mixes], marker="s", label="E2E p50 x base")
+        ax_mix.plot(xs, [r.get("throughput_x_base") for _, r in mixes], marker="^", label="tok/s x base")
+        ax_mix.set_title(f"{mixes[0][1]['family']} @ slot {mixes[0][1]['slot']}: distinct adapters per batch",
+                         fontsize=9)
+        ax_mix.set_xscale("log", base=2)
+        ax_mix.set_xticks(xs, labels=[str(x) for x in xs])
+        ax_mix.minorticks_off()
+        ax_mix.legend(fontsize=7)
+    else:
+        ax_mix.set_title("(no mixes measured)", fontsize=9)
+    ax_mix.axhline(1.0, color="grey", linewidth=1)
+    ax_mix.set_xlabel("distinct adapters in the batch")
+    ax_mix.grid(alpha=0.3)
+    fig.suptitle(f"vLLM multi-LoRA on {Path(payload['model']).name}: {payload['machine']}", fontsize=9)
+    return _save(fig, path)
+
+
+# -- quality -----------------------------------------------------------------------------------------
+
+_METRIC_LABELS = {
+    ("sst2", "accuracy"): "SST-2 dev accuracy",
+    ("rte", "accuracy"): "RTE dev accuracy",
+    ("gsm8k", "exact_match"): "GSM8K exact match",
+    ("gsm8k", "answer_nll"): "GSM8K answer NLL",
+    ("codealpaca", "nll"): "CodeAlpaca held-out NLL",
+}
+
+
+def _metric_columns(payload: dict) -> list[tuple[str, str, str]]:
+    from prunedlora.bench.scoring import TASK_METRICS
+
+    tasks = payload["settings"]["tasks"]
+    return [(task, metric, better) for task in tasks for metric, better in TASK_METRICS[task]]
+
+
+def _cell_stat(stat: dict | None) -> str:
+    if not stat:
+        return "-"
+    spread = "" if stat["std"] is None else f" ± {stat['std']:.3f}"
+    return f"{stat['mean']:.3f}{spread} (n={stat['n']})"
+
+
+def quality_markdown(payload: dict) -> str:
+    """Mean ± standard deviation over seeds per method and metric, then every cell with its command."""
+    settings = payload["settings"]
+    columns = _metric_columns(payload)
+    steps = settings["max_steps"] if settings["max_steps"] is not None else "the recipe's"
+    lines = [
+        f"Machine: {payload['machine']}; model `{Path(payload['model']).name}`; data: "
+        f"{payload.get('data_dir') or 'slices vendored in the package'}; {steps} optimizer steps per run; "
+        f"seeds {settings['seeds']}; held-out examples per task: "
+        f"{settings['eval_examples'] if settings['eval_examples'] is not None else 'all'}. "
+        "Mean ± sample standard deviation over seeds (n = seeds); arrows say which way is better.",
+        "",
+    ]
+    header = "| method | final rank: average (largest module) | " + " | ".join(
+        f"{_METRIC_LABELS.get((t, m), f'{t} {m}')} {'↑' if b == 'higher' else '↓'}" for t, m, b in columns) + " |"
+    lines += [header, "|" + "---|" * (2 + len(columns))]
+    summary = {(row["task"], row["method"]): row for row in payload["summary"]}
+    methods = [m for m in settings["methods"]]
+    for method in methods:
+        ranks = [summary[(t, method)] for t in settings["tasks"] if (t, method) in summary]
+        rank_text = "-" if not ranks else f"{sum(r['average_rank'] for r in ranks) / len(ranks):.2f} ({max(r['max_rank'] for r in ranks)})"
+        cells = [_cell_stat(summary.get((t, method), {}).get(m)) for t, m, _ in columns]
+        lines.append(f"| {method} | {rank_text} | " + " | ".join(cells) + " |")
+    failed = [c for c in payload["cells"] if "error" in c]
+    if failed:
+        lines += ["", f"{len(failed)} cell(s) failed:"]
+        lines += [f"- {c['task']} {c['method']} seed {c['seed']}: {c['error']}" for c in failed]
+    lines += ["", "Cells (rerun one alone with its command; results are cached by configuration):", "",
+              "| task | method | seed | metrics | train s | eval s | command |", "|---|---|---|---|---|---|---|"]
+    for cell in payload["cells"]:
+        if "error" in cell:
+            metrics = "error"
+            train_s = eval_s = "-"
+        else:
+            metrics = ", ".join(f"{k} {v:.4g}" for k, v in cell["eval"].items()
+                                if isinstance(v, float))
+            train_s = f"{cell['train'].get('seconds', 0):.0f}"
+            eval_s = f"{cell.get('eval_seconds', 0):.0f}"
+        lines.append(f"| {cell['task']} | {cell['method']} | {cell['seed']} | {metrics} | {train_s} | {eval_s} "
+                     f"| `{cell['command']}` |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_quality(payload: dict, path: str | os.PathLike) -> Path:
+    """One panel per metric: each method's mean over seeds as a bar, each seed as a dot."""
+    columns = _metric_columns(payload)
+    methods = list(payload["settings"]["methods"])
+    by_cell: dict[tuple[str, str], list[dict]] = {}
+    for cell in payload["cells"]:
+        if "error" not in cell:
+            by_cell.setdefault((cell["task"], cell["method"]), []).append(cell)
+    width = max(4.0, 0.55 * len(methods) + 1.5)
+    fig = _new_figure(width * len(columns), 4.2)
+    axes = fig.subplots(1, len(columns), squeeze=False)[0]
+    for ax, (task, metric, better) in zip(axes, columns):
+        means = []
+        for i, method in enumerate(methods):
+            values = [float(c["eval"][metric]) for c in by_cell.get((task, method), []) if metric in c["eval"]]
+            means.append(sum(values) / len(values) if values else float("nan"))
+            ax.scatter([i] * len(values), values, color="black", s=10, zorder=3)
+        colours = ["tab:orange" if m.startswith("pruned") else "tab:green" if m == "adalora"
+                   else "tab:gray" if m == "base" else "tab:blue" for m in methods]
+        ax.bar(range(len(methods)), means, color=colours, alpha=0.7)
+        ax.set_xticks(range(len(methods)), labels=methods, rotation=45, ha="right", fontsize=8)
+        ax.set_title(f"{_METRIC_LABELS.get((task, metric), f'{task} {metric}')} ({better} is better)", fontsize=9)
+        finite = [m for m in means if m == m]
+        if finite and better == "lower":
+            low, high = min(finite), max(finite)
+            pad = (high - low) * 0.5 or abs(high) * 0.05 or 0.1
+            ax.set_ylim(max(0.0, low - pad), high + pad)
+        ax.grid(axis="y", alpha=0.3)
+    fig.suptitle(f"{Path(payload['model']).name}: bars = mean over seeds, dots = seeds (blue LoRA, orange "
+                 "PrunedLoRA, green AdaLoRA, grey base model)", fontsize=9)
+    return _save(fig, path)

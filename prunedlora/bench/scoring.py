@@ -1,0 +1,221 @@
+"""How the quality bench scores a trained adapter on a task's held-out split, with Hugging Face + PEFT.
+
+- SST-2: accuracy on the dev file. Each candidate answer ("negative", "positive") is scored by the
+  log-likelihood of the exact tokens training taught the model to write for it (the label word and
+  the end-of-turn token, after the chat-rendered prompt); the higher one is the prediction. This is
+  next-token scoring, so a model that would phrase its answer differently is still scored on the
+  label words, and no sampling is involved.
+- GSM8K: exact match of the final number of a greedy answer (``final_number`` on both sides) and the
+  negative log-likelihood per token of the reference solution, on the dev split carved from train.
+- CodeAlpaca: negative log-likelihood per token of the reference answer on the carved dev split.
+
+NLL is averaged over every learned token of the split (the same tokens and labels training uses,
+from ``tokenize_example``), so it is the held-out value of the training loss.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from prunedlora.errors import PrunedLoraError
+from prunedlora.train.data import IGNORE_INDEX, LABELS, DataConfig, Example, chat_prompt, final_number, load_examples
+
+# What each task reports, and which way is better (for tables and plots).
+TASK_METRICS: dict[str, tuple[tuple[str, str], ...]] = {
+    "sst2": (("accuracy", "higher"),),
+    "gsm8k": (("exact_match", "higher"), ("answer_nll", "lower")),
+    "codealpaca": (("nll", "lower"),),
+    "rte": (("accuracy", "higher"),),
+}
+
+
+class ScoringError(PrunedLoraError):
+    """An adapter or split that cannot be scored."""
+
+
+@dataclass
+class EvalSettings:
+    """How much of each split to score and how long GSM8K answers may be."""
+
+    max_examples: int | None = None  # None: the whole dev split
+    max_length: int = 512
+    batch_size: int = 16
+    max_new_tokens: int = 256
+
+
+def load_model(model_dir: str | os.PathLike, adapter_dir: str | os.PathLike | None = None, dtype: str = "float32"):
+    """The base model with a PEFT adapter (LoRA or AdaLoRA) merged in, in eval mode.
+
+    Merging makes every forward pass as cheap as the base model's; an adapter PEFT cannot merge is
+    kept as a wrapper, which computes the same function.
+    """
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype))
+    if adapter_dir is not None:
+        import warnings
+
+        from peft import PeftModel
+
+        with warnings.catch_warnings():
+            # AdaLoRA keeps its rank_pattern as {"...lora_E": [kept?]}; PEFT's LoRA-style key check
+            # warns about it, but AdaLoRA resizes its modules from it correctly.
+            warnings.filterwarnings("ignore", message="The following rank_pattern keys did not match")
+            model = PeftModel.from_pretrained(model, str(adapter_dir))
+        try:
+            model = model.merge_and_unload()
+        except Exception:  # pragma: no cover - every adapter type used here merges
+            pass
+    return model.eval()
+
+
+def load_tokenizer(model_dir: str | os.PathLike):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def dev_examples(task: str, data_path: str | os.PathLike | None, settings: EvalSettings, seed: int = 0) -> list[Example]:
+    """The held-out split training never sees: the task's dev file, or the split carved from train by
+    ``DataConfig`` (seeded by ``seed``, the data seed of the training runs, so the carve is theirs)."""
+    config = DataConfig(task=task, path=data_path, split="dev", max_examples=settings.max_examples,
+                        max_length=settings.max_length, seed=seed)
+    return load_examples(config)
+
+
+def _batches(items: list, size: int):
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def _pad(features: list[dict[str, list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    width = max(len(f["input_ids"]) for f in features)
+    ids = torch.full((len(features), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(features), width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(features), width), dtype=torch.long)
+    for row, feature in enumerate(features):
+        n = len(feature["input_ids"])
+        ids[row, :n] = torch.tensor(feature["input_ids"])
+        labels[row, :n] = torch.tensor(feature["labels"])
+        mask[row, :n] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+@torch.no_grad()
+def token_logprob_sums(model, tokenizer, features: list[dict[str, list[int]]], batch_size: int) -> list[tuple[float, int]]:
+    """(sum of log p over the learned tokens, number of learned tokens) for each feature."""
+    results = []
+    for chunk in _batches(features, batch_size):
+        batch = _pad(chunk, tokenizer.pad_token_id)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+        logprobs = torch.log_softmax(logits[:, :-1], dim=-1)
+        targets = batch["labels"][:, 1:]
+        learned = targets != IGNORE_INDEX
+        picked = logprobs.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1) * learned
+        for row in range(len(chunk)):
+            results.append((float(picked[row].sum()), int(learned[row].sum())))
+    return results
+
+
+def mean_nll(model, tokenizer, examples: list[Example], settings: EvalSettings) -> float:
+    """Negative log-likelihood per learned token over the examples (token-weighted)."""
+    from prunedlora.train.data import tokenize_example
+
+    features = [f for f in (tokenize_example(tokenizer, ex, settings.max_length) for ex in examples) if f is not None]
+    if not features:
+        raise ScoringError(f"no example fits max_length={settings.max_length}; raise it")
+    sums = token_logprob_sums(model, tokenizer, features, settings.batch_size)
+    total, count = sum(s for s, _ in sums), sum(n for _, n in sums)
+    return -total / count
+
+
+def classification_accuracy(model, tokenizer, examples: list[Example], labels: tuple[str, ...], settings: EvalSettings) -> float:
+    """Share of examples whose gold label gets the highest log-likelihood among ``labels``."""
+    from prunedlora.train.data import tokenize_example
+
+    features, kept = [], []
+    for example in examples:
+        candidates = [tokenize_example(tokenizer, Example(example.prompt, label, label), settings.max_length)
+                      for label in labels]
+        if any(c is None for c in candidates):
+            continue
+        features.extend(candidates)
+        kept.append(example)
+    if not kept:
+        raise ScoringError(f"no example fits max_length={settings.max_length}; raise it")
+    sums = token_logprob_sums(model, tokenizer, features, settings.batch_size)
+    correct = 0
+    for i, example in enumerate(kept):
+        scores = [sums[i * len(labels) + j][0] for j in range(len(labels))]
+        predicted = labels[max(range(len(labels)), key=lambda j: scores[j])]
+        correct += predicted == example.label
+    return correct / len(kept)
+
+
+@torch.no_grad()
+def greedy_answers(model, tokenizer, prompts: list[str], settings: EvalSettings) -> list[str]:
+    """Greedy completions of chat-rendered prompts (left-padded batches, stop at end of turn)."""
+    texts = [chat_prompt(tokenizer, p) for p in prompts]
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    answers = []
+    try:
+        for chunk in _batches(texts, settings.batch_size):
+            batch = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False)
+            out = model.generate(**batch, max_new_tokens=settings.max_new_tokens, do_sample=False,
+                                 pad_token_id=tokenizer.pad_token_id)
+            answers.extend(tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True))
+    finally:
+        tokenizer.padding_side = side
+    return answers
+
+
+def exact_match(predictions: list[str], references: list[str]) -> float:
+    """Share of predictions whose final number equals the reference's (None never matches)."""
+    if len(predictions) != len(references):
+        raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
+    hits = 0
+    for prediction, reference in zip(predictions, references):
+        expected = final_number(reference)
+        hits += expected is not None and final_number(prediction) == expected
+    return hits / len(references)
+
+
+def score_task(model, tokenizer, task: str, data_path: str | os.PathLike | None, settings: EvalSettings,
+               data_seed: int = 0) -> dict[str, float | int]:
+    """Every metric of ``task`` (see ``TASK_METRICS``) on its held-out split."""
+    examples = dev_examples(task, data_path, settings, data_seed)
+    result: dict[str, float | int] = {"eval_examples": len(examples)}
+    if task in LABELS:
+        result["accuracy"] = classification_accuracy(model, tokenizer, examples, LABELS[task], settings)
+    elif task == "gsm8k":
+        answers = greedy_answers(model, tokenizer, [ex.prompt for ex in examples], settings)
+        result["exact_match"] = exact_match(answers, [ex.response for ex in examples])
+        result["answer_nll"] = mean_nll(model, tokenizer, examples, settings)
+        result["sample_answer"] = answers[0][:400] if answers else ""
+    elif task == "codealpaca":
+        result["nll"] = mean_nll(model, tokenizer, examples, settings)
+    else:
+        raise ScoringError(f"no scorer for task {task!r}; known: {', '.join(TASK_METRICS)}")
+    for key, value in result.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ScoringError(f"{task} {key} is {value}: the model's outputs are not finite")
+    return result
+
+
+def score_adapter(model_dir: str | os.PathLike, adapter_dir: str | os.PathLike | None, task: str,
+                  data_path: str | os.PathLike | None = None, settings: EvalSettings | None = None,
+                  data_seed: int = 0) -> dict[str, float | int]:
+    """Load the base model with the adapter merged and score it on ``task``'s held-out split."""
+    settings = settings or EvalSettings()
+    model = load_model(Path(model_dir), adapter_dir)
+    tokenizer = load_tokenizer(model_dir)
+    return score_task(model, tokenizer, task, data_path, settings, data_seed)

