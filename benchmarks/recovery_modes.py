@@ -80,13 +80,16 @@ def main() -> None:
     trained_opt = copy.deepcopy(optimizer.state_dict())
     results = {"unpruned_r0": dev_loss(model), "cells": []}
 
-    cells = [("obs", r) for r in ("none", "compensate", "newton")] + [
-        (c, "compensate") for c in ("taylor", "magnitude", "activation")] + [("magnitude", "none")]
-    for criterion, recovery in cells:
+    # (criterion, recovery, hessian_damping): the damping only matters where a recovery update is applied
+    # or the score is "obs"; larger damping pulls the compensation towards plain zeroing.
+    cells = [("obs", r, 0.01) for r in ("none", "compensate", "newton")] + [
+        ("obs", "compensate", d) for d in (0.1, 1.0)] + [
+        (c, r, 0.01) for c in ("taylor", "magnitude", "activation") for r in ("none", "compensate")]
+    for criterion, recovery, damping in cells:
         model.load_state_dict(trained)
         optimizer.load_state_dict(trained_opt)
         config = PrunedLoraConfig(r0=32, lora_alpha=64, target_rank=8, prune_start_step=0, prune_end_step=0,
-                                  criterion=criterion, recovery=recovery)
+                                  criterion=criterion, recovery=recovery, hessian_damping=damping)
         pruner = RankPruner(model, config)
         calib = batches[args.warm_steps % len(batches)]
         if criterion == "activation":  # statistics from a forward pass over the calibration batch
@@ -99,7 +102,7 @@ def main() -> None:
         right_after = dev_loss(model)
         steps(model, optimizer, args.warm_steps + 1, args.after_steps, pruner)
         after = dev_loss(model)
-        cell = {"criterion": criterion, "recovery": recovery, "dev_loss_after_prune": right_after,
+        cell = {"criterion": criterion, "recovery": recovery, "hessian_damping": damping, "dev_loss_after_prune": right_after,
                 f"dev_loss_after_{args.after_steps}_steps": after, "average_rank": pruner.average_rank}
         results["cells"].append(cell)
         print(json.dumps(cell), flush=True)
@@ -108,10 +111,10 @@ def main() -> None:
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(results, indent=2) + "\n")
     print(f"\nunpruned r0=32: {results['unpruned_r0']:.4f}")
-    print("| criterion | recovery | dev loss right after pruning 32->8 | after %d steps |\n|---|---|---|---|"
+    print("| criterion | recovery | damping | dev loss right after pruning 32->8 | after %d steps |\n|---|---|---|---|---|"
           % args.after_steps)
     for c in results["cells"]:
-        print(f"| {c['criterion']} | {c['recovery']} | {c['dev_loss_after_prune']:.4f} | "
+        print(f"| {c['criterion']} | {c['recovery']} | {c['hessian_damping']} | {c['dev_loss_after_prune']:.4f} | "
               f"{c[f'dev_loss_after_{args.after_steps}_steps']:.4f} |")
 
 

@@ -1,48 +1,121 @@
 """`prunedlora demo`: the README's main job on the bundled default model, end to end.
 
-Each stage reads the previous stage's files, as a user would run them by hand; a finished stage is
-reused when the demo is run again (delete runs/demo to start over).
+Train two small pruned adapters on two tasks with different pruning settings, export them as compact
+PEFT adapters, serve both with the base model from one vLLM server, ask each one question, and end
+with a short latency comparison. Each stage reads the previous stage's files, as a user would run
+them by hand; a finished stage is reused when the demo runs again (delete runs/demo to start over).
 """
 
 from __future__ import annotations
 
-import argparse
+from dataclasses import dataclass
 from pathlib import Path
 
-DEMO_RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "demo.yaml"
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+
+
+@dataclass(frozen=True)
+class DemoTask:
+    """One adapter of the demo: its recipe, what it is, and the question the server is asked."""
+
+    name: str
+    recipe: Path
+    title: str
+    question: str
+
+
+DEMO_TASKS = (
+    DemoTask(
+        "sst2",
+        RECIPES / "demo.yaml",
+        "SST-2 sentiment, r0=32 -> average 8, obs criterion, global allocation (variable ranks, max 16)",
+        "Sentence: a gorgeous, witty, seductive movie.\n\n"
+        "Is the sentiment of this sentence positive or negative? Answer with one word.",
+    ),
+    DemoTask(
+        "gsm8k",
+        RECIPES / "demo-gsm8k.yaml",
+        "GSM8K math, r0=32 -> rank 4 everywhere, obs criterion, uniform allocation",
+        "Tom has 3 boxes with 12 pencils each. He gives away 10 pencils. How many pencils does he have left?",
+    ),
+)
 
 
 def _banner(text: str) -> None:
     print(f"\n=== {text} ===", flush=True)
 
 
-def run_demo(root: str | Path = "runs/demo", recipe_path: str | Path | None = None) -> dict[str, Path]:
-    """Materialise the default model, train a pruned adapter, and report where everything is."""
+def _train_or_reuse(task: DemoTask, run_dir: Path) -> Path:
     from prunedlora import metadata
-    from prunedlora.models import default_model_dir
     from prunedlora.train.recipe import load_recipe
     from prunedlora.train.runner import format_rank_table, train
 
-    root = Path(root)
-    outputs: dict[str, Path] = {}
-    _banner("1/1 model")
-    model_dir = default_model_dir()
-    print(f"default model: {model_dir}")
-
-    _banner("train: PrunedLoRA r0=32 -> average rank 8 (obs criterion, global allocation)")
-    recipe = load_recipe(recipe_path or DEMO_RECIPE, {"training.output_dir": str(root / "sst2")})
-    run_dir = Path(recipe.training.output_dir)
     if (run_dir / metadata.RUN_RECORD_FILE).is_file():
         print(f"reusing the finished run in {run_dir}")
         ranks = metadata.read_run_record(run_dir).ranks
     else:
-        ranks = train(recipe).ranks
+        ranks = train(load_recipe(task.recipe, {"training.output_dir": str(run_dir)})).ranks
     print(format_rank_table(ranks))
-    outputs["run"] = run_dir
-    outputs["ranks_plot"] = run_dir / metadata.RANKS_PLOT_FILE
+    return run_dir
+
+
+def _export_or_reuse(run_dir: Path, out_dir: Path) -> Path:
+    from prunedlora import metadata
+    from prunedlora.export import export_adapter, inspect_adapter
+
+    adapter_file = run_dir / metadata.RUN_ADAPTER_DIR / "adapter_model.safetensors"
+    exported = out_dir / "adapter_model.safetensors"
+    if exported.is_file() and exported.stat().st_mtime_ns >= adapter_file.stat().st_mtime_ns:
+        print(f"reusing the export in {out_dir}")
+    else:
+        # verify=True (the default): PEFT reloads the written adapter and must match the training
+        # model's logits, or nothing is written.
+        print(export_adapter(run_dir, out_dir, overwrite=True).summary())
+    print(inspect_adapter(out_dir))
+    return out_dir
+
+
+def run_demo(root: str | Path = "runs/demo") -> dict[str, Path]:
+    """Train, export, serve and benchmark on the default model; return where the outputs are."""
+    from prunedlora.bench import demo_latency
+    from prunedlora.models import default_model_dir
+    from prunedlora.serve import ServeConfig, serve_and_ask
+
+    root = Path(root)
+    outputs: dict[str, Path] = {}
+    _banner("1/5 model")
+    model_dir = default_model_dir()
+    print(f"default model: {model_dir}")
+
+    runs: dict[str, Path] = {}
+    for task in DEMO_TASKS:
+        _banner(f"2/5 train {task.name}: {task.title}")
+        runs[task.name] = _train_or_reuse(task, root / task.name)
+        outputs[f"run {task.name}"] = runs[task.name]
+
+    adapters: dict[str, Path] = {}
+    for task in DEMO_TASKS:
+        _banner(f"3/5 export {task.name}: drop pruned components, fold the scaling into B")
+        adapters[task.name] = _export_or_reuse(runs[task.name], root / "adapters" / task.name)
+        outputs[f"adapter {task.name}"] = adapters[task.name]
+
+    _banner("4/5 serve: one vLLM server, the base model and both adapters")
+    log_file = root / "serve.log"
+    questions = {"base": DEMO_TASKS[0].question}
+    questions.update({task.name: task.question for task in DEMO_TASKS})
+    config = ServeConfig(model=str(model_dir), adapters={k: str(v) for k, v in adapters.items()}, port=0,
+                         log_file=str(log_file), echo=False)
+    serve_and_ask(config, questions)
+    outputs["server log"] = log_file
+
+    _banner("5/5 latency: base model vs the SST-2 adapter at r0 vs its pruned export")
+    payload = demo_latency(runs[DEMO_TASKS[0].name], root / "latency")
+    outputs["latency table"] = Path(payload["files"]["markdown"])
+    outputs["latency plot"] = Path(payload["files"]["plot"])
+
     _banner("outputs")
     for key, path in outputs.items():
-        print(f"{key:>12}: {path}")
+        print(f"{key:>16}: {path}")
     return outputs
 
 

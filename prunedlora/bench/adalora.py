@@ -118,10 +118,11 @@ def train_adalora(recipe: TrainRecipe, out_dir: str | Path, keep_model: bool = F
     trained PeftModel in the result (to check the saved adapter against it).
     """
     from peft import get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
+    from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer
 
     from prunedlora.models import resolve_model
     from prunedlora.train.data import build_train_dataset, make_collator
+    from prunedlora.train.runner import training_arguments
 
     out_dir = Path(out_dir)
     done = out_dir / DONE_FILE
@@ -147,26 +148,8 @@ def train_adalora(recipe: TrainRecipe, out_dir: str | Path, keep_model: bool = F
         model.gradient_checkpointing_enable()
         model.enable_input_require_grads()
     dataset = build_train_dataset(tokenizer, recipe.data)
-    args = TrainingArguments(  # the runner's arguments, without checkpoints (see the module docstring)
-        output_dir=str(out_dir / "trainer"),
-        max_steps=opts.max_steps,
-        per_device_train_batch_size=opts.per_device_train_batch_size,
-        gradient_accumulation_steps=opts.gradient_accumulation_steps,
-        learning_rate=opts.learning_rate,
-        weight_decay=opts.weight_decay,
-        warmup_steps=opts.warmup_steps,
-        lr_scheduler_type=opts.lr_scheduler_type,
-        max_grad_norm=opts.max_grad_norm,
-        logging_steps=opts.logging_steps,
-        save_strategy="no",
-        seed=opts.seed,
-        data_seed=opts.seed,
-        report_to=[],
-        use_cpu=not torch.cuda.is_available(),
-        dataloader_num_workers=0,
-        remove_unused_columns=False,
-        disable_tqdm=False,
-    )
+    # the runner's arguments, without checkpoints (see the module docstring)
+    args = training_arguments(opts, out_dir / "trainer", save_strategy="no", disable_tqdm=False)
     trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=make_collator(tokenizer),
                       callbacks=[AdaLoraCallback(model)])
     output = trainer.train()

@@ -10,21 +10,7 @@ import math
 import os
 from pathlib import Path
 
-
-def _new_figure(width: float, height: float):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height), dpi=110)
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def _save(fig, path: str | os.PathLike) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png", bbox_inches="tight")
-    return path
+from prunedlora.train.plots import new_figure, save_figure
 
 
 def _fmt(value, digits: int = 3, scale: float = 1.0) -> str:
@@ -87,7 +73,7 @@ def plot_latency(payload: dict, path: str | os.PathLike) -> Path:
     output tokens per second against slot rank (base model as a line), and the mixes."""
     rows = [r for r in payload["rows"] if "error" not in r]
     base = next((r for r in rows if r["family"] is None), None)
-    fig = _new_figure(13.5, 4.0)
+    fig = new_figure(13.5, 4.0)
     ax_latency, ax_tput, ax_mix = fig.subplots(1, 3)
     single = [r for r in rows if r["family"] is not None and r["mix"] == 1 and r["max_loras"] == 1]
     families = sorted({r["family"] for r in single})
@@ -140,7 +126,7 @@ def plot_latency(payload: dict, path: str | os.PathLike) -> Path:
     ax_mix.set_xlabel("distinct adapters in the batch")
     ax_mix.grid(alpha=0.3)
     fig.suptitle(f"vLLM multi-LoRA on {Path(payload['model']).name}: {payload['machine']}", fontsize=9)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 # -- quality -----------------------------------------------------------------------------------------
@@ -220,7 +206,7 @@ def plot_quality(payload: dict, path: str | os.PathLike) -> Path:
         if "error" not in cell:
             by_cell.setdefault((cell["task"], cell["method"]), []).append(cell)
     width = max(4.0, 0.55 * len(methods) + 1.5)
-    fig = _new_figure(width * len(columns), 4.2)
+    fig = new_figure(width * len(columns), 4.2)
     axes = fig.subplots(1, len(columns), squeeze=False)[0]
     for ax, (task, metric, better) in zip(axes, columns):
         means = []
@@ -241,4 +227,4 @@ def plot_quality(payload: dict, path: str | os.PathLike) -> Path:
         ax.grid(axis="y", alpha=0.3)
     fig.suptitle(f"{Path(payload['model']).name}: bars = mean over seeds, dots = seeds (blue LoRA, orange "
                  "PrunedLoRA, green AdaLoRA, grey base model)", fontsize=9)
-    return _save(fig, path)
+    return save_figure(fig, path)

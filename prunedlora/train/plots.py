@@ -70,7 +70,7 @@ def rank_table(ranks: dict[str, int]) -> tuple[list[str], list[str], list[list[i
     return rows, cols, grid
 
 
-def _new_figure(width: float, height: float):
+def new_figure(width: float, height: float):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -79,7 +79,7 @@ def _new_figure(width: float, height: float):
     return fig
 
 
-def _save(fig, path: str | os.PathLike) -> Path:
+def save_figure(fig, path: str | os.PathLike) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, format="png", bbox_inches="tight")
@@ -102,7 +102,7 @@ def plot_rank_heatmap(ranks: dict[str, int], path: str | os.PathLike, r0: int, t
 
     height = min(max(2.5, 0.28 * len(rows) + 1.6), 40.0)
     width = min(max(3.5, 0.75 * len(cols) + 2.4), 30.0)
-    fig = _new_figure(width, height)
+    fig = new_figure(width, height)
     ax = fig.add_subplot(1, 1, 1)
     from matplotlib import colormaps
 
@@ -128,7 +128,7 @@ def plot_rank_heatmap(ranks: dict[str, int], path: str | os.PathLike, r0: int, t
     ax.set_title(
         title or f"LoRA rank per module: average {total / len(ranks):.2f} of r0={r0}", fontsize=10, pad=10
     )
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_rank_history(history: list[dict[str, Any]], path: str | os.PathLike, title: str | None = None) -> Path:
@@ -149,7 +149,7 @@ def plot_rank_history(history: list[dict[str, Any]], path: str | os.PathLike, ti
     points.sort()
     steps = [p[0] for p in points]
 
-    fig = _new_figure(6.0, 3.6)
+    fig = new_figure(6.0, 3.6)
     ax = fig.add_subplot(1, 1, 1)
     ax.fill_between(steps, [p[2] for p in points], [p[3] for p in points], step="post" if len(points) > 1 else None,
                     alpha=0.2, color="tab:blue", label="min..max over modules")
@@ -160,4 +160,4 @@ def plot_rank_history(history: list[dict[str, Any]], path: str | os.PathLike, ti
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     ax.set_title(title or f"LoRA rank over training (final average {points[-1][1]:.2f})", fontsize=10)
-    return _save(fig, path)
+    return save_figure(fig, path)

@@ -61,13 +61,41 @@ def last_checkpoint(run_dir: Path) -> Path | None:
     return max(found)[1] if found else None
 
 
+def training_arguments(opts, output_dir: str | Path, **overrides):
+    """transformers' TrainingArguments from a recipe's ``training`` section, the same for every
+    trainer this project runs (PrunedLoRA, plain LoRA, the AdaLoRA baseline) so that their steps,
+    learning rate, data order and seed agree; ``overrides`` set what differs (checkpointing)."""
+    from transformers import TrainingArguments
+
+    values = dict(
+        output_dir=str(output_dir),
+        max_steps=opts.max_steps,
+        per_device_train_batch_size=opts.per_device_train_batch_size,
+        gradient_accumulation_steps=opts.gradient_accumulation_steps,
+        learning_rate=opts.learning_rate,
+        weight_decay=opts.weight_decay,
+        warmup_steps=opts.warmup_steps,
+        lr_scheduler_type=opts.lr_scheduler_type,
+        max_grad_norm=opts.max_grad_norm,
+        logging_steps=opts.logging_steps,
+        seed=opts.seed,
+        data_seed=opts.seed,
+        report_to=[],
+        use_cpu=not torch.cuda.is_available(),
+        dataloader_num_workers=0,
+        remove_unused_columns=False,
+    )
+    values.update(overrides)
+    return TrainingArguments(**values)
+
+
 def train(recipe: TrainRecipe, resume: bool | str = "auto", callbacks: list | None = None) -> TrainResult:
     """Fine-tune with LoRA at r0 and prune to the recipe's target; write the run directory.
 
     ``resume="auto"`` continues from the run directory's last checkpoint when there is one, so an
     interrupted command can simply be run again.
     """
-    from transformers import AutoTokenizer, Trainer, TrainingArguments
+    from transformers import AutoTokenizer, Trainer
     from transformers.trainer_callback import ProgressCallback
 
     from prunedlora.models import resolve_model
@@ -97,26 +125,12 @@ def train(recipe: TrainRecipe, resume: bool | str = "auto", callbacks: list | No
     if not recipe.prune:  # plain LoRA at r0: the pruner only reports ranks, it never fires
         pruner.schedule = type(pruner.schedule)(events=(), num_modules=len(pruner.modules), r0=recipe.method.r0,
                                                 final_total=len(pruner.modules) * recipe.method.r0)
-    args = TrainingArguments(
-        output_dir=str(run_dir),
-        max_steps=opts.max_steps,
-        per_device_train_batch_size=opts.per_device_train_batch_size,
-        gradient_accumulation_steps=opts.gradient_accumulation_steps,
-        learning_rate=opts.learning_rate,
-        weight_decay=opts.weight_decay,
-        warmup_steps=opts.warmup_steps,
-        lr_scheduler_type=opts.lr_scheduler_type,
-        max_grad_norm=opts.max_grad_norm,
-        logging_steps=opts.logging_steps,
+    args = training_arguments(
+        opts,
+        run_dir,
         save_strategy="steps",
         save_steps=opts.save_steps,
         save_total_limit=opts.save_total_limit,
-        seed=opts.seed,
-        data_seed=opts.seed,
-        report_to=[],
-        use_cpu=not torch.cuda.is_available(),
-        dataloader_num_workers=0,
-        remove_unused_columns=False,
         ddp_find_unused_parameters=False,
     )
     trainer = Trainer(
