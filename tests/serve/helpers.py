@@ -158,3 +158,18 @@ def alive(pids) -> list[int]:
         except psutil.NoSuchProcess:
             pass
     return result
+
+
+def live_vllm_children() -> list:
+    """This process's live descendants whose command line mentions vLLM (zombies skipped, as in
+    ``alive``: a finished child another test has not reaped yet is no leftover server)."""
+    import psutil
+
+    found = []
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            if proc.status() != psutil.STATUS_ZOMBIE and "vllm" in " ".join(proc.cmdline()).lower():
+                found.append(proc)
+        except (psutil.ZombieProcess, psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    return found

@@ -13,7 +13,7 @@ import pytest
 
 from prunedlora.cli import main as cli_main
 from prunedlora.serve.server import free_port, http_json
-from tests.serve.helpers import alive, make_adapter
+from tests.serve.helpers import alive, live_vllm_children, make_adapter
 
 
 @pytest.fixture(scope="module")
@@ -123,8 +123,6 @@ def test_serve_runs_until_sigterm_and_leaves_nothing(vllm_tiny_model_path, two_a
 @pytest.mark.slow
 def test_serve_and_ask_answers_each_model_then_stops(vllm_tiny_model_path, two_adapters, tmp_path, capsys):
     """The demo's serving step: one question per model (the base included), answers printed, server gone."""
-    import psutil
-
     from prunedlora.serve.server import ServeConfig, serve_and_ask
 
     config = ServeConfig(
@@ -140,5 +138,5 @@ def test_serve_and_ask_answers_each_model_then_stops(vllm_tiny_model_path, two_a
     assert all(isinstance(answer, str) for answer in answers.values())
     out = capsys.readouterr().out
     assert "max_lora_rank=16" in out and "[small] Name a color." in out and out.rstrip().endswith("server stopped")
-    leftovers = [p for p in psutil.Process().children(recursive=True) if "vllm" in " ".join(p.cmdline()).lower()]
+    leftovers = live_vllm_children()
     assert alive(p.pid for p in leftovers) == []
