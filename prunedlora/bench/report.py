@@ -69,12 +69,13 @@ def latency_markdown(payload: dict) -> str:
 
 
 def plot_latency(payload: dict, path: str | os.PathLike) -> Path:
-    """Three panels: decode and end-to-end latency against slot rank (as multiples of the base model),
-    output tokens per second against slot rank (base model as a line), and the mixes."""
+    """Decode and end-to-end latency against slot rank (as multiples of the base model), output
+    tokens per second against slot rank (base model as a line), and, when measured, the mixes."""
     rows = [r for r in payload["rows"] if "error" not in r]
     base = next((r for r in rows if r["family"] is None), None)
-    fig = new_figure(13.5, 4.0)
-    ax_latency, ax_tput, ax_mix = fig.subplots(1, 3)
+    mixes = sorted((r["mix"], r) for r in rows if r["role"] == "mix")
+    fig = new_figure(13.5 if mixes else 9.0, 4.0)
+    ax_latency, ax_tput, *ax_mix = fig.subplots(1, 3 if mixes else 2)
     single = [r for r in rows if r["family"] is not None and r["mix"] == 1 and r["max_loras"] == 1]
     families = sorted({r["family"] for r in single})
     markers = dict(zip(families, "osD^v<>"))
@@ -108,8 +109,8 @@ def plot_latency(payload: dict, path: str | os.PathLike) -> Path:
     ax_tput.set_title("throughput vs slot rank", fontsize=10)
     ax_tput.legend(fontsize=7)
     ax_tput.grid(alpha=0.3)
-    mixes = sorted((r["mix"], r) for r in rows if r["role"] == "mix")
     if mixes:
+        (ax_mix,) = ax_mix
         xs = [m for m, _ in mixes]
         ax_mix.plot(xs, [r.get("tpot_p50_x_base") for _, r in mixes], marker="o", label="TPOT p50 x base")
         ax_mix.plot(xs, [r.get("e2e_p50_x_base") for _, r in mixes], marker="s", label="E2E p50 x base")
@@ -120,11 +121,9 @@ def plot_latency(payload: dict, path: str | os.PathLike) -> Path:
         ax_mix.set_xticks(xs, labels=[str(x) for x in xs])
         ax_mix.minorticks_off()
         ax_mix.legend(fontsize=7)
-    else:
-        ax_mix.set_title("(no mixes measured)", fontsize=9)
-    ax_mix.axhline(1.0, color="grey", linewidth=1)
-    ax_mix.set_xlabel("distinct adapters in the batch")
-    ax_mix.grid(alpha=0.3)
+        ax_mix.axhline(1.0, color="grey", linewidth=1)
+        ax_mix.set_xlabel("distinct adapters in the batch")
+        ax_mix.grid(alpha=0.3)
     fig.suptitle(f"vLLM multi-LoRA on {Path(payload['model']).name}: {payload['machine']}", fontsize=9)
     return save_figure(fig, path)
 

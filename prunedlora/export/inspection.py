@@ -80,6 +80,11 @@ def rank_grid(ranks: dict[str, int | str]) -> list[str]:
         if column not in columns:
             columns.append(column)
         grid.setdefault((match["prefix"], int(match["layer"])), {})[column] = str(rank)
+    # the column order of `prunedlora train`'s table and heatmap: q, k, v, o, gate, up, down, others
+    from prunedlora.train.plots import MODULE_ORDER
+
+    order = {f"{t}_proj": i for i, t in enumerate(MODULE_ORDER)}
+    columns.sort(key=lambda c: (order.get(c, len(order)), c))
     lines = []
     if grid:
         width = max(len(c) for c in columns)

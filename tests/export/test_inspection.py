@@ -25,7 +25,7 @@ def test_exported_adapter_table_shows_ranks_and_sizes(fake_run, tmp_path):
     table = inspect_adapter(out)
     assert "exported adapter" in table and "r0 = 8" in table
     header = _row(table, "layer")
-    assert header[1:] == ["down_proj", "q_proj", "v_proj"]
+    assert header[1:] == ["q_proj", "v_proj", "down_proj"]  # the order of the training table
     masks = metadata.load_masks(run / metadata.MASKS_FILE)
     for layer in (0, 1):
         cells = dict(zip(header[1:], _row(table, f"{layer} ")[1:]))
