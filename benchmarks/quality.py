@@ -2,7 +2,7 @@
 
 Trains and scores cells (task x method x seed) cached by configuration, so an interrupted table
 resumes when the same command is run again; writes benchmarks/results/quality.{json,md,png}.
-docs/results_quality.md quotes it. The default preset is small (SST-2, four methods, one seed,
+docs/results.md quotes it. The default preset is small (SST-2, four methods, one seed,
 40 steps); `--preset full` is the whole table of issue 5 (hours on a 2-core CPU).
 
     python benchmarks/quality.py [--preset full] [--tasks sst2,gsm8k] [--seeds 0,1] [--list]
