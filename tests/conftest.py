@@ -17,8 +17,9 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
 
-def build_tiny_llama(path: Path, seed: int = 0, tokenizer_from: Path | None = None) -> Path:
-    """A 2-layer random Llama (hidden 64) saved as a Hugging Face folder, with the default tokenizer."""
+def build_tiny_llama(path: Path, seed: int = 0, tokenizer_from: Path | None = None, **config_overrides) -> Path:
+    """A 2-layer random Llama (hidden 64) saved as a Hugging Face folder, with the default tokenizer;
+    ``config_overrides`` replace LlamaConfig fields (vLLM's CPU attention needs other head sizes)."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
@@ -29,7 +30,7 @@ def build_tiny_llama(path: Path, seed: int = 0, tokenizer_from: Path | None = No
         tok_dir = default_model_dir(progress=False)
     tokenizer = AutoTokenizer.from_pretrained(tok_dir)
     torch.manual_seed(seed)
-    config = LlamaConfig(
+    fields = dict(
         vocab_size=len(tokenizer),
         hidden_size=64,
         intermediate_size=128,
@@ -43,6 +44,7 @@ def build_tiny_llama(path: Path, seed: int = 0, tokenizer_from: Path | None = No
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
+    config = LlamaConfig(**{**fields, **config_overrides})
     model = LlamaForCausalLM(config)
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)

@@ -13,30 +13,21 @@ from pathlib import Path
 
 
 def build_vllm_tiny_llama(path: Path, tokenizer_from: Path, seed: int = 0, hidden: int = 64) -> Path:
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    """The tests' tiny Llama in a shape vLLM's CPU attention accepts (head size 32), with larger
+    initial weights so that greedy answers differ between adapters."""
+    from tests.conftest import build_tiny_llama
 
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_from)
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
+    return build_tiny_llama(
+        path,
+        seed=seed,
+        tokenizer_from=tokenizer_from,
         hidden_size=hidden,
         intermediate_size=2 * hidden,
-        num_hidden_layers=2,
         num_attention_heads=hidden // 32,
         num_key_value_heads=1,
         head_dim=32,
-        max_position_embeddings=512,
-        tie_word_embeddings=True,
         initializer_range=0.2,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
     )
-    model = LlamaForCausalLM(config)
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
 
 
 def make_adapter(
