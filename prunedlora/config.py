@@ -9,7 +9,9 @@ from typing import Any, Iterable
 
 from prunedlora.errors import PrunedLoraError
 
-CRITERIA = ("obs", "taylor", "activation", "magnitude")
+# "obs" is PrunedLoRA's second-order score as the paper's code computes it (H = G^T G from one batch);
+# "obs-fisher" and "obs-input" are the variants derived in criteria.py. See README ("The method").
+CRITERIA = ("obs", "obs-paper", "obs-fisher", "obs-input", "taylor", "activation", "magnitude")
 SCHEDULES = ("cubic", "constant")
 ALLOCATIONS = ("global", "uniform")
 RECOVERIES = ("none", "compensate", "newton")

@@ -18,7 +18,26 @@ Derivation (per row w with gradient g): minimise the quadratic model ``g^T d + 1
 
 and the last term is the same for every j, so the score is ``sum_rows 1/2 lambda^2 Hinv_jj``.
 (The paper's released code multiplies an s x s inverse by a d-long gradient; this is derived from the
-objective instead.)
+objective instead.) This is criterion ``obs`` (alias ``obs-paper``).
+
+Why that score hardly sees the weights: with ``H = G^T G + delta I`` from the *same* gradient, the
+gradient-only part of ``lambda^2 Hinv_jj`` is ``[Hinv g]_j^2 / Hinv_jj``, which sums over the rows to
+``1 - delta [H^-2]_jj / Hinv_jj``: a number in [0, 1] that involves neither W nor the gradient's scale.
+On SmolLM2 it is orders of magnitude above the weight term, so the score ranks components by the shape
+of one batch's gradient and its values have no common scale across modules. Two variants fix that:
+
+``obs-fisher`` -- classic OBS (Hassibi & Stork) on each factor at a point where the quadratic model's
+gradient term is dropped: removing coordinate j of a row w under ``1/2 d^T H d`` costs
+``1/2 w_j^2 / Hinv_jj``. H is the empirical Fisher *accumulated between events* (the mean over steps of
+``G^T G / n_rows``: per-row, pooled over the rows, so a module made of two copies of another costs
+twice as much, not four times), plus relative damping. The score scales with ``|g|^2 |w|^2``: an
+estimated loss increase with a common scale across modules, which global allocation needs.
+
+``obs-input`` -- the layer-wise objective of SparseGPT applied to B: the module adds ``s B z`` with
+``z = A x``; removing column j of B while re-fitting the others to keep ``s B z`` over the inputs seen
+since the last event costs ``1/2 s^2 sum_i B_ij^2 / [H_z^-1]_jj`` with ``H_z = sum z z^T`` (damped),
+and the re-fit is ``B -= B[:, j] [H_z^-1]_{j,:} / [H_z^-1]_jj`` (recovery ``compensate``), the same
+update as above with a Hessian of the right scale.
 """
 
 from __future__ import annotations
@@ -37,7 +56,12 @@ def damped_inverse_hessian(grad_rows: torch.Tensor, damping: float) -> torch.Ten
     orders of magnitude; an all-zero gradient falls back to an absolute damping so H stays invertible.
     """
     g = grad_rows.to(_COMPUTE_DTYPE)
-    hessian = g.T @ g
+    return damped_inverse(g.T @ g, damping)
+
+
+def damped_inverse(hessian: torch.Tensor, damping: float) -> torch.Tensor:
+    """``(H + delta I)^-1`` for a symmetric PSD ``H`` with ``delta = damping * mean(diag(H))``."""
+    hessian = hessian.to(_COMPUTE_DTYPE).clone()
     s = hessian.shape[0]
     delta = damping * hessian.diagonal().mean().item() if s else 0.0
     if not delta > 0.0:
@@ -122,6 +146,30 @@ def obs_scores(
     hinv_b = damped_inverse_hessian(grad_b, damping)
     hinv_a = damped_inverse_hessian(grad_a.T, damping)
     return obs_row_costs(lora_b, grad_b, hinv_b) + obs_row_costs(lora_a.T, grad_a.T, hinv_a)
+
+
+def classic_obs_costs(weight_rows: torch.Tensor, hinv: torch.Tensor) -> torch.Tensor:
+    """``1/2 sum_rows w_j^2 / Hinv_jj`` for each of the s components, shape (s,)."""
+    diag = hinv.diagonal().clamp_min(torch.finfo(_COMPUTE_DTYPE).tiny)
+    return 0.5 * weight_rows.to(_COMPUTE_DTYPE).square().sum(dim=0) / diag
+
+
+def obs_fisher_scores(
+    lora_b: torch.Tensor, lora_a: torch.Tensor, fisher_b: torch.Tensor, fisher_a: torch.Tensor, damping: float
+) -> torch.Tensor:
+    """Classic OBS cost of each active component under the accumulated per-row Fisher of each factor.
+
+    ``fisher_b`` is the (s x s) mean of ``G_B^T G_B / out`` over the steps since the last event (B's rows
+    as the rows), ``fisher_a`` the mean of ``G_A G_A^T / in`` (A's columns as the rows).
+    """
+    return classic_obs_costs(lora_b, damped_inverse(fisher_b, damping)) + classic_obs_costs(
+        lora_a.T, damped_inverse(fisher_a, damping)
+    )
+
+
+def obs_input_scores(lora_b: torch.Tensor, input_cov: torch.Tensor, damping: float, scaling: float = 1.0) -> torch.Tensor:
+    """SparseGPT's cost for each column of B: ``1/2 s^2 sum_i B_ij^2 / [H_z^-1]_jj`` with ``H_z = sum z z^T``."""
+    return (scaling**2) * classic_obs_costs(lora_b, damped_inverse(input_cov, damping))
 
 
 def taylor_scores(

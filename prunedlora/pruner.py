@@ -30,8 +30,11 @@ from prunedlora.allocation import allocate_global, allocate_uniform
 from prunedlora.config import ConfigError, PrunedLoraConfig
 from prunedlora.criteria import (
     activation_scores,
+    damped_inverse,
     damped_inverse_hessian,
     magnitude_scores,
+    obs_fisher_scores,
+    obs_input_scores,
     obs_scores,
     remove_components,
     taylor_scores,
@@ -113,15 +116,28 @@ class RankPruner:
         self.schedule = PruningSchedule.build(config, len(self.modules))
         self.masks: dict[str, torch.Tensor] = {n: torch.ones(config.r0, dtype=torch.bool) for n in self.modules}
         self.history: list[dict[str, Any]] = []
+        # Statistics gathered between events (zeroed at each event, saved with checkpoints):
+        # "activation": sum of z^2 per component; "obs-input": sum of z z^T (z = A x, the LoRA input
+        # to B); "obs-fisher": sums of G_B^T G_B / out and G_A G_A^T / in over optimizer steps.
         self.activation_sq: dict[str, torch.Tensor] = {}
+        self.input_cov: dict[str, torch.Tensor] = {}
+        self.fisher_b: dict[str, torch.Tensor] = {}
+        self.fisher_a: dict[str, torch.Tensor] = {}
+        self.fisher_steps = 0
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
-        if config.criterion == "activation":
+        if config.criterion in ("activation", "obs-input"):
             self._install_activation_hooks()
+        if config.criterion == "obs-fisher":
+            for name in self.modules:
+                self.fisher_b[name] = torch.zeros(config.r0, config.r0, dtype=torch.float64)
+                self.fisher_a[name] = torch.zeros(config.r0, config.r0, dtype=torch.float64)
 
     # -- what the training loop calls ---------------------------------------------------------
     def before_optimizer_step(self, step: int, optimizer: torch.optim.Optimizer | None = None) -> PruningEvent | None:
         """Prune if ``step`` is an event, then mask the gradients. Call after backward and clipping."""
         event = self.schedule.event_at(step)
+        if self.fisher_b and not self.finished:
+            self.accumulate_fisher()
         if event is not None:
             self.prune(event, optimizer)
         self.mask_gradients()
@@ -163,8 +179,10 @@ class RankPruner:
                 self._remove(name, removed)
         if optimizer is not None:
             self.zero_optimizer_state(optimizer)
-        for stats in self.activation_sq.values():
+        for stats in (*self.activation_sq.values(), *self.input_cov.values(), *self.fisher_b.values(),
+                      *self.fisher_a.values()):
             stats.zero_()
+        self.fisher_steps = 0
         ranks = self.ranks()
         self.history.append(
             {
@@ -180,19 +198,25 @@ class RankPruner:
     def score(self) -> dict[str, torch.Tensor]:
         """Score of every component (inactive ones get +inf so they are never chosen again)."""
         criterion = self.config.criterion
-        if criterion == "activation":
+        if criterion in ("activation", "obs-input"):
             self._all_reduce_activations()
         scores: dict[str, torch.Tensor] = {}
         for name, module in self.modules.items():
             active = self.masks[name].nonzero().flatten()
             b = module.lora_b.detach()[:, active]
             a = module.lora_a.detach()[active, :]
-            if criterion in ("obs", "taylor"):
+            if criterion in ("obs", "obs-paper", "taylor"):
                 grad_b, grad_a = self._grads(module, active)
-                if criterion == "obs":
-                    active_scores = obs_scores(b, a, grad_b, grad_a, self.config.hessian_damping)
-                else:
+                if criterion == "taylor":
                     active_scores = taylor_scores(b, a, grad_b, grad_a)
+                else:
+                    active_scores = obs_scores(b, a, grad_b, grad_a, self.config.hessian_damping)
+            elif criterion == "obs-fisher":
+                fisher_b, fisher_a = self._mean_fisher(name, active)
+                active_scores = obs_fisher_scores(b, a, fisher_b, fisher_a, self.config.hessian_damping)
+            elif criterion == "obs-input":
+                cov = self.input_cov[name][active][:, active]
+                active_scores = obs_input_scores(b, cov, self.config.hessian_damping, self.config.scaling)
             elif criterion == "magnitude":
                 active_scores = magnitude_scores(b, a)
             else:
@@ -201,6 +225,23 @@ class RankPruner:
             full[active] = active_scores.cpu()
             scores[name] = full
         return scores
+
+    def accumulate_fisher(self) -> None:
+        """Add this step's ``G_B^T G_B / out`` and ``G_A G_A^T / in`` to the running sums (obs-fisher)."""
+        for name, module in self.modules.items():
+            if module.lora_b.grad is None or module.lora_a.grad is None:
+                return  # no backward this step (e.g. a custom loop calling us early): nothing to add
+        with torch.no_grad():
+            for name, module in self.modules.items():
+                grad_b = module.lora_b.grad.detach().to(torch.float64)
+                grad_a = module.lora_a.grad.detach().to(torch.float64)
+                self.fisher_b[name] += (grad_b.T @ grad_b).cpu() / grad_b.shape[0]
+                self.fisher_a[name] += (grad_a @ grad_a.T).cpu() / grad_a.shape[1]
+        self.fisher_steps += 1
+
+    def _mean_fisher(self, name: str, active: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        steps = max(self.fisher_steps, 1)
+        return (self.fisher_b[name][active][:, active] / steps, self.fisher_a[name][active][:, active] / steps)
 
     def _grads(self, module: LoraModule, active: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if module.lora_b.grad is None or module.lora_a.grad is None:
@@ -219,17 +260,30 @@ class RankPruner:
         if self.config.recovery != "none" and has_grads:
             b, a = module.lora_b.data, module.lora_a.data
             grad_b, grad_a = self._grads(module, active)
-            damping = self.config.hessian_damping
-            new_b = remove_components(
-                b[:, active], grad_b, damped_inverse_hessian(grad_b, damping), order, self.config.recovery
-            ).weight_rows
-            new_a_rows = remove_components(
-                a[active, :].T, grad_a.T, damped_inverse_hessian(grad_a.T, damping), order, self.config.recovery
-            ).weight_rows
+            hinv_b, hinv_a = self._recovery_hessians(name, active, grad_b, grad_a)
+            new_b = remove_components(b[:, active], grad_b, hinv_b, order, self.config.recovery).weight_rows
             b[:, active] = new_b.to(b.dtype)
-            a[active, :] = new_a_rows.T.to(a.dtype)
+            if hinv_a is not None:
+                new_a_rows = remove_components(a[active, :].T, grad_a.T, hinv_a, order, self.config.recovery).weight_rows
+                a[active, :] = new_a_rows.T.to(a.dtype)
         mask[removed] = False
         self._apply_mask(module, mask)
+
+    def _recovery_hessians(
+        self, name: str, active: torch.Tensor, grad_b: torch.Tensor, grad_a: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The inverse Hessians the recovery update uses: the criterion's own where it has one.
+
+        obs-input re-fits B against its inputs (SparseGPT) and leaves A's other rows as they are, so
+        it has no Hessian for A (None: A's removed rows are just zeroed).
+        """
+        damping = self.config.hessian_damping
+        if self.config.criterion == "obs-fisher":
+            fisher_b, fisher_a = self._mean_fisher(name, active)
+            return damped_inverse(fisher_b, damping), damped_inverse(fisher_a, damping)
+        if self.config.criterion == "obs-input":
+            return damped_inverse(self.input_cov[name][active][:, active], damping), None
+        return damped_inverse_hessian(grad_b, damping), damped_inverse_hessian(grad_a.T, damping)
 
     # -- keeping pruned components dead ---------------------------------------------------------
     @staticmethod
@@ -276,24 +330,35 @@ class RankPruner:
                     if torch.is_tensor(value) and value.shape == param.shape:
                         value.mul_(shape_mask.to(device=value.device, dtype=value.dtype))
 
-    # -- activation statistics (criterion "activation") ------------------------------------------
+    # -- statistics of B's inputs z = A x (criteria "activation" and "obs-input") ------------------
     def _install_activation_hooks(self) -> None:
+        full = self.config.criterion == "obs-input"
+        r0 = self.config.r0
         for name, module in self.modules.items():
-            self.activation_sq[name] = torch.zeros(self.config.r0, dtype=torch.float64)
+            if full:
+                self.input_cov[name] = torch.zeros(r0, r0, dtype=torch.float64)
+            else:
+                self.activation_sq[name] = torch.zeros(r0, dtype=torch.float64)
             lora_a = module.layer.lora_A[self.adapter_name]
 
             def hook(_mod, _inputs, output, name=name):
                 if _mod.training:
                     flat = output.detach().reshape(-1, output.shape[-1]).to(torch.float64)
-                    self.activation_sq[name] += flat.square().sum(dim=0).cpu()
+                    if full:
+                        self.input_cov[name] += (flat.T @ flat).cpu()
+                    else:
+                        self.activation_sq[name] += flat.square().sum(dim=0).cpu()
 
             self._hooks.append(lora_a.register_forward_hook(hook))
+
+    def _input_statistics(self) -> list[torch.Tensor]:
+        return [*self.activation_sq.values(), *self.input_cov.values()]
 
     def _all_reduce_activations(self) -> None:
         if _world_size() > 1:
             import torch.distributed as dist
 
-            for stats in self.activation_sq.values():
+            for stats in self._input_statistics():
                 dist.all_reduce(stats)
 
     def consolidate_statistics(self) -> None:
@@ -303,13 +368,13 @@ class RankPruner:
         process 0 must hold that sum, and the other processes restart from zero, so a resumed run
         sums to the same totals as an uninterrupted one.
         """
-        if not self.activation_sq or _world_size() <= 1:
+        if not self._input_statistics() or _world_size() <= 1:
             return
         import torch.distributed as dist
 
         self._all_reduce_activations()
         if dist.get_rank() != 0:
-            for stats in self.activation_sq.values():
+            for stats in self._input_statistics():
                 stats.zero_()
 
     def remove_hooks(self) -> None:
@@ -318,12 +383,15 @@ class RankPruner:
         self._hooks.clear()
 
     # -- checkpointing --------------------------------------------------------------------------
+    # The per-module tensors a checkpoint holds, by kind (also their key prefix in the file).
+    _STATE_KINDS = ("masks", "activation_sq", "input_cov", "fisher_b", "fisher_a")
+
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "masks": {n: m.clone() for n, m in self.masks.items()},
-            "activation_sq": {n: s.clone() for n, s in self.activation_sq.items()},
-            "history": json.loads(json.dumps(self.history)),
-        }
+        state: dict[str, Any] = {kind: {n: t.clone() for n, t in getattr(self, kind).items()}
+                                 for kind in self._STATE_KINDS}
+        state["fisher_steps"] = self.fisher_steps
+        state["history"] = json.loads(json.dumps(self.history))
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         masks = state["masks"]
@@ -331,9 +399,15 @@ class RankPruner:
             missing, extra = sorted(set(self.masks) - set(masks)), sorted(set(masks) - set(self.masks))
             raise PrunedLoraError(f"pruner state does not match this model: missing {missing[:3]}, extra {extra[:3]}")
         self.masks = {n: masks[n].to(torch.bool).clone() for n in self.masks}
-        for name, stats in state.get("activation_sq", {}).items():
-            if name in self.activation_sq:  # process 0 holds the sum (see consolidate_statistics)
-                self.activation_sq[name].copy_(stats if _rank() == 0 else torch.zeros_like(stats))
+        for kind in ("activation_sq", "input_cov"):
+            for name, stats in state.get(kind, {}).items():
+                if name in getattr(self, kind):  # process 0 holds the sum (see consolidate_statistics)
+                    getattr(self, kind)[name].copy_(stats if _rank() == 0 else torch.zeros_like(stats))
+        for kind in ("fisher_b", "fisher_a"):  # from all-reduced gradients: the same on every process
+            for name, stats in state.get(kind, {}).items():
+                if name in getattr(self, kind):
+                    getattr(self, kind)[name].copy_(stats)
+        self.fisher_steps = int(state.get("fisher_steps", 0))
         self.history = list(state["history"])
         for name, mask in self.masks.items():
             self._apply_mask(self.modules[name], mask)
@@ -343,18 +417,22 @@ class RankPruner:
         directory.mkdir(parents=True, exist_ok=True)
         state = self.state_dict()
         tensors = {f"mask::{n}": m for n, m in state["masks"].items()}
-        tensors.update({f"activation_sq::{n}": s for n, s in state["activation_sq"].items()})
+        for kind in self._STATE_KINDS[1:]:
+            tensors.update({f"{kind}::{n}": s for n, s in state[kind].items()})
         save_file(tensors, str(directory / STATE_TENSORS_FILE))
-        (directory / STATE_HISTORY_FILE).write_text(json.dumps({"history": state["history"]}))
+        (directory / STATE_HISTORY_FILE).write_text(
+            json.dumps({"history": state["history"], "fisher_steps": state["fisher_steps"]})
+        )
 
     def load(self, directory: str | os.PathLike) -> None:
         directory = Path(directory)
         tensors = load_file(str(directory / STATE_TENSORS_FILE))
-        history = json.loads((directory / STATE_HISTORY_FILE).read_text())["history"]
-        state = {"masks": {}, "activation_sq": {}, "history": history}
+        record = json.loads((directory / STATE_HISTORY_FILE).read_text())
+        state: dict[str, Any] = {kind: {} for kind in self._STATE_KINDS}
+        state.update(history=record["history"], fisher_steps=record.get("fisher_steps", 0))
         for key, value in tensors.items():
             kind, name = key.split("::", 1)
-            state["masks" if kind == "mask" else "activation_sq"][name] = value
+            state["masks" if kind == "mask" else kind][name] = value
         self.load_state_dict(state)
 
     @staticmethod

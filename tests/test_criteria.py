@@ -136,3 +136,93 @@ def test_module_scores_shapes_and_known_values():
     torch.testing.assert_close(activation_scores(b, torch.tensor([4.0, 9.0, 1.0])), torch.tensor([2.0, 0.0, 8**0.5]))
     obs = obs_scores(b, a, torch.randn(2, 3), torch.randn(3, 2), damping=0.01)
     assert obs.shape == (3,) and torch.all(obs >= 0)
+
+
+# --- obs-fisher and obs-input: the classic OBS cost with a Hessian of the right scale ---------------
+
+
+def _schur_removal_cost(w_rows, h, j):
+    """Exact min of 1/2 d^T H d subject to (w + d)_j = 0, summed over rows, by elimination."""
+    free = [k for k in range(h.shape[0]) if k != j]
+    schur = h[j, j] - h[j, free] @ torch.linalg.solve(h[free][:, free], h[free, j])
+    return float(0.5 * (w_rows[:, j] ** 2).sum() * schur)
+
+
+def test_classic_obs_cost_is_the_exact_quadratic_removal_cost():
+    from prunedlora.criteria import classic_obs_costs
+
+    gen = torch.Generator().manual_seed(3)
+    root = torch.randn(5, 5, generator=gen, dtype=torch.float64)
+    h = root @ root.T + 0.5 * torch.eye(5, dtype=torch.float64)
+    w = torch.randn(7, 5, generator=gen, dtype=torch.float64)
+    costs = classic_obs_costs(w, torch.linalg.inv(h))
+    for j in range(5):
+        assert costs[j].item() == pytest.approx(_schur_removal_cost(w, h, j), rel=1e-10)
+
+
+def test_compensation_with_the_true_hessian_reaches_the_exact_cost():
+    """The recovery update ``compensate`` is the optimal re-fit: its loss change equals the cost."""
+    from prunedlora.criteria import classic_obs_costs
+
+    gen = torch.Generator().manual_seed(4)
+    root = torch.randn(6, 6, generator=gen, dtype=torch.float64)
+    h = root @ root.T + 0.1 * torch.eye(6, dtype=torch.float64)
+    w = torch.randn(3, 6, generator=gen, dtype=torch.float64)
+    hinv = torch.linalg.inv(h)
+    new = remove_components(w, torch.zeros_like(w), hinv, [2], "compensate").weight_rows
+    d = new - w
+    change = 0.5 * float(torch.einsum("ni,ij,nj->", d, h, d))
+    assert change == pytest.approx(classic_obs_costs(w, hinv)[2].item(), rel=1e-9)
+
+
+def _fisher(grad_rows):
+    return grad_rows.T @ grad_rows / grad_rows.shape[0]
+
+
+def test_obs_fisher_scales_with_the_gradient_squared_and_keeps_its_order():
+    """Unlike obs-paper (scale-free), obs-fisher is an estimated loss increase: gradients x c -> scores x c^2."""
+    from prunedlora.criteria import obs_fisher_scores
+
+    b, a, gb, ga = _module(seed=5)
+    base = obs_fisher_scores(b, a, _fisher(gb), _fisher(ga.T), 0.01)
+    scaled = obs_fisher_scores(b, a, _fisher(3.0 * gb), _fisher(3.0 * ga.T), 0.01)
+    torch.testing.assert_close(scaled, 9.0 * base, rtol=1e-10, atol=0)
+    weights_scaled = obs_fisher_scores(2.0 * b, a, _fisher(gb), _fisher(ga.T), 0.01)
+    assert torch.all(weights_scaled > base * (1 + 1e-3))  # it sees the weights: a larger B costs more
+
+
+def test_obs_fisher_of_a_module_twice_as_wide_made_of_copies_is_twice_the_cost():
+    """Per-row Fisher pooled by the mean: two copies of a module cost twice one, whatever the width."""
+    from prunedlora.criteria import obs_fisher_scores
+
+    b, a, gb, ga = _module(seed=6)
+    one = obs_fisher_scores(b, a, _fisher(gb), _fisher(ga.T), 0.01)
+    b2, gb2 = torch.cat([b, b]), torch.cat([gb, gb])
+    a2, ga2 = torch.cat([a, a], dim=1), torch.cat([ga, ga], dim=1)
+    two = obs_fisher_scores(b2, a2, _fisher(gb2), _fisher(ga2.T), 0.01)
+    torch.testing.assert_close(two, 2.0 * one, rtol=1e-10, atol=0)
+
+
+def test_obs_input_is_the_least_squares_increase_of_the_modules_output():
+    """SparseGPT on B: cost = 1/2 min ||s (B - B') Z||^2 over B' with column j zero (H_z = Z Z^T)."""
+    from prunedlora.criteria import obs_input_scores
+
+    gen = torch.Generator().manual_seed(7)
+    b = torch.randn(9, 4, generator=gen, dtype=torch.float64)
+    z = torch.randn(4, 50, generator=gen, dtype=torch.float64)  # 50 tokens of z = A x
+    scaling = 2.0
+    scores = obs_input_scores(b, z @ z.T, damping=1e-12, scaling=scaling)
+    for j in range(4):
+        keep = [k for k in range(4) if k != j]
+        target = (scaling * b @ z).T  # (tokens, out)
+        refit = torch.linalg.lstsq((scaling * z[keep]).T, target).solution  # (3, out)
+        residual = target - (scaling * z[keep]).T @ refit
+        assert scores[j].item() == pytest.approx(0.5 * float(residual.square().sum()), rel=1e-6)
+
+
+def _module(seed, out=12, s=5, inp=10):
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.randn(out, s, generator=gen, dtype=torch.float64) * 4e-3,
+            torch.randn(s, inp, generator=gen, dtype=torch.float64) * 0.05,
+            torch.randn(out, s, generator=gen, dtype=torch.float64) * 1e-4,
+            torch.randn(s, inp, generator=gen, dtype=torch.float64) * 1e-4)

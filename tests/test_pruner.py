@@ -48,7 +48,8 @@ def run_loop(model, pruner, steps, accumulation=2, seed=0, lr=1e-2):
     return optimizer
 
 
-@pytest.mark.parametrize("criterion", ["obs", "taylor", "activation", "magnitude"])
+@pytest.mark.parametrize("criterion", ["obs", "obs-paper", "obs-fisher", "obs-input", "taylor", "activation",
+                                       "magnitude"])
 def test_pruned_components_stay_exactly_zero_with_zero_optimizer_state(criterion):
     model = tiny_peft()
     config = PrunedLoraConfig(r0=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"],
@@ -109,6 +110,49 @@ def test_state_round_trip(tmp_path):
     # loading applies the masks to the fresh weights
     for name, module in other.modules.items():
         assert torch.all(module.lora_b[:, ~other.masks[name]] == 0)
+
+
+@pytest.mark.parametrize("criterion", ["obs-fisher", "obs-input"])
+def test_statistics_between_events_round_trip_and_reset_at_events(tmp_path, criterion):
+    """obs-fisher's Fisher sums and obs-input's z z^T sums survive a checkpoint and restart at each event."""
+    config = PrunedLoraConfig(r0=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"],
+                              target_rank=4, criterion=criterion, prune_start_step=3, prune_end_step=9,
+                              prune_every=3)
+    model = tiny_peft(seed=6)
+    pruner = RankPruner(model, config)
+    run_loop(model, pruner, steps=2)  # before the first event: statistics only
+    stats = pruner.fisher_b if criterion == "obs-fisher" else pruner.input_cov
+    assert stats and all(s.abs().sum() > 0 for s in stats.values())
+    assert pruner.fisher_steps == (2 if criterion == "obs-fisher" else 0)
+    pruner.save(tmp_path)
+    other = RankPruner(tiny_peft(seed=6), config)
+    other.load(tmp_path)
+    other_stats = other.fisher_b if criterion == "obs-fisher" else other.input_cov
+    assert all(torch.equal(other_stats[n], stats[n]) for n in stats)
+    assert other.fisher_steps == pruner.fisher_steps
+    if criterion == "obs-fisher":
+        assert all(torch.equal(other.fisher_a[n], pruner.fisher_a[n]) for n in stats)
+    ids = batches(1, seed=9)[0]
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert pruner.before_optimizer_step(3) is not None  # the event
+    assert all(s.abs().sum() == 0 for s in stats.values()) and pruner.fisher_steps == 0
+
+
+def test_obs_fisher_is_the_mean_of_per_step_fishers():
+    config = PrunedLoraConfig(r0=8, lora_alpha=16, target_modules=["q_proj"], target_rank=4,
+                              criterion="obs-fisher", prune_start_step=50, prune_end_step=60, prune_every=5)
+    model = tiny_peft(seed=7, targets=("q_proj",))
+    pruner = RankPruner(model, config)
+    expected = {n: torch.zeros(8, 8, dtype=torch.float64) for n in pruner.modules}
+    for ids in batches(3, seed=2):
+        model(input_ids=ids, labels=ids).loss.backward()
+        for name, module in pruner.modules.items():
+            g = module.lora_b.grad.double()
+            expected[name] += g.T @ g / g.shape[0]
+        pruner.before_optimizer_step(0)
+        model.zero_grad()
+    for name in pruner.modules:
+        torch.testing.assert_close(pruner._mean_fisher(name, torch.arange(8))[0], expected[name] / 3)
 
 
 def test_module_names_are_the_base_models_and_r0_must_match():
