@@ -89,9 +89,12 @@ class AdapterRecord:
         return max(self.ranks.values(), default=0)
 
 
-def _write_json_atomic(path: Path, payload: Any) -> None:
+def write_json_atomic(path: Path, payload: Any) -> None:
+    """Write JSON beside ``path`` and rename it into place: a reader never sees half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n")
     os.replace(tmp, path)
 
 
@@ -114,7 +117,7 @@ def _from_dict(cls, payload: dict[str, Any], path: Path):
 
 def write_run_record(run_dir: str | os.PathLike, record: RunRecord) -> Path:
     path = Path(run_dir) / RUN_RECORD_FILE
-    _write_json_atomic(path, asdict(record))
+    write_json_atomic(path, asdict(record))
     return path
 
 
@@ -125,7 +128,7 @@ def read_run_record(run_dir: str | os.PathLike) -> RunRecord:
 
 def write_adapter_record(adapter_dir: str | os.PathLike, record: AdapterRecord) -> Path:
     path = Path(adapter_dir) / ADAPTER_RECORD_FILE
-    _write_json_atomic(path, asdict(record))
+    write_json_atomic(path, asdict(record))
     return path
 
 
@@ -158,7 +161,7 @@ def load_masks(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 
 def write_rank_history(path: str | os.PathLike, events: list[dict[str, Any]]) -> None:
-    _write_json_atomic(Path(path), events)
+    write_json_atomic(Path(path), events)
 
 
 def read_rank_history(path: str | os.PathLike) -> list[dict[str, Any]]:

@@ -114,7 +114,8 @@ def _register_quality(kinds) -> None:
     p.add_argument("--model", default=from_preset, help="base model folder, or 'default'")
     p.add_argument("--tasks", type=_str_list, default=from_preset, help="comma-separated: gsm8k, codealpaca, sst2")
     p.add_argument("--methods", type=_str_list, default=from_preset,
-                   help="comma-separated: lora-target, lora-r0, pruned-obs-global, pruned-obs-uniform, "
+                   help="comma-separated: base, lora-target, lora-r0, pruned-obs-global, pruned-obs-uniform, "
+                   "pruned-obs-fisher-global, pruned-obs-fisher-uniform, pruned-obs-input-global, "
                    "pruned-taylor-global, pruned-activation-global, pruned-magnitude-global, adalora")
     p.add_argument("--seeds", type=_int_list, default=from_preset, help="comma-separated training seeds")
     p.add_argument("--max-steps", type=_int_or("recipe"), default=from_preset,
@@ -125,6 +126,11 @@ def _register_quality(kinds) -> None:
     p.add_argument("--max-length", type=int, default=from_preset, help="tokens per example (default: the recipe's)")
     p.add_argument("--r0", type=int, default=from_preset, help="initial rank (default: the recipe's)")
     p.add_argument("--target-rank", type=float, default=from_preset, help="final average rank (default: the recipe's)")
+    p.add_argument("--max-rank", type=int, default=from_preset, help="per-module rank cap (default: the recipe's)")
+    p.add_argument("--dev-size", type=int, default=from_preset,
+                   help="held-out carve of GSM8K/CodeAlpaca, kept out of training (default: 100)")
+    p.add_argument("--exact-match-examples", type=int, default=from_preset,
+                   help="GSM8K greedy exact match on the first N held-out examples (default: all; 0: none)")
     p.add_argument("--eval-examples", type=_int_or("all"), default=from_preset,
                    help="held-out examples scored per task, or 'all'")
     p.add_argument("--gen-tokens", type=int, default=from_preset, help="GSM8K answer length limit (default 256)")
@@ -143,18 +149,26 @@ def _register_quality(kinds) -> None:
 
 
 _QUALITY_KEYS = ("model", "tasks", "methods", "seeds", "max_steps", "learning_rate", "batch_size", "train_examples",
-                 "max_length", "r0", "target_rank", "eval_examples", "gen_tokens", "eval_batch_size", "data_dir",
+                 "max_length", "r0", "target_rank", "max_rank", "dev_size", "exact_match_examples", "eval_examples", "gen_tokens", "eval_batch_size", "data_dir",
                  "recipes_dir", "cells_dir", "out_dir", "force", "keep_checkpoints")
 
 
 def _quality(args) -> int:
-    from prunedlora.bench.quality import RESULT_FILE, cell_command, plan_cells, preset_config, run_quality_bench
+    from prunedlora.bench.quality import (
+        RESULT_FILE,
+        cell_command,
+        committed_cell_path,
+        plan_cells,
+        preset_config,
+        run_quality_bench,
+    )
 
     overrides = {key: getattr(args, key) for key in _QUALITY_KEYS if hasattr(args, key)}
     config = preset_config(args.preset, echo=not args.quiet, **overrides)
     if args.list:
         for cell in plan_cells(config):
-            state = "cached" if (cell.dir / RESULT_FILE).is_file() else "to run"
+            done = (cell.dir / RESULT_FILE).is_file() or committed_cell_path(config, cell).is_file()
+            state = "cached" if done else "to run"
             print(f"{cell.label} [{state}] {cell.dir}\n  {cell_command(config, cell)}")
         return 0
     payload = run_quality_bench(config)

@@ -8,8 +8,11 @@ and seed, and is scored on the task's held-out split (``scoring``):
 ``base``                    the base model without an adapter (no training): the reference
 ``lora-target``             plain LoRA at the target rank (prune: false, r0 = target)
 ``lora-r0``                 plain LoRA at r0 (prune: false)
-``pruned-obs-global``       PrunedLoRA r0 -> target, obs criterion, global allocation
+``pruned-obs-global``       PrunedLoRA r0 -> target, obs criterion (the paper's score), global allocation
 ``pruned-obs-uniform``      the same with uniform allocation (every module ends at the target)
+``pruned-obs-fisher-global`` obs-fisher criterion (classic OBS, Fisher accumulated between events)
+``pruned-obs-fisher-uniform`` the same with uniform allocation
+``pruned-obs-input-global`` obs-input criterion (SparseGPT's Hessian of B's inputs)
 ``pruned-taylor-global``    taylor criterion, global allocation, same final budget
 ``pruned-activation-global`` activation criterion, global allocation, same final budget
 ``pruned-magnitude-global`` magnitude criterion, global allocation, same final budget
@@ -21,6 +24,12 @@ recipe, the evaluation settings, the model). Its hash names its folder, which ho
 the training run and ``result.json``; a cell whose ``result.json`` exists is not run again, and an
 interrupted training resumes from its checkpoints, so an interrupted table resumes by running the
 same command again. Every cell can be printed as the exact command that reruns it alone.
+
+The spec names the model as given (``default``) and the shared data as ``../shared/data/<task>``
+(relative to the repository), so a cell's hash is the same on every machine. Each finished cell is
+also written, without adapters or paths of the machine, to ``<out>/cells/<cell>.json`` with its
+per-example results: committed, these let the table be built across sessions (a committed cell is
+not run again) and methods be compared paired on the same examples (``prunedlora.bench.paired``).
 """
 
 from __future__ import annotations
@@ -49,6 +58,9 @@ METHODS: dict[str, dict[str, Any]] = {
     "lora-r0": {"prune": False},
     "pruned-obs-global": {"prune": True, "criterion": "obs", "allocation": "global"},
     "pruned-obs-uniform": {"prune": True, "criterion": "obs", "allocation": "uniform"},
+    "pruned-obs-fisher-global": {"prune": True, "criterion": "obs-fisher", "allocation": "global"},
+    "pruned-obs-fisher-uniform": {"prune": True, "criterion": "obs-fisher", "allocation": "uniform"},
+    "pruned-obs-input-global": {"prune": True, "criterion": "obs-input", "allocation": "global"},
     "pruned-taylor-global": {"prune": True, "criterion": "taylor", "allocation": "global"},
     "pruned-activation-global": {"prune": True, "criterion": "activation", "allocation": "global"},
     "pruned-magnitude-global": {"prune": True, "criterion": "magnitude", "allocation": "global"},
@@ -58,7 +70,7 @@ RECIPES_DIR = Path(__file__).resolve().parents[2] / "recipes"
 RESULT_FILE = "result.json"
 CELL_FILE = "cell.json"
 RESULT_FILES = {"json": "quality.json", "markdown": "quality.md", "plot": "quality.png"}
-CELL_FORMAT = 1  # bump when a change to training or scoring makes old cached cells incomparable
+CELL_FORMAT = 2  # bump when a change to training or scoring makes old cached cells incomparable
 
 # The presets: the default is small (minutes to an hour here); "full" is the issue's whole table.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -69,14 +81,22 @@ PRESETS: dict[str, dict[str, Any]] = {
         "max_steps": 40,
         "eval_examples": 200,
     },
+    # The protocol (docs/results.md): the recipes' 150 steps, whole dev splits (GSM8K: NLL on a 500-example
+    # carve, exact match on its first 200; CodeAlpaca: a 300-example carve), 3 seeds, serving-friendly
+    # max rank 16, compared paired against LoRA at the target rank.
     "full": {
         "tasks": list(TASKS),
-        "methods": list(METHODS),
-        "seeds": [0, 1],
+        "methods": ["base", "lora-target", "lora-r0", "pruned-obs-fisher-global", "pruned-obs-fisher-uniform",
+                    "pruned-magnitude-global", "adalora"],
+        "seeds": [0, 1, 2],
         "max_steps": None,
         "eval_examples": None,
+        "max_rank": 16,
+        "dev_size": 500,
+        "exact_match_examples": 200,
     },
 }
+SHARED_DATA = "../shared/data"  # how specs name the shared data folder (relative to the repository)
 
 
 class QualityBenchError(PrunedLoraError):
@@ -104,6 +124,9 @@ class QualityBenchConfig:
     max_length: int | None = None
     r0: int | None = None
     target_rank: float | None = None
+    max_rank: int | None = None
+    dev_size: int | None = None
+    exact_match_examples: int | None = None
     eval_examples: int | None = PRESETS["small"]["eval_examples"]
     gen_tokens: int = 256
     eval_batch_size: int = 16
@@ -124,7 +147,8 @@ class QualityBenchConfig:
             raise QualityBenchError(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
         if not self.tasks or not self.methods or not self.seeds:
             raise QualityBenchError("give at least one task, one method and one seed")
-        for name in ("max_steps", "batch_size", "train_examples", "eval_examples", "r0", "max_length"):
+        for name in ("max_steps", "batch_size", "train_examples", "eval_examples", "r0", "max_length", "max_rank",
+                     "dev_size"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise QualityBenchError(f"--{name.replace('_', '-')} must be positive, got {value}")
@@ -171,16 +195,23 @@ def shared_data_dir() -> Path:
 
 
 def resolve_data_dir(data_dir: str | None) -> str | None:
-    """``data_dir`` as given; None -> ../shared/data if present, else None (the vendored slices)."""
+    """How specs name the data: ``data_dir`` as given (absolute); None -> ``SHARED_DATA`` if present,
+    else None (the vendored slices). ``real_data_path`` turns the name into a path on this machine."""
     if data_dir in ("vendored", ""):
         return None
     if data_dir is not None:
         path = Path(data_dir).expanduser()
         if not path.is_dir():
             raise QualityBenchError(f"--data-dir {path} is not a folder (it should hold gsm8k/, codealpaca/, sst2/)")
-        return str(path.resolve())
-    shared = shared_data_dir()
-    return str(shared.resolve()) if shared.is_dir() else None
+        return SHARED_DATA if path.resolve() == shared_data_dir().resolve() else str(path.resolve())
+    return SHARED_DATA if shared_data_dir().is_dir() else None
+
+
+def real_data_path(path: str | None) -> str | None:
+    """A spec's data path on this machine (``../shared/data/...`` is the shared folder beside the checkout)."""
+    if path is None or not str(path).startswith(SHARED_DATA):
+        return path
+    return str(shared_data_dir() / str(path)[len(SHARED_DATA) :].lstrip("/"))
 
 
 def cell_recipe(config: QualityBenchConfig, task: str, method: str, seed: int, model_dir: Path,
@@ -191,9 +222,11 @@ def cell_recipe(config: QualityBenchConfig, task: str, method: str, seed: int, m
         raise QualityBenchError(f"recipe {path} not found; pass --recipes-dir (it should hold smollm2-{task}.yaml)")
     raw = yaml.safe_load(path.read_text()) or {}
     raw = copy.deepcopy(raw)
-    raw["model"] = str(model_dir)
+    raw["model"] = config.model
     data = dict(raw.get("data") or {})
-    data["path"] = str(Path(data_dir) / task) if data_dir else None
+    data["path"] = f"{data_dir}/{task}" if data_dir else None
+    if config.dev_size is not None and task not in ("sst2", "rte"):  # tasks whose dev split is carved
+        data["dev_size"] = config.dev_size
     if config.train_examples is not None:
         data["max_examples"] = config.train_examples
     if config.max_length is not None:
@@ -220,6 +253,8 @@ def cell_recipe(config: QualityBenchConfig, task: str, method: str, seed: int, m
     if config.target_rank is not None:
         m["target_rank"] = config.target_rank
     r0 = int(m.get("r0", 32))
+    if config.max_rank is not None:
+        m["max_rank"] = config.max_rank
     if m.get("max_rank") is not None and m["max_rank"] > r0:
         m["max_rank"] = r0
     for key in ("criterion", "allocation"):
@@ -253,7 +288,8 @@ def make_cell(config: QualityBenchConfig, task: str, method: str, seed: int, mod
         "base": bool(METHODS[method].get("base")),
         "recipe": recipe,
         "eval": {"max_examples": config.eval_examples, "max_new_tokens": config.gen_tokens,
-                 "max_length": int(recipe["data"].get("max_length", 512))},
+                 "max_length": int(recipe["data"].get("max_length", 512)),
+                 "exact_match_examples": config.exact_match_examples},
     }
     spec = _canonical(spec)
     key = hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:12]
@@ -303,6 +339,9 @@ def cell_command(config: QualityBenchConfig, cell: Cell) -> str:
         "--max-length": config.max_length,
         "--r0": config.r0,
         "--target-rank": config.target_rank,
+        "--max-rank": config.max_rank,
+        "--dev-size": config.dev_size,
+        "--exact-match-examples": config.exact_match_examples,
         "--eval-examples": config.eval_examples if config.eval_examples is not None else "all",
         "--gen-tokens": config.gen_tokens,
         "--eval-batch-size": config.eval_batch_size,
@@ -323,17 +362,22 @@ def cell_command(config: QualityBenchConfig, cell: Cell) -> str:
 def run_cell(cell: Cell, config: QualityBenchConfig) -> dict[str, Any]:
     """Train (or resume) and score one cell; write and return its result. Cached unless ``force``."""
     from prunedlora.bench.scoring import EvalSettings, score_adapter
+    from prunedlora.models import resolve_model
     from prunedlora.train.recipe import recipe_from_dict
 
-    result_path = cell.dir / RESULT_FILE
-    if result_path.is_file() and not config.force:
-        return json.loads(result_path.read_text())
+    result_path, committed = cell.dir / RESULT_FILE, committed_cell_path(config, cell)
+    if not config.force:
+        for path in (result_path, committed):  # the cache first: it also knows the run folder
+            if path.is_file():
+                return json.loads(path.read_text())
     if config.force and cell.dir.exists():
         shutil.rmtree(cell.dir)
     cell.dir.mkdir(parents=True, exist_ok=True)
     (cell.dir / CELL_FILE).write_text(json.dumps({**cell.spec, "command": cell_command(config, cell)}, indent=2,
                                                  default=str) + "\n")
-    recipe = recipe_from_dict(copy.deepcopy(cell.spec["recipe"]))
+    runnable = copy.deepcopy(cell.spec["recipe"])
+    runnable["data"]["path"] = real_data_path(runnable["data"].get("path"))
+    recipe = recipe_from_dict(runnable)
     check_schedule(recipe)
     run_dir = Path(recipe.training.output_dir)
     start = time.perf_counter()
@@ -366,9 +410,11 @@ def run_cell(cell: Cell, config: QualityBenchConfig) -> dict[str, Any]:
     start = time.perf_counter()
     eval_spec = cell.spec["eval"]
     settings = EvalSettings(max_examples=eval_spec["max_examples"], max_length=eval_spec["max_length"],
-                            batch_size=config.eval_batch_size, max_new_tokens=eval_spec["max_new_tokens"])
-    data_path = cell.spec["recipe"]["data"].get("path")
-    metrics = score_adapter(cell.spec["recipe"]["model"], adapter_dir, cell.task, data_path, settings, data_seed=0)
+                            batch_size=config.eval_batch_size, max_new_tokens=eval_spec["max_new_tokens"],
+                            exact_match_examples=eval_spec.get("exact_match_examples"),
+                            dev_size=runnable["data"].get("dev_size"))  # the carve training left out
+    data_path = runnable["data"].get("path")
+    metrics = score_adapter(resolve_model(recipe.model), adapter_dir, cell.task, data_path, settings, data_seed=0)
     result = {
         "task": cell.task,
         "method": cell.method,
@@ -381,10 +427,19 @@ def run_cell(cell: Cell, config: QualityBenchConfig) -> dict[str, Any]:
         "eval_seconds": time.perf_counter() - start,
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
-    tmp = result_path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=2, default=str) + "\n")
-    tmp.replace(result_path)
+    from prunedlora.metadata import write_json_atomic
+
+    write_json_atomic(result_path, result)
+    # the committed copy: no adapter, no path of this machine
+    portable = {k: v for k, v in result.items() if k != "dir"}
+    portable["spec"] = json.loads(json.dumps(cell.spec, default=str).replace(str(cell.dir), "CELL_DIR"))
+    write_json_atomic(committed, portable)
     return result
+
+
+def committed_cell_path(config: QualityBenchConfig, cell: Cell) -> Path:
+    """Where a finished cell's portable record lives under the results folder (committed to the repo)."""
+    return Path(config.out_dir) / "cells" / f"{cell.dir.name}.json"
 
 
 def check_schedule(recipe) -> None:

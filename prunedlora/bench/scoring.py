@@ -11,6 +11,15 @@
 
 NLL is averaged over every learned token of the split (the same tokens and labels training uses,
 from ``tokenize_example``), so it is the held-out value of the training loss.
+
+Per-example values are kept (``per_example`` in ``score_task``'s result: the gold label's log-prob
+margin for classification, each example's summed log-likelihood and token count for NLL) so that
+methods can be compared *paired*, on the same examples (``prunedlora.bench.paired``).
+
+Cost: logits are computed only where they are read (the vocabulary projection of a 49k-token vocabulary
+at every position is most of a small model's forward pass), and a classification example takes one
+forward pass over the prompt and the answer tokens the candidates share, scored at the first token
+where they differ ("negative" / "positive" differ at their first token).
 """
 
 from __future__ import annotations
@@ -46,6 +55,8 @@ class EvalSettings:
     max_length: int = 512
     batch_size: int = 16
     max_new_tokens: int = 256
+    exact_match_examples: int | None = None  # GSM8K: greedy answers on the first N only (None: all, 0: none)
+    dev_size: int | None = None  # the dev carve of tasks without a dev file (None: DataConfig's default)
 
 
 def load_model(model_dir: str | os.PathLike, adapter_dir: str | os.PathLike | None = None, dtype: str = "float32"):
@@ -86,7 +97,7 @@ def load_tokenizer(model_dir: str | os.PathLike):
 def dev_examples(task: str, data_path: str | os.PathLike | None, settings: EvalSettings, seed: int = 0) -> list[Example]:
     """The held-out split training never sees: the task's dev file, or the split carved from train by
     ``DataConfig`` (seeded by ``seed``, the data seed of the training runs, so the carve is theirs)."""
-    config = DataConfig(task=task, path=data_path, split="dev", max_examples=settings.max_examples,
+    config = DataConfig(task=task, path=data_path, split="dev", max_examples=settings.max_examples, dev_size=settings.dev_size,
                         max_length=settings.max_length, seed=seed)
     return load_examples(config)
 
@@ -109,55 +120,99 @@ def _pad(features: list[dict[str, list[int]]], pad_id: int) -> dict[str, torch.T
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
+def logits_at(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, rows: torch.Tensor,
+              positions: torch.Tensor) -> torch.Tensor:
+    """Float logits at ``(rows[k], positions[k])`` only, shape (k, vocab).
+
+    Runs the decoder, then the output projection on the selected hidden states. A model whose
+    causal-LM head does more than project (logit soft-capping) is run whole and indexed instead.
+    """
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    plain_head = head is not None and decoder is not None and not getattr(model.config, "final_logit_softcapping", None)
+    if plain_head:
+        hidden = decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return head(hidden[rows, positions]).float()
+    return model(input_ids=input_ids, attention_mask=attention_mask).logits[rows, positions].float()
+
+
 @torch.no_grad()
 def token_logprob_sums(model, tokenizer, features: list[dict[str, list[int]]], batch_size: int) -> list[tuple[float, int]]:
     """(sum of log p over the learned tokens, number of learned tokens) for each feature."""
     results = []
     for chunk in _batches(features, batch_size):
         batch = _pad(chunk, tokenizer.pad_token_id)
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
-        logprobs = torch.log_softmax(logits[:, :-1], dim=-1)
         targets = batch["labels"][:, 1:]
-        learned = targets != IGNORE_INDEX
-        picked = logprobs.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1) * learned
-        for row in range(len(chunk)):
-            results.append((float(picked[row].sum()), int(learned[row].sum())))
+        rows, positions = (targets != IGNORE_INDEX).nonzero(as_tuple=True)  # logits at t predict token t + 1
+        logprobs = torch.log_softmax(logits_at(model, batch["input_ids"], batch["attention_mask"], rows, positions), -1)
+        picked = logprobs.gather(-1, targets[rows, positions].unsqueeze(-1)).squeeze(-1)
+        sums = torch.zeros(len(chunk), dtype=torch.float64).index_add_(0, rows, picked.double())
+        counts = torch.bincount(rows, minlength=len(chunk))
+        results.extend((float(sums[r]), int(counts[r])) for r in range(len(chunk)))
     return results
+
+
+def example_nlls(model, tokenizer, examples: list[Example], settings: EvalSettings) -> list[tuple[int, float, int]]:
+    """(index in ``examples``, summed log-likelihood, learned tokens) of every example that fits."""
+    from prunedlora.train.data import tokenize_example
+
+    fitted = [(i, f) for i, f in enumerate(tokenize_example(tokenizer, ex, settings.max_length) for ex in examples)
+              if f is not None]
+    if not fitted:
+        raise ScoringError(f"no example fits max_length={settings.max_length}; raise it")
+    sums = token_logprob_sums(model, tokenizer, [f for _, f in fitted], settings.batch_size)
+    return [(i, total, count) for (i, _), (total, count) in zip(fitted, sums)]
 
 
 def mean_nll(model, tokenizer, examples: list[Example], settings: EvalSettings) -> float:
     """Negative log-likelihood per learned token over the examples (token-weighted)."""
+    per_example = example_nlls(model, tokenizer, examples, settings)
+    return -sum(s for _, s, _ in per_example) / sum(n for _, _, n in per_example)
+
+
+@torch.no_grad()
+def classification_margins(model, tokenizer, examples: list[Example], labels: tuple[str, ...],
+                           settings: EvalSettings) -> list[tuple[int, float]]:
+    """(index in ``examples``, log p(gold) - max log p(other label)) for every example that fits.
+
+    The candidates' token sequences (prompt, then each label as training renders it) share a prefix;
+    one forward pass over that prefix gives the next-token distribution at the first token where they
+    differ, and each label is scored by its token there. Positive margin = correct prediction.
+    """
     from prunedlora.train.data import tokenize_example
 
-    features = [f for f in (tokenize_example(tokenizer, ex, settings.max_length) for ex in examples) if f is not None]
-    if not features:
-        raise ScoringError(f"no example fits max_length={settings.max_length}; raise it")
-    sums = token_logprob_sums(model, tokenizer, features, settings.batch_size)
-    total, count = sum(s for s, _ in sums), sum(n for _, n in sums)
-    return -total / count
-
-
-def classification_accuracy(model, tokenizer, examples: list[Example], labels: tuple[str, ...], settings: EvalSettings) -> float:
-    """Share of examples whose gold label gets the highest log-likelihood among ``labels``."""
-    from prunedlora.train.data import tokenize_example
-
-    features, kept = [], []
-    for example in examples:
+    items = []  # (index, shared prefix ids, the candidates' tokens at the split, gold position)
+    for index, example in enumerate(examples):
         candidates = [tokenize_example(tokenizer, Example(example.prompt, label, label), settings.max_length)
                       for label in labels]
         if any(c is None for c in candidates):
             continue
-        features.extend(candidates)
-        kept.append(example)
-    if not kept:
+        ids = [c["input_ids"] for c in candidates]
+        split = next(k for k in range(min(map(len, ids)) + 1)
+                     if k == min(map(len, ids)) or len({seq[k] for seq in ids}) > 1)
+        tokens = [seq[split] if split < len(seq) else None for seq in ids]
+        if None in tokens or len(set(tokens)) != len(tokens):
+            raise ScoringError(f"labels {labels} cannot be told apart at one token after the shared prefix")
+        items.append((index, ids[0][:split], tokens, labels.index(example.label)))
+    if not items:
         raise ScoringError(f"no example fits max_length={settings.max_length}; raise it")
-    sums = token_logprob_sums(model, tokenizer, features, settings.batch_size)
-    correct = 0
-    for i, example in enumerate(kept):
-        scores = [sums[i * len(labels) + j][0] for j in range(len(labels))]
-        predicted = labels[max(range(len(labels)), key=lambda j: scores[j])]
-        correct += predicted == example.label
-    return correct / len(kept)
+    margins = []
+    for chunk in _batches(items, settings.batch_size):
+        batch = _pad([{"input_ids": prefix, "labels": prefix} for _, prefix, _, _ in chunk], tokenizer.pad_token_id)
+        rows = torch.arange(len(chunk))
+        last = torch.tensor([len(prefix) - 1 for _, prefix, _, _ in chunk])
+        logprobs = torch.log_softmax(logits_at(model, batch["input_ids"], batch["attention_mask"], rows, last), -1)
+        for row, (index, _, tokens, gold) in enumerate(chunk):
+            scores = logprobs[row, tokens]
+            others = torch.cat([scores[:gold], scores[gold + 1 :]])
+            margins.append((index, float(scores[gold] - others.max())))
+    return margins
+
+
+def classification_accuracy(model, tokenizer, examples: list[Example], labels: tuple[str, ...], settings: EvalSettings) -> float:
+    """Share of examples whose gold label gets the highest log-likelihood among ``labels``."""
+    margins = classification_margins(model, tokenizer, examples, labels, settings)
+    return sum(m > 0 for _, m in margins) / len(margins)
 
 
 @torch.no_grad()
@@ -193,16 +248,23 @@ def score_task(model, tokenizer, task: str, data_path: str | os.PathLike | None,
                data_seed: int = 0) -> dict[str, float | int]:
     """Every metric of ``task`` (see ``TASK_METRICS``) on its held-out split."""
     examples = dev_examples(task, data_path, settings, data_seed)
-    result: dict[str, float | int] = {"eval_examples": len(examples)}
+    result: dict = {"eval_examples": len(examples)}
     if task in LABELS:
-        result["accuracy"] = classification_accuracy(model, tokenizer, examples, LABELS[task], settings)
-    elif task == "gsm8k":
-        answers = greedy_answers(model, tokenizer, [ex.prompt for ex in examples], settings)
-        result["exact_match"] = exact_match(answers, [ex.response for ex in examples])
-        result["answer_nll"] = mean_nll(model, tokenizer, examples, settings)
-        result["sample_answer"] = answers[0][:400] if answers else ""
-    elif task == "codealpaca":
-        result["nll"] = mean_nll(model, tokenizer, examples, settings)
+        margins = classification_margins(model, tokenizer, examples, LABELS[task], settings)
+        result["accuracy"] = sum(m > 0 for _, m in margins) / len(margins)
+        result["per_example"] = {"index": [i for i, _ in margins], "margin": [m for _, m in margins]}
+    elif task in ("gsm8k", "codealpaca"):
+        nlls = example_nlls(model, tokenizer, examples, settings)
+        result["answer_nll" if task == "gsm8k" else "nll"] = -sum(s for _, s, _ in nlls) / sum(n for _, _, n in nlls)
+        result["per_example"] = {"index": [i for i, _, _ in nlls], "logprob_sum": [s for _, s, _ in nlls],
+                                 "tokens": [n for _, _, n in nlls]}
+        if task == "gsm8k" and settings.exact_match_examples != 0:
+            # greedy decoding is the slow part: on the first ``exact_match_examples`` only (None: all)
+            subset = examples[: settings.exact_match_examples] if settings.exact_match_examples else examples
+            answers = greedy_answers(model, tokenizer, [ex.prompt for ex in subset], settings)
+            result["exact_match"] = exact_match(answers, [ex.response for ex in subset])
+            result["exact_match_examples"] = len(subset)
+            result["sample_answer"] = answers[0][:400] if answers else ""
     else:
         raise ScoringError(f"no scorer for task {task!r}; known: {', '.join(TASK_METRICS)}")
     for key, value in result.items():

@@ -85,3 +85,38 @@ def test_score_task_reports_each_tasks_metrics(tiny):
     assert {"exact_match", "answer_nll", "eval_examples"} <= set(gsm8k) and gsm8k["eval_examples"] == 2
     assert set(score_task(model, tokenizer, "codealpaca", None, settings)) >= {"nll"}
     assert 0.0 <= score_task(model, tokenizer, "sst2", None, settings)["accuracy"] <= 1.0
+
+
+def test_logits_at_selected_positions_equal_the_full_forward(tiny):
+    from prunedlora.bench.scoring import logits_at
+
+    model, _ = tiny
+    ids = torch.randint(0, model.config.vocab_size, (3, 9), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0
+    rows, positions = torch.tensor([0, 1, 2, 2]), torch.tensor([8, 5, 0, 4])
+    with torch.no_grad():
+        full = model(input_ids=ids, attention_mask=mask).logits[rows, positions]
+        torch.testing.assert_close(logits_at(model, ids, mask, rows, positions), full.float(), rtol=1e-5, atol=1e-5)
+
+
+def test_margins_are_the_gold_label_log_prob_lead_at_the_first_label_token(tiny, tokenizer_and_labels):
+    """One forward pass per example, checked against the full forward of each candidate."""
+    from prunedlora.bench.scoring import classification_margins
+
+    model, tokenizer = tiny
+    _, examples = tokenizer_and_labels
+    margins = classification_margins(model, tokenizer, examples[:6], ("negative", "positive"), EvalSettings(batch_size=4))
+    assert [i for i, _ in margins] == list(range(6))
+    for (index, margin), example in zip(margins, examples[:6]):
+        lead = {}
+        for label in ("negative", "positive"):
+            feature = tokenize_example(tokenizer, Example(example.prompt, label, label), 512)
+            at = next(k for k, lab in enumerate(feature["labels"]) if lab != -100)
+            with torch.no_grad():
+                logits = model(input_ids=torch.tensor([feature["input_ids"][:at]])).logits[0, -1]
+            lead[label] = float(torch.log_softmax(logits.float(), -1)[feature["input_ids"][at]])
+        other = "positive" if example.label == "negative" else "negative"
+        assert margin == pytest.approx(lead[example.label] - lead[other], abs=1e-4)
+    accuracy = classification_accuracy(model, tokenizer, examples[:6], ("negative", "positive"), EvalSettings())
+    assert accuracy == sum(m > 0 for _, m in margins) / 6
