@@ -176,6 +176,10 @@ def quality_markdown(payload: dict) -> str:
         rank_text = "-" if not ranks else f"{sum(r['average_rank'] for r in ranks) / len(ranks):.2f} ({max(r['max_rank'] for r in ranks)})"
         cells = [_cell_stat(summary.get((t, method), {}).get(m)) for t, m, _ in columns]
         lines.append(f"| {method} | {rank_text} | " + " | ".join(cells) + " |")
+    if "lora-target" in methods:
+        from prunedlora.bench.paired import paired_markdown
+
+        lines += ["", paired_markdown(payload["cells"], reference="lora-target").rstrip()]
     failed = [c for c in payload["cells"] if "error" in c]
     if failed:
         lines += ["", f"{len(failed)} cell(s) failed:"]

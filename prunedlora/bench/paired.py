@@ -1,0 +1,144 @@
+"""Paired comparisons of two methods on the same held-out examples and the same seeds.
+
+Two adapters scored on the same examples differ far less than their separate confidence intervals
+suggest: most examples are easy or hard for both. So the quality bench compares a method with a
+reference (LoRA at the target rank) *paired*:
+
+- within a seed, the difference of the metric over the same examples, with a paired bootstrap
+  interval (the examples resampled together for both methods);
+- over seeds, the mean of the per-seed differences with a Student-t interval (each seed trains both
+  methods with the same data order and initial seed).
+
+A metric is a ratio ``sum(values) / sum(weights)`` over examples: accuracy has values = correct (0/1)
+and weights 1; token-weighted NLL has values = -log-likelihood sum and weights = token counts. The
+difference of two methods on the same examples is then ``sum(d_i) / sum(w_i)`` with
+``d_i = value_method_i - value_reference_i``.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+# Two-sided 95% quantiles of Student's t (df 1..30); beyond 30 the normal 1.96 is within 2%.
+_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+
+
+def t_quantile_975(df: int) -> float:
+    if df < 1:
+        raise ValueError(f"degrees of freedom must be >= 1, got {df}")
+    return _T975[df - 1] if df <= len(_T975) else 1.96
+
+
+@dataclass(frozen=True)
+class Interval:
+    """A mean difference and its 95% interval; ``excludes_zero`` is what the tables call a win or a loss."""
+
+    mean: float
+    low: float
+    high: float
+
+    @property
+    def excludes_zero(self) -> bool:
+        return self.low > 0 or self.high < 0
+
+
+def paired_bootstrap(diffs: Sequence[float], weights: Sequence[float] | None = None, resamples: int = 2000,
+                     seed: int = 0) -> Interval:
+    """``sum(d) / sum(w)`` and its 95% percentile-bootstrap interval, examples resampled with replacement."""
+    d = np.asarray(diffs, dtype=np.float64)
+    w = np.ones_like(d) if weights is None else np.asarray(weights, dtype=np.float64)
+    if d.ndim != 1 or d.shape != w.shape or not len(d):
+        raise ValueError(f"need as many weights as differences, and at least one (got {d.shape} and {w.shape})")
+    rng = np.random.default_rng(seed)
+    picks = rng.integers(0, len(d), size=(resamples, len(d)))
+    stats = d[picks].sum(axis=1) / w[picks].sum(axis=1)
+    low, high = np.percentile(stats, [2.5, 97.5])
+    return Interval(float(d.sum() / w.sum()), float(low), float(high))
+
+
+def seed_interval(per_seed: Sequence[float]) -> Interval | None:
+    """Mean of per-seed differences with a Student-t 95% interval (None with fewer than two seeds)."""
+    if len(per_seed) < 2:
+        return None
+    mean = statistics.fmean(per_seed)
+    half = t_quantile_975(len(per_seed) - 1) * statistics.stdev(per_seed) / math.sqrt(len(per_seed))
+    return Interval(mean, mean - half, mean + half)
+
+
+def example_values(result: dict, metric: str) -> tuple[dict[int, float], dict[int, float]]:
+    """(values, weights) by example index from a cell's ``eval.per_example`` for ``metric``.
+
+    accuracy: correct = margin > 0, weight 1; nll / answer_nll: -log-likelihood sum, weight = tokens.
+    """
+    per = result["eval"].get("per_example")
+    if per is None:
+        raise KeyError(f"cell {result.get('method')} seed {result.get('seed')} has no per-example results")
+    if metric == "accuracy":
+        return ({i: float(m > 0) for i, m in zip(per["index"], per["margin"])},
+                {i: 1.0 for i in per["index"]})
+    if metric in ("nll", "answer_nll"):
+        return ({i: -s for i, s in zip(per["index"], per["logprob_sum"])},
+                {i: float(n) for i, n in zip(per["index"], per["tokens"])})
+    raise KeyError(f"no per-example form for metric {metric!r}")
+
+
+def compare(method_cells: list[dict], reference_cells: list[dict], metric: str) -> dict | None:
+    """Paired difference (method - reference) of ``metric`` over the seeds both have.
+
+    Returns per-seed differences with their bootstrap intervals, and the interval over seeds; None
+    when no seed has both cells with per-example results.
+    """
+    reference = {c["seed"]: c for c in reference_cells}
+    seeds = []
+    for cell in sorted(method_cells, key=lambda c: c["seed"]):
+        ref = reference.get(cell["seed"])
+        if ref is None or "per_example" not in cell["eval"] or "per_example" not in ref["eval"]:
+            continue
+        values, weights = example_values(cell, metric)
+        ref_values, _ = example_values(ref, metric)
+        common = sorted(set(values) & set(ref_values))
+        if not common:
+            continue
+        boot = paired_bootstrap([values[i] - ref_values[i] for i in common], [weights[i] for i in common],
+                                seed=int(cell["seed"]))
+        seeds.append({"seed": cell["seed"], "examples": len(common), "diff": boot.mean, "low": boot.low,
+                      "high": boot.high})
+    if not seeds:
+        return None
+    over = seed_interval([s["diff"] for s in seeds])
+    return {"metric": metric, "seeds": seeds,
+            "mean": over.mean if over else seeds[0]["diff"],
+            "low": over.low if over else None, "high": over.high if over else None}
+
+
+def paired_markdown(results: list[dict], reference: str = "lora-target") -> str:
+    """A markdown section: each method against ``reference`` per task and metric (paired)."""
+    from prunedlora.bench.scoring import TASK_METRICS
+
+    lines = [f"### Paired differences against `{reference}` (method - {reference}; same examples, same seeds)", "",
+             "| task | metric | method | seeds | mean diff | 95% interval over seeds | per seed (paired bootstrap 95%) |",
+             "|---|---|---|---|---|---|---|"]
+    ok = [r for r in results if "error" not in r]
+    for task in sorted({r["task"] for r in ok}):
+        refs = [r for r in ok if r["task"] == task and r["method"] == reference]
+        for metric, better in TASK_METRICS[task]:
+            for method in sorted({r["method"] for r in ok if r["task"] == task} - {reference, "base"}):
+                cells = [r for r in ok if r["task"] == task and r["method"] == method]
+                try:
+                    found = compare(cells, refs, metric)
+                except KeyError:
+                    continue
+                if found is None:
+                    continue
+                interval = "-" if found["low"] is None else f"[{found['low']:+.4f}, {found['high']:+.4f}]"
+                per_seed = "; ".join(f"s{s['seed']}: {s['diff']:+.4f} [{s['low']:+.4f}, {s['high']:+.4f}]"
+                                     for s in found["seeds"])
+                lines.append(f"| {task} | {metric} ({better} is better) | {method} | {len(found['seeds'])} | "
+                             f"{found['mean']:+.4f} | {interval} | {per_seed} |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,60 @@
+"""Paired statistics on inputs whose answers are known in closed form."""
+
+import math
+
+import pytest
+
+from prunedlora.bench.paired import compare, paired_bootstrap, paired_markdown, seed_interval, t_quantile_975
+
+
+def test_bootstrap_of_constant_differences_is_that_constant():
+    interval = paired_bootstrap([0.25] * 40)
+    assert (interval.mean, interval.low, interval.high) == (0.25, 0.25, 0.25) and interval.excludes_zero
+
+
+def test_bootstrap_is_the_weighted_ratio_and_brackets_it():
+    interval = paired_bootstrap([1.0, 3.0, -2.0, 0.5], weights=[1.0, 3.0, 2.0, 2.0])
+    assert interval.mean == pytest.approx(2.5 / 8.0)
+    assert interval.low <= interval.mean <= interval.high
+    symmetric = paired_bootstrap([1.0, -1.0] * 50)
+    assert symmetric.mean == 0.0 and symmetric.low < 0 < symmetric.high and not symmetric.excludes_zero
+
+
+def test_bootstrap_refuses_mismatched_weights():
+    with pytest.raises(ValueError, match="as many weights"):
+        paired_bootstrap([1.0, 2.0], weights=[1.0])
+    with pytest.raises(ValueError):
+        paired_bootstrap([])
+
+
+def test_seed_interval_is_the_student_t_interval():
+    interval = seed_interval([1.0, 2.0, 3.0])  # mean 2, sd 1, t(2) = 4.303
+    half = 4.303 / math.sqrt(3)
+    assert (interval.mean, interval.low, interval.high) == pytest.approx((2.0, 2.0 - half, 2.0 + half))
+    assert seed_interval([0.5]) is None
+    assert t_quantile_975(1) == 12.706 and t_quantile_975(100) == 1.96
+
+
+def _cell(method, seed, margins, task="sst2"):
+    return {"task": task, "method": method, "seed": seed,
+            "eval": {"per_example": {"index": list(range(len(margins))), "margin": margins}}}
+
+
+def test_compare_pairs_examples_by_index_and_seeds_by_seed():
+    reference = [_cell("lora-target", 0, [1, -1, -1, 1]), _cell("lora-target", 1, [1, 1, -1, -1])]
+    method = [_cell("m", 1, [1, 1, 1, -1]), _cell("m", 0, [1, 1, -1, 1]), _cell("m", 2, [1, 1, 1, 1])]
+    found = compare(method, reference, "accuracy")
+    assert [s["seed"] for s in found["seeds"]] == [0, 1]  # seed 2 has no reference: not paired
+    assert [s["diff"] for s in found["seeds"]] == [0.25, 0.25]
+    assert (found["mean"], found["low"], found["high"]) == (0.25, 0.25, 0.25)
+
+
+def test_nll_differences_are_token_weighted():
+    ref = {"task": "codealpaca", "method": "lora-target", "seed": 0,
+           "eval": {"per_example": {"index": [0, 1], "logprob_sum": [-10.0, -2.0], "tokens": [10, 2]}}}
+    other = {"task": "codealpaca", "method": "m", "seed": 0,
+             "eval": {"per_example": {"index": [0, 1], "logprob_sum": [-7.0, -3.0], "tokens": [10, 2]}}}
+    found = compare([other], [ref], "nll")
+    assert found["mean"] == pytest.approx((-3.0 + 1.0) / 12)  # lower NLL: a negative difference
+    table = paired_markdown([ref, other])
+    assert "| codealpaca | nll (lower is better) | m | 1 | -0.1667 | - |" in table
