@@ -547,9 +547,10 @@ def run_quality_bench(config: QualityBenchConfig) -> dict[str, Any]:
         "bench": "quality",
         "model": str(cells[0].spec["recipe"]["model"]),
         "machine": machine_description(),
-        "settings": {k: v for k, v in asdict(config).items() if k not in ("echo", "force")},
+        "settings": {k: (portable_path(v) if k.endswith("_dir") and v else v)
+                     for k, v in asdict(config).items() if k not in ("echo", "force")},
         "data_dir": resolve_data_dir(config.data_dir),
-        "cells": results,
+        "cells": [_home_relative(cell) for cell in results],
         "summary": aggregate(results),
         "elapsed_s": time.perf_counter() - started,
     }
@@ -561,6 +562,19 @@ def run_quality_bench(config: QualityBenchConfig) -> dict[str, Any]:
     Path(files["markdown"]).write_text(quality_markdown(payload))
     Path(files["json"]).write_text(json.dumps(payload, indent=2, default=str) + "\n")
     return payload
+
+
+def portable_path(path: str | Path) -> str:
+    """A path as committed results write it: from the repository root if inside it, else from ``~``."""
+    path, repo, home = Path(path).resolve(), RECIPES_DIR.parent, Path.home()
+    if path.is_relative_to(repo):
+        return str(path.relative_to(repo))
+    return f"~/{path.relative_to(home)}" if path.is_relative_to(home) else str(path)
+
+
+def _home_relative(cell: dict[str, Any]) -> dict[str, Any]:
+    """The cell with its cache folder written from ``~`` (results name no user's home)."""
+    return {**cell, "dir": portable_path(cell["dir"])} if "dir" in cell else cell
 
 
 def preset_config(name: str, **overrides: Any) -> QualityBenchConfig:
