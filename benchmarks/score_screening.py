@@ -56,7 +56,7 @@ def main() -> None:
 
     from transformers import AutoTokenizer
 
-    from prunedlora.bench.latency import machine_description
+    from prunedlora.cpu import machine_record
     from prunedlora.config import PrunedLoraConfig
     from prunedlora.models import resolve_model
     from prunedlora.pruner import RankPruner
@@ -143,7 +143,7 @@ def main() -> None:
         results.update(
             model=args.model, data="sst2 (../shared/data when present, else the vendored slice)",
             settings={k: v for k, v in vars(args).items() if k not in ("out", "seeds")},
-            machine=machine_description(),
+            machine=machine_record(dtype="float32"),
         )
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(results, indent=2) + "\n")
@@ -154,11 +154,13 @@ def main() -> None:
 
 def markdown(results: dict) -> str:
     """Mean dev loss per cell over seeds, and the paired difference against magnitude (same warm start)."""
+    from prunedlora.cpu import machine_line
+
     seeds = sorted(results["seeds"], key=int)
     s = results.get("settings", {})
     lines = [f"Score screening (SST-2 dev loss, {len(seeds)} warm-start seed(s); r0 32 -> average 8, max 16, global; "
              f"{s.get('warm_steps')} warm steps, {s.get('calib_steps')} calibration batches, "
-             f"{s.get('after_steps')} steps after). Machine: {results.get('machine')}", "",
+             f"{s.get('after_steps')} steps after). Machine: {machine_line(results.get('machine'))}", "",
              "| score | recovery | right after pruning | diff vs magnitude (mean ± sd) | after steps | diff vs magnitude |",
              "|---|---|---|---|---|---|"]
     unpruned = [results["seeds"][k]["unpruned_r0"] for k in seeds]

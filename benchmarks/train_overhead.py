@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import resource
 import statistics
 import subprocess
@@ -67,6 +66,8 @@ def one_run(model: str, prune: bool, steps: int, out: str) -> dict:
 
 
 def main() -> None:
+    from prunedlora.cpu import machine_record
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--repeats", type=int, default=2)
@@ -101,7 +102,7 @@ def main() -> None:
         }
     overhead = summary["prune"]["mean_step_s"] / summary["plain"]["mean_step_s"] - 1
     payload = {
-        "machine": f"{platform.machine()} {platform.processor() or ''} {__import__('os').cpu_count()} cores".strip(),
+        "machine": machine_record(dtype="float32", threads=f"torch, {runs[0]['threads']} threads"),
         "model": args.model,
         "steps": args.steps,
         "repeats": args.repeats,

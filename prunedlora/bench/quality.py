@@ -49,6 +49,7 @@ from typing import Any
 
 import yaml
 
+from prunedlora.cpu import machine_record
 from prunedlora.errors import PrunedLoraError
 
 TASKS = ("gsm8k", "codealpaca", "sst2")
@@ -518,7 +519,6 @@ def run_quality_bench(config: QualityBenchConfig) -> dict[str, Any]:
     ``cells`` (each cell's result or error, with its command), ``summary`` (mean and spread per task
     and method) and ``files``.
     """
-    from prunedlora.bench.latency import machine_description
     from prunedlora.bench.report import plot_quality, quality_markdown
 
     started = time.perf_counter()
@@ -546,7 +546,7 @@ def run_quality_bench(config: QualityBenchConfig) -> dict[str, Any]:
     payload = {
         "bench": "quality",
         "model": str(cells[0].spec["recipe"]["model"]),
-        "machine": machine_description(),
+        "machine": machine_record(dtype=cells[0].spec["recipe"].get("training", {}).get("dtype", "float32")),
         "settings": {k: (portable_path(v) if k.endswith("_dir") and v else v)
                      for k, v in asdict(config).items() if k not in ("echo", "force")},
         "data_dir": resolve_data_dir(config.data_dir),

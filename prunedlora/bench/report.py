@@ -10,6 +10,7 @@ import math
 import os
 from pathlib import Path
 
+from prunedlora.cpu import machine_line
 from prunedlora.train.plots import new_figure, save_figure
 
 
@@ -33,7 +34,7 @@ def latency_markdown(payload: dict) -> str:
     source = "synthetic adapters (ranks of real runs, weights random; exported by `prunedlora export`)" if adapters[
         "synthetic"] else "exported adapters of the given training runs"
     lines = [
-        f"Machine: {payload['machine']}; vLLM {payload.get('vllm')}; model `{Path(payload['model']).name}`; "
+        f"Machine: {machine_line(payload['machine'])}; vLLM {payload.get('vllm')}; model `{Path(payload['model']).name}`; "
         f"{settings['num_prompts']} prompts x {settings['prompt_tokens']} prompt tokens -> "
         f"{settings['output_tokens']} output tokens (greedy, ignore_eos), submitted as one batch; "
         f"{settings['repeats']} measured repeat(s) after a warm-up; adapters: {source}.",
@@ -124,7 +125,7 @@ def plot_latency(payload: dict, path: str | os.PathLike) -> Path:
         ax_mix.axhline(1.0, color="grey", linewidth=1)
         ax_mix.set_xlabel("distinct adapters in the batch")
         ax_mix.grid(alpha=0.3)
-    fig.suptitle(f"vLLM multi-LoRA on {Path(payload['model']).name}: {payload['machine']}", fontsize=9)
+    fig.suptitle(f"vLLM multi-LoRA on {Path(payload['model']).name}: {machine_line(payload['machine'])}", fontsize=9)
     return save_figure(fig, path)
 
 
@@ -159,7 +160,7 @@ def quality_markdown(payload: dict) -> str:
     columns = _metric_columns(payload)
     steps = settings["max_steps"] if settings["max_steps"] is not None else "the recipe's"
     lines = [
-        f"Machine: {payload['machine']}; model `{Path(payload['model']).name}`; data: "
+        f"Machine: {machine_line(payload['machine'])}; model `{Path(payload['model']).name}`; data: "
         f"{payload.get('data_dir') or 'slices vendored in the package'}; {steps} optimizer steps per run; "
         f"seeds {settings['seeds']}; held-out examples per task: "
         f"{settings['eval_examples'] if settings['eval_examples'] is not None else 'all'}. "

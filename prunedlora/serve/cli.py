@@ -7,6 +7,7 @@ so ``prunedlora --help`` does not import torch or vLLM.
 from __future__ import annotations
 
 import argparse
+import os
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 
@@ -35,7 +36,12 @@ def register(subparsers) -> None:
     serve.add_argument("--max-loras", type=int, help="adapters one batch may mix (default: adapters, at most 4)")
     serve.add_argument("--max-cpu-loras", type=int, help="adapters kept in host memory (default: all of them)")
     serve.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default: what vLLM here is built for")
-    serve.add_argument("--dtype", default="auto", help="vLLM --dtype (auto, float32, bfloat16, float16)")
+    serve.add_argument(
+        "--dtype",
+        default="auto",
+        help="vLLM --dtype (auto, float32, bfloat16, float16); on the CPU auto is bfloat16 only where the CPU "
+        "computes it natively, else float32",
+    )
     serve.add_argument("--max-model-len", type=int, help="vLLM --max-model-len (smaller needs less KV cache)")
     serve.add_argument("--max-num-seqs", type=int, help="vLLM --max-num-seqs")
     serve.add_argument(
@@ -94,7 +100,11 @@ def _serve(args) -> int:
     if args.dry_run:
         server = VllmServer(config)
         print(server.prepare().describe())
-        print("$ " + " ".join(server.command()))
+        env = {}
+        if server.cpu_choice is not None:
+            print(server.cpu_choice.line())
+            env = {k: v for k, v in server.cpu_choice.apply({}).items() if k not in os.environ}
+        print("$ " + " ".join([*(f"{k}={v}" for k, v in env.items()), *server.command()]))
         return 0
     return serve(config)
 

@@ -7,12 +7,13 @@ The same validation and slot choice as the server, but in-process over ``vllm.LL
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
 from prunedlora.errors import PrunedLoraError
 from prunedlora.models import resolve_model
-from prunedlora.serve.server import DEFAULT_CPU_KV_CACHE_GIB, check_adapter_name, resolve_device
+from prunedlora.serve.server import DEFAULT_CPU_KV_CACHE_GIB, check_adapter_name, cpu_choice, resolve_device
 from prunedlora.serve.slots import SlotPlan, plan_slots
 from prunedlora.serve.validate import AdapterInfo, validate_adapter
 from prunedlora.serve.vllm_fixes import WORKER_EXTENSION
@@ -37,7 +38,9 @@ class OfflineEngine:
 
     ``max_lora_rank`` etc. default to what ``slots.plan_slots`` chooses for ``adapters``; adapters added
     later with :meth:`add_adapter` must fit that slot. ``kv_cache_gib`` defaults as in ``ServeConfig``
-    (4 GiB on the CPU). ``llm_kwargs`` go to ``vllm.LLM`` unchanged.
+    (4 GiB on the CPU). On the CPU, dtype ``auto`` and vLLM's thread binding are chosen from the CPU
+    (``prunedlora.cpu``; your ``VLLM_CPU_*`` variables win) and printed in one line to stderr unless
+    ``echo`` is off. ``llm_kwargs`` go to ``vllm.LLM`` unchanged.
     """
 
     def __init__(
@@ -53,6 +56,7 @@ class OfflineEngine:
         enforce_eager: bool | None = None,
         device: str = "auto",
         kv_cache_gib: float | None = None,
+        echo: bool = True,
         **llm_kwargs: Any,
     ):
         self.model_dir = resolve_model(str(model))
@@ -68,6 +72,11 @@ class OfflineEngine:
 
         if self.device == "cpu":
             os.environ["VLLM_TARGET_DEVICE"] = "cpu"
+        self.cpu_choice = cpu_choice(self.device, dtype, int(llm_kwargs.get("tensor_parallel_size", 1)))
+        if self.cpu_choice is not None:
+            dtype = self.cpu_choice.dtype
+            if echo:
+                print(self.cpu_choice.line(), file=sys.stderr, flush=True)
         from vllm import LLM
 
         kwargs: dict[str, Any] = dict(
@@ -87,7 +96,14 @@ class OfflineEngine:
         if kv_cache_gib is not None:
             kwargs["kv_cache_memory_bytes"] = int(kv_cache_gib * 2**30)
         kwargs.update(llm_kwargs)
-        self.llm = LLM(**kwargs)
+        # vLLM reads its variables when the engine starts; set only for that, so they stay the user's own
+        added = {k: v for k, v in (self.cpu_choice.env if self.cpu_choice else {}).items() if k not in os.environ}
+        os.environ.update(added)
+        try:
+            self.llm = LLM(**kwargs)
+        finally:
+            for key in added:
+                os.environ.pop(key, None)
 
     def add_adapter(self, name: str, path: str | os.PathLike) -> AdapterInfo:
         """Validate an adapter against this engine's base and slot and make it available by name."""

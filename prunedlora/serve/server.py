@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Mapping
 
+from prunedlora.cpu import CpuChoice, decide, read_cpu_info
 from prunedlora.errors import PrunedLoraError
 from prunedlora.models import cache_dir, resolve_model
 from prunedlora.serve.slots import SlotPlan, plan_slots
@@ -121,6 +122,23 @@ def resolve_device(device: str) -> str:
     return device
 
 
+def cpu_choice(device: str, dtype: str, world_size: int = 1) -> CpuChoice | None:
+    """The CPU's dtype and thread binding for vLLM on ``device`` (None unless 'cpu'); tensor parallelism
+    (``world_size`` > 1) keeps vLLM's own per-rank binding."""
+    return decide(read_cpu_info(), dtype, world_size=world_size) if device == "cpu" else None
+
+
+def tensor_parallel_size(extra_args: list[str]) -> int:
+    """The ``--tensor-parallel-size`` / ``-tp`` among extra ``vllm serve`` arguments (1 without one)."""
+    size = 1
+    for i, arg in enumerate(extra_args):
+        name, _, value = arg.partition("=")
+        if name in ("--tensor-parallel-size", "-tp"):
+            value = value or (extra_args[i + 1] if i + 1 < len(extra_args) else "")
+            size = int(value) if value.isdigit() else size
+    return size
+
+
 def _vllm_serve_entry() -> list[str]:
     """``-m`` arguments that start vLLM's OpenAI server with the model as the next argument.
 
@@ -207,6 +225,10 @@ class VllmServer:
         self.config = config
         self.model_dir = resolve_model(str(config.model))
         self.device = resolve_device(config.device)
+        # dtype 'auto' and thread binding from the CPU (see prunedlora.cpu); None on a GPU
+        self.cpu_choice: CpuChoice | None = cpu_choice(
+            self.device, config.dtype, tensor_parallel_size(config.extra_args)
+        )
         self.host = config.host
         self.port = config.port or free_port(config.host)
         self.url = f"http://{'[' + self.host + ']' if ':' in self.host else self.host}:{self.port}"
@@ -254,7 +276,7 @@ class VllmServer:
             cmd += ["--lora-modules", *(f"{name}={info.path}" for name, info in self.adapters.items())]
         if "--worker-extension-cls" not in c.extra_args:
             cmd += ["--worker-extension-cls", WORKER_EXTENSION]
-        cmd += ["--dtype", c.dtype]
+        cmd += ["--dtype", self.cpu_choice.dtype if self.cpu_choice else c.dtype]
         eager = c.enforce_eager if c.enforce_eager is not None else self.device == "cpu"
         if eager:
             cmd.append("--enforce-eager")
@@ -276,6 +298,8 @@ class VllmServer:
         env.setdefault("PYTHONUNBUFFERED", "1")
         if self.device == "cpu":
             env["VLLM_TARGET_DEVICE"] = "cpu"
+        if self.cpu_choice is not None:
+            self.cpu_choice.apply(env)
         return env
 
     # -- running -------------------------------------------------------------------------------
@@ -490,6 +514,8 @@ def serve(config: ServeConfig, out=None) -> int:
         for note in info.notes:
             print(f"  note: {note}", file=out)
     print(plan.describe(), file=out)
+    if server.cpu_choice is not None:
+        print(server.cpu_choice.line(), file=out)
     if config.host not in LOOPBACK_HOSTS:
         print(
             f"warning: binding {config.host}: anyone who reaches it can load adapters from this machine's disk "
@@ -555,6 +581,8 @@ def serve_and_ask(
     out = out or sys.stdout
     server = VllmServer(config)
     print(server.prepare().describe(), file=out, flush=True)
+    if server.cpu_choice is not None:
+        print(server.cpu_choice.line(), file=out, flush=True)
     ask = client.chat if chat else client.complete
     with server:
         print(f"serving at {server.url}/v1 (log: {server.log_file})", file=out, flush=True)

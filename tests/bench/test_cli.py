@@ -40,3 +40,23 @@ def test_latency_refuses_a_folder_that_is_not_a_run(tmp_path, tiny_model_path, c
     code = main(["bench", "latency", "--model", str(tiny_model_path), "--run", str(tmp_path), "--work-dir",
                  str(tmp_path / "work"), "--out", str(tmp_path / "out"), "--quiet"])
     assert code == 2 and "is not a finished `prunedlora train` run" in capsys.readouterr().err
+
+
+def test_latency_quick_uses_the_quick_settings_unless_an_option_says_otherwise(monkeypatch, tmp_path):
+    import prunedlora.bench.latency as latency
+
+    seen = []
+
+    def fake_run(config):
+        seen.append(config)
+        raise latency.LatencyBenchError("stop here")
+
+    monkeypatch.setattr(latency, "run_latency_bench", fake_run)
+    assert main(["bench", "latency", "--quick", "--out", str(tmp_path)]) == 2
+    assert main(["bench", "latency", "--quick", "--output-tokens", "8", "--mixes", "1,4", "--out", str(tmp_path)]) == 2
+    assert main(["bench", "latency", "--out", str(tmp_path)]) == 2
+    quick, overridden, full = seen
+    assert {key: getattr(quick, key) for key in latency.QUICK_SETTINGS} == latency.QUICK_SETTINGS
+    assert quick == latency.LatencyBenchConfig.quick(out_dir=str(tmp_path))
+    assert overridden.output_tokens == 8 and overridden.mixes == [1, 4] and overridden.num_prompts == 8
+    assert full == latency.LatencyBenchConfig(out_dir=str(tmp_path))

@@ -63,6 +63,10 @@ def test_outputs_are_written(bench):
     assert set(payload["adapters"]["families"]) == {"r0", "pruned-global", "pruned-uniform"}
     assert payload["adapters"]["synthetic"] is True
     assert all(engine["start_s"] > 0 and engine["model_dtype"] for engine in payload["engines"].values())
+    machine = payload["machine"]  # what decides the figures, recorded with them
+    assert machine["cpu"] and machine["cores"] >= 1 and isinstance(machine["flags"], list) and machine["thread_binding"]
+    assert machine["dtype"] in ("float32", "bfloat16") and "Machine: " + machine["description"] in table
+    assert all(engine["model_dtype"] == machine["dtype"] for engine in payload["engines"].values())
 
 
 def test_demo_comparison_serves_a_runs_own_adapters(vllm_tiny_model, tmp_path, capsys):

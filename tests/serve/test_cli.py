@@ -36,6 +36,8 @@ def test_dry_run_prints_choice_and_command(vllm_tiny_model_path, two_adapters, c
     assert "--enable-lora" in command and "--max-lora-rank 16" in command and "--host 127.0.0.1" in command
     assert f"small={two_adapters['small'].resolve()}" in command
     assert "--worker-extension-cls prunedlora.serve.vllm_worker.PrunedLoraWorkerExtension" in command
+    assert "\ncpu: " in out and " -> dtype " in out and "threads: " in out  # the CPU choice, one line
+    assert "--dtype auto" not in command  # resolved from the CPU
 
 
 def test_adapters_dir(vllm_tiny_model_path, two_adapters, capsys):

