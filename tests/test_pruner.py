@@ -69,6 +69,104 @@ def test_pruned_components_stay_exactly_zero_with_zero_optimizer_state(criterion
             assert torch.all(state["exp_avg"][sl] == 0) and torch.all(state["exp_avg_sq"][sl] == 0)
 
 
+def run_inspected_loop(model, pruner, steps, accumulation=2, lr=1e-2):
+    """``run_loop`` that measures, for components already pruned, the largest |value| of their gradients
+    after ``before_optimizer_step`` (what Adam sees), of Adam's exp_avg/exp_avg_sq before and after the
+    step, and of their weights after it. Returns those maxima and how many module-steps were inspected."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    data = batches(steps * accumulation, seed=0)
+    leaks = {"grads": 0.0, "state": 0.0, "weights": 0.0}
+    inspected = 0
+
+    def dead_parts(module, dead):
+        return ((module.lora_b, (slice(None), dead)), (module.lora_a, (dead, slice(None))))
+
+    def state_leak(dead_by_module):
+        worst = 0.0
+        for module, dead in dead_by_module:
+            for param, sl in dead_parts(module, dead):
+                for key in ("exp_avg", "exp_avg_sq"):
+                    if key in optimizer.state[param]:
+                        worst = max(worst, float(optimizer.state[param][key][sl].abs().max()))
+        return worst
+
+    for step in range(steps):
+        for micro in range(accumulation):
+            ids = data[step * accumulation + micro]
+            (model(input_ids=ids, labels=ids).loss / accumulation).backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        pruner.before_optimizer_step(step, optimizer)
+        dead_by_module = [(pruner.modules[n], ~m) for n, m in pruner.masks.items() if not m.all()]
+        for module, dead in dead_by_module:
+            inspected += 1
+            for param, sl in dead_parts(module, dead):
+                leaks["grads"] = max(leaks["grads"], float(param.grad[sl].abs().max()))
+        leaks["state"] = max(leaks["state"], state_leak(dead_by_module))
+        optimizer.step()
+        pruner.after_optimizer_step()
+        leaks["state"] = max(leaks["state"], state_leak(dead_by_module))
+        for module, dead in dead_by_module:
+            for param, sl in dead_parts(module, dead):
+                leaks["weights"] = max(leaks["weights"], float(param.detach()[sl].abs().max()))
+        optimizer.zero_grad()
+    return leaks, inspected
+
+
+def _reactivation_setup(criterion="obs"):
+    model = tiny_peft(seed=8)
+    config = PrunedLoraConfig(r0=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"],
+                              target_rank=3, min_rank=1, prune_start_step=1, prune_end_step=5, prune_every=2,
+                              criterion=criterion)
+    return model, RankPruner(model, config)
+
+
+@pytest.mark.parametrize("criterion", ["obs", "activation"])
+def test_pruned_components_stay_zero_without_re_zeroing_the_weights(criterion):
+    """With gradient accumulation 2 and ``after_optimizer_step``'s re-zeroing turned off, pruned weights
+    stay exactly zero by the gradient mask and the optimizer-state zeroing alone, and what Adam sees for
+    them (masked gradients, exp_avg, exp_avg_sq) is exactly zero at every step.
+
+    Breaks (see test_the_reactivation_check_catches_each_break): skipping the gradient mask or the
+    optimizer-state zeroing turns this red, even where the weights are still re-zeroed after each step.
+    """
+    model, pruner = _reactivation_setup(criterion)
+    pruner.mask_weights = lambda: None  # only the event itself zeroes weights
+    leaks, inspected = run_inspected_loop(model, pruner, steps=12)
+    assert inspected >= 20 and sum(pruner.ranks().values()) == 3 * len(pruner.modules)
+    assert leaks == {"grads": 0.0, "state": 0.0, "weights": 0.0}
+
+
+@pytest.mark.parametrize(("broken", "rezero_weights"),
+                         [("mask_gradients", True), ("zero_optimizer_state", True), ("zero_optimizer_state", False)])
+def test_the_reactivation_check_catches_each_break(broken, rezero_weights):
+    """Mutation test of the check above: with the gradient mask or the optimizer-state zeroing skipped,
+    Adam's moments for pruned entries become non-zero (and, without re-zeroing, so do the weights),
+    whether or not the weights are re-zeroed after each step.
+
+    Between events a dead component's gradients are exactly zero anyway (its row of A and column of B
+    are both zero), so the gradient mask matters at the event step, whose gradient was computed with the
+    component alive: the "mask_gradients" break skips it there too (the event zeroes weights only).
+    """
+    model, pruner = _reactivation_setup()
+    setattr(pruner, broken, lambda *args: None)
+    if broken == "mask_gradients":
+        def zero_weights_only(module, mask):
+            with torch.no_grad():
+                module.lora_b.mul_(mask.to(module.lora_b.dtype)[None, :])
+                module.lora_a.mul_(mask.to(module.lora_a.dtype)[:, None])
+
+        pruner._apply_mask = zero_weights_only
+    if not rezero_weights:
+        pruner.mask_weights = lambda: None
+    leaks, _ = run_inspected_loop(model, pruner, steps=8)
+    assert leaks["state"] > 0
+    if broken == "mask_gradients":
+        assert leaks["grads"] > 0
+    if not rezero_weights:
+        assert leaks["weights"] > 0
+
+
 def test_pruner_without_events_does_not_change_training():
     reference, pruned = tiny_peft(seed=1), tiny_peft(seed=1)
     config = PrunedLoraConfig(r0=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"],

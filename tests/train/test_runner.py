@@ -1,5 +1,7 @@
 """The Trainer path end to end on a tiny model: outputs, resume, masks under accumulation."""
 
+import logging
+import shutil
 from pathlib import Path
 
 import pytest
@@ -9,6 +11,9 @@ from transformers import TrainerCallback
 
 from prunedlora import metadata
 from prunedlora.config import ConfigError
+from prunedlora.errors import PrunedLoraError
+from prunedlora.pruner import STATE_HISTORY_FILE, STATE_TENSORS_FILE, find_lora_modules
+from prunedlora.train import runner
 from prunedlora.train.recipe import load_recipe, recipe_from_dict
 from prunedlora.train.runner import train
 
@@ -40,8 +45,57 @@ def _adapter(run_dir):
     return load_file(str(Path(run_dir) / "adapter" / "adapter_model.safetensors"))
 
 
-def test_run_dir_holds_adapter_masks_history_and_plot(tiny_model_path, tmp_path):
-    result = train(tiny_recipe(tiny_model_path, tmp_path / "run"))
+class WhatAdamSees(TrainerCallback):
+    """After the pruner's own callbacks: the largest |value| of pruned components' gradients before the
+    optimizer step and of Adam's exp_avg/exp_avg_sq for them before and after it (the Trainer's path:
+    gradient accumulation, Accelerate's optimizer wrapper)."""
+
+    def __init__(self, pruners):
+        self.pruners = pruners
+        self.grads = self.state = 0.0
+        self.inspected = 0
+
+    def _dead(self):
+        pruner = self.pruners[0]
+        for name, mask in pruner.masks.items():
+            if not mask.all():
+                module = pruner.modules[name]
+                yield (module.lora_b, (slice(None), ~mask)), (module.lora_a, (~mask, slice(None)))
+
+    def _state(self, optimizer):
+        state = getattr(optimizer, "optimizer", optimizer).state
+        for parts in self._dead():
+            for param, sl in parts:
+                for key in ("exp_avg", "exp_avg_sq"):
+                    if key in state[param]:
+                        self.state = max(self.state, float(state[param][key][sl].abs().max()))
+
+    def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+        for parts in self._dead():
+            self.inspected += 1
+            for param, sl in parts:
+                self.grads = max(self.grads, float(param.grad[sl].abs().max()))
+        self._state(optimizer)
+
+    def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+        self._state(optimizer)
+
+
+def test_run_dir_holds_adapter_masks_history_and_plot(tiny_model_path, tmp_path, monkeypatch):
+    """Also: with gradient accumulation 2, what Adam sees of pruned components is exactly zero at every
+    step. Break: skip the optimizer-state zeroing at events -> exp_avg of just-pruned entries is non-zero
+    at the next step: red (the weights alone would still be re-zeroed and look fine)."""
+    pruners = []
+
+    class Capturing(runner.RankPruner):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            pruners.append(self)
+
+    monkeypatch.setattr(runner, "RankPruner", Capturing)
+    adam = WhatAdamSees(pruners)
+    result = train(tiny_recipe(tiny_model_path, tmp_path / "run"), callbacks=[adam])
+    assert adam.inspected >= 3 * 6 and adam.grads == 0.0 and adam.state == 0.0
     run = tmp_path / "run"
     for name in ("adapter/adapter_config.json", "adapter/adapter_model.safetensors", "masks.safetensors",
                  "rank_history.json", "prunedlora_run.json", "ranks.png"):
@@ -61,19 +115,55 @@ def test_run_dir_holds_adapter_masks_history_and_plot(tiny_model_path, tmp_path)
         assert torch.any(b[:, mask] != 0)
 
 
-def test_interrupted_run_resumes_to_the_same_masks_and_weights(tiny_model_path, tmp_path):
+class Record(TrainerCallback):
+    """What a run saw: its step at train begin, the live components of its weights then, steps taken."""
+
+    def __init__(self):
+        self.begin_step, self.begin_ranks, self.steps = None, None, []
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.begin_step = state.global_step
+        modules = find_lora_modules(model)
+        self.begin_ranks = {n: int((m.lora_b.detach() != 0).any(dim=0).sum()) for n, m in modules.items()}
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.steps.append(state.global_step)
+
+
+def test_interrupted_run_resumes_from_its_checkpoint_to_the_same_masks_and_weights(tiny_model_path, tmp_path, caplog):
+    """Training is deterministic, so equal final results alone would also hold for a rerun from step 0.
+
+    Break: resume that ignores the checkpoint (``resume=False`` / ``last_checkpoint`` returning None) ->
+    the resumed run begins at step 0 with all components live and takes 9 steps: red. Break: a callback
+    that does not load the pruner state -> its history lacks the events at steps 1 and 3: red.
+    """
     reference = train(tiny_recipe(tiny_model_path, tmp_path / "a"))
     with pytest.raises(KeyboardInterrupt):
         train(tiny_recipe(tiny_model_path, tmp_path / "b"), callbacks=[Crash(at_step=6)])
     assert (tmp_path / "b" / "checkpoint-4").is_dir() and not (tmp_path / "b" / "masks.safetensors").exists()
-    resumed = train(tiny_recipe(tiny_model_path, tmp_path / "b"))
+    shutil.copytree(tmp_path / "b", tmp_path / "c")
+
+    record = Record()
+    with caplog.at_level(logging.INFO, logger="prunedlora"):
+        resumed = train(tiny_recipe(tiny_model_path, tmp_path / "b"), callbacks=[record])
+    assert f"resuming from {tmp_path / 'b' / 'checkpoint-4'}" in caplog.text
+    assert f"restored pruner state from {tmp_path / 'b' / 'checkpoint-4'}" in caplog.text
+    assert record.begin_step == 4 and record.steps == [5, 6, 7, 8, 9] and resumed.global_step == 9
+    history = metadata.read_rank_history(tmp_path / "a" / "rank_history.json")
+    assert [e["step"] for e in history] == [1, 3, 5, 6]
+    assert record.begin_ranks == history[1]["ranks"]  # the checkpoint's weights: pruned at steps 1 and 3
+    assert min(record.begin_ranks.values()) < 8
     assert resumed.ranks == reference.ranks
-    assert metadata.read_rank_history(tmp_path / "b" / "rank_history.json") == metadata.read_rank_history(
-        tmp_path / "a" / "rank_history.json"
-    )
+    assert metadata.read_rank_history(tmp_path / "b" / "rank_history.json") == history
     a, b = _adapter(tmp_path / "a"), _adapter(tmp_path / "b")
     for key in a:
         torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=0)
+
+    # The same checkpoint without the pruner's files is refused, not resumed with every component alive.
+    for name in (STATE_TENSORS_FILE, STATE_HISTORY_FILE):
+        (tmp_path / "c" / "checkpoint-4" / name).unlink()
+    with pytest.raises(PrunedLoraError, match="checkpoint-4 holds no pruner state"):
+        train(tiny_recipe(tiny_model_path, tmp_path / "c"))
 
 
 def test_plain_lora_baseline_keeps_r0(tiny_model_path, tmp_path):
