@@ -9,7 +9,7 @@ STAMP := $(VENV)/.prunedlora-installed
 SERVE_EXTRA ?= cpu
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: env demo test test-slow test-all clean
+.PHONY: env demo test test-slow test-all lint clean
 
 env: $(STAMP)
 
@@ -37,6 +37,11 @@ test-slow: $(STAMP)
 	$(PY) -m pytest -m slow -q
 
 test-all: test test-slow
+
+# ruff, configured in pyproject.toml (PEFT's rules, 120 columns): lint and formatting, checked, not applied.
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -32,6 +32,7 @@ def main() -> None:
 
     from transformers import AutoTokenizer
 
+    from prunedlora.bench.report import portable_path
     from prunedlora.config import PrunedLoraConfig
     from prunedlora.models import resolve_model
     from prunedlora.pruner import RankPruner
@@ -107,7 +108,7 @@ def main() -> None:
         results["cells"].append(cell)
         print(json.dumps(cell), flush=True)
         pruner.remove_hooks()
-    results.update(model=str(model_dir), warm_steps=args.warm_steps, after_steps=args.after_steps, batch=args.batch)
+    results.update(model=portable_path(model_dir), warm_steps=args.warm_steps, after_steps=args.after_steps, batch=args.batch)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(results, indent=2) + "\n")
     print(f"\nunpruned r0=32: {results['unpruned_r0']:.4f}")

@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Iterable
 
 from prunedlora.errors import PrunedLoraError
+from prunedlora.modelfacts import PROJECTIONS
 
 # "obs" is PrunedLoRA's second-order score as the paper's code computes it (H = G^T G from one batch);
 # "obs-fisher" and "obs-input" are the variants derived in criteria.py. See README ("The method").
@@ -15,7 +16,6 @@ CRITERIA = ("obs", "obs-paper", "obs-fisher", "obs-input", "taylor", "activation
 SCHEDULES = ("cubic", "constant")
 ALLOCATIONS = ("global", "uniform")
 RECOVERIES = ("none", "compensate", "newton")
-DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 class ConfigError(PrunedLoraError):
@@ -37,7 +37,7 @@ class PrunedLoraConfig:
     lora_alpha: float = 64.0
     use_rslora: bool = False
     lora_dropout: float = 0.0
-    target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGET_MODULES))
+    target_modules: list[str] = field(default_factory=lambda: list(PROJECTIONS))  # every projection
     target_rank: float | None = 8.0
     total_rank_budget: int | None = None
     min_rank: int = 1

@@ -11,15 +11,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-RECIPES = Path(__file__).resolve().parents[1] / "recipes"
-
 
 @dataclass(frozen=True)
 class DemoTask:
     """One adapter of the demo: its recipe, what it is, and the question the server is asked."""
 
     name: str
-    recipe: Path
+    recipe: str  # a shipped recipe (prunedlora/recipes/NAME.yaml)
     title: str
     question: str
 
@@ -27,14 +25,14 @@ class DemoTask:
 DEMO_TASKS = (
     DemoTask(
         "sst2",
-        RECIPES / "demo.yaml",
+        "demo",
         "SST-2 sentiment, r0=32 -> average 8, obs criterion, global allocation (variable ranks, max 16)",
         "Sentence: a gorgeous, witty, seductive movie.\n\n"
         "Is the sentiment of this sentence positive or negative? Answer with one word.",
     ),
     DemoTask(
         "gsm8k",
-        RECIPES / "demo-gsm8k.yaml",
+        "demo-gsm8k",
         "GSM8K math, r0=32 -> rank 4 everywhere, obs criterion, uniform allocation",
         "Tom has 3 boxes with 12 pencils each. He gives away 10 pencils. How many pencils does he have left?",
     ),

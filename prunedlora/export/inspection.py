@@ -11,7 +11,8 @@ from pathlib import Path
 
 from prunedlora import metadata
 from prunedlora.export.errors import ExportError
-from prunedlora.export.source import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX, is_run_dir
+from prunedlora.export.source import is_run_dir
+from prunedlora.modelfacts import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, PEFT_PREFIX, PROJECTIONS
 
 _LAYER = re.compile(r"^(?P<prefix>.*?)\.(?P<layer>\d+)\.(?P<rest>.+)$")
 _KEY = re.compile(r"^(?P<module>.+)\.(?P<part>lora_[ABE])(?:\.weight)?$")
@@ -21,7 +22,7 @@ def _tensor_shapes(adapter_dir: Path) -> dict[str, dict[str, tuple[int, ...]]]:
     """{module: {lora_A: shape, lora_B: shape, ...}} from the safetensors header."""
     from safetensors import safe_open
 
-    path = adapter_dir / ADAPTER_WEIGHTS
+    path = adapter_dir / ADAPTER_WEIGHTS_FILE
     if not path.is_file():
         raise ExportError(f"{path} is missing")
     modules: dict[str, dict[str, tuple[int, ...]]] = {}
@@ -81,9 +82,7 @@ def rank_grid(ranks: dict[str, int | str]) -> list[str]:
             columns.append(column)
         grid.setdefault((match["prefix"], int(match["layer"])), {})[column] = str(rank)
     # the column order of `prunedlora train`'s table and heatmap: q, k, v, o, gate, up, down, others
-    from prunedlora.train.plots import MODULE_ORDER
-
-    order = {f"{t}_proj": i for i, t in enumerate(MODULE_ORDER)}
+    order = {name: i for i, name in enumerate(PROJECTIONS)}
     columns.sort(key=lambda c: (order.get(c, len(order)), c))
     lines = []
     if grid:
@@ -141,11 +140,11 @@ def _inspect_exported(adapter_dir: Path, record: metadata.AdapterRecord) -> str:
 
 
 def _inspect_peft(adapter_dir: Path) -> str:
-    config = json.loads((adapter_dir / ADAPTER_CONFIG).read_text())
+    config = json.loads((adapter_dir / ADAPTER_CONFIG_FILE).read_text())
     shapes = _tensor_shapes(adapter_dir)
     ranks = {n: parts["lora_A"][0] for n, parts in sorted(shapes.items()) if "lora_A" in parts}
     params = sum(_params(p) for p in shapes.values())
-    size = (adapter_dir / ADAPTER_WEIGHTS).stat().st_size
+    size = (adapter_dir / ADAPTER_WEIGHTS_FILE).stat().st_size
     values = list(ranks.values()) or [0]
     lines = [
         f"PEFT {config.get('peft_type', '?')} adapter {adapter_dir} (base model: {config.get('base_model_name_or_path')})",
@@ -182,7 +181,7 @@ def _inspect_run(run_dir: Path) -> str:
     for name, parts in shapes.items():
         if name in ranks and "lora_A" in parts and "lora_B" in parts:
             after += ranks[name] * (parts["lora_A"][1] + parts["lora_B"][0])
-    size = (adapter_dir / ADAPTER_WEIGHTS).stat().st_size
+    size = (adapter_dir / ADAPTER_WEIGHTS_FILE).stat().st_size
     kept = [r for r in ranks.values() if r > 0]
     lines = [
         f"training run {run_dir} (base model: {record.base_model}; step {record.global_step})",
@@ -217,10 +216,10 @@ def inspect_adapter(path: str | os.PathLike) -> str:
         raise ExportError(str(err)) from err
     if record is not None:
         return _inspect_exported(path, record)
-    if (path / ADAPTER_CONFIG).is_file():
+    if (path / ADAPTER_CONFIG_FILE).is_file():
         return _inspect_peft(path)
     if is_run_dir(path):
         return _inspect_run(path)
     raise ExportError(
-        f"{path} is not an adapter folder ({ADAPTER_CONFIG}) nor a training run ({metadata.RUN_RECORD_FILE})"
+        f"{path} is not an adapter folder ({ADAPTER_CONFIG_FILE}) nor a training run ({metadata.RUN_RECORD_FILE})"
     )

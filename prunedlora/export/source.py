@@ -18,16 +18,8 @@ import torch
 from prunedlora import metadata
 from prunedlora.export.compact import ModuleFactors, adalora_module, check_finite, compact_module, lora_scaling
 from prunedlora.export.errors import ExportError
-from prunedlora.vllm_compat import (
-    ADAPTER_CONFIG_FILE,
-    ADAPTER_WEIGHTS_FILE,
-    pattern_value,
-    unsupported_lora_features,
-)
-
-ADAPTER_CONFIG = ADAPTER_CONFIG_FILE
-ADAPTER_WEIGHTS = ADAPTER_WEIGHTS_FILE
-PEFT_PREFIX = "base_model.model."
+from prunedlora.modelfacts import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, PEFT_PREFIX
+from prunedlora.vllm_compat import pattern_value, unsupported_lora_features
 
 # LoRA config fields export cannot compact into plain B @ A factors (on top of what vLLM refuses).
 _UNCOMPACTABLE = (
@@ -95,11 +87,11 @@ class SourceAdapter:
 
 
 def is_run_dir(path: Path) -> bool:
-    return (path / metadata.RUN_RECORD_FILE).is_file() or (path / metadata.RUN_ADAPTER_DIR / ADAPTER_CONFIG).is_file()
+    return (path / metadata.RUN_RECORD_FILE).is_file() or (path / metadata.RUN_ADAPTER_DIR / ADAPTER_CONFIG_FILE).is_file()
 
 
 def _read_config(adapter_dir: Path) -> dict[str, Any]:
-    path = adapter_dir / ADAPTER_CONFIG
+    path = adapter_dir / ADAPTER_CONFIG_FILE
     if not path.is_file():
         raise ExportError(f"{path} is missing: {adapter_dir} is not a PEFT adapter folder")
     try:
@@ -115,7 +107,7 @@ def read_adapter_tensors(adapter_dir: Path) -> dict[str, torch.Tensor]:
     """The adapter's tensors, with a clear error for a missing, truncated or non-finite file."""
     from safetensors.torch import load_file
 
-    path = adapter_dir / ADAPTER_WEIGHTS
+    path = adapter_dir / ADAPTER_WEIGHTS_FILE
     if not path.is_file():
         other = [p.name for p in adapter_dir.glob("adapter_model.*")]
         hint = f" (found {other}; re-save it with safetensors)" if other else ""
@@ -248,13 +240,13 @@ def load_source(path: str | os.PathLike, *, from_adalora: bool = False) -> Sourc
             masks = metadata.load_masks(path / metadata.MASKS_FILE)
         except metadata.MetadataError as err:
             raise ExportError(f"incomplete or damaged run directory: {err}") from err
-    elif (path / ADAPTER_CONFIG).is_file():
+    elif (path / ADAPTER_CONFIG_FILE).is_file():
         adapter_dir = path
         kind = "lora"
     else:
         raise ExportError(
             f"{path} is neither a training run (with {metadata.RUN_RECORD_FILE} and {metadata.RUN_ADAPTER_DIR}/) "
-            f"nor a PEFT adapter folder (with {ADAPTER_CONFIG})"
+            f"nor a PEFT adapter folder (with {ADAPTER_CONFIG_FILE})"
         )
     config = _read_config(adapter_dir)
     peft_type = str(config.get("peft_type", "")).upper()
@@ -267,16 +259,16 @@ def load_source(path: str | os.PathLike, *, from_adalora: bool = False) -> Sourc
     elif from_adalora:
         raise ExportError(f"{adapter_dir} is a plain LoRA adapter, not AdaLoRA; drop --from-adalora")
     tensors = read_adapter_tensors(adapter_dir)
-    weights = adapter_dir / ADAPTER_WEIGHTS
+    weights = adapter_dir / ADAPTER_WEIGHTS_FILE
     if peft_type == "ADALORA":
         check = {k: v for k, v in config.items() if k not in ("peft_type",)}
-        _check_lora_config({**check, "peft_type": "LORA"}, adapter_dir / ADAPTER_CONFIG)
+        _check_lora_config({**check, "peft_type": "LORA"}, adapter_dir / ADAPTER_CONFIG_FILE)
         modules = _adalora_modules(config, tensors, weights)
         r0 = int(config.get("init_r", 0))
     else:
-        _check_lora_config(config, adapter_dir / ADAPTER_CONFIG)
+        _check_lora_config(config, adapter_dir / ADAPTER_CONFIG_FILE)
         if "r" not in config or "lora_alpha" not in config:
-            raise ExportError(f"{adapter_dir / ADAPTER_CONFIG} lacks r or lora_alpha")
+            raise ExportError(f"{adapter_dir / ADAPTER_CONFIG_FILE} lacks r or lora_alpha")
         modules = _lora_modules(config, tensors, weights)
         r0 = max(m.rank for m in modules.values())
     training: dict[str, Any] = {}

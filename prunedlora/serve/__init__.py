@@ -8,7 +8,7 @@ this package (as the CLI does) costs nothing.
 
 from __future__ import annotations
 
-import importlib
+from prunedlora.lazy import lazy_exports
 
 _EXPORTS = {
     "AdapterInfo": "validate",
@@ -34,9 +34,4 @@ _EXPORTS = {
 }
 
 __all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _EXPORTS)

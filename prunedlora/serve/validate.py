@@ -9,19 +9,26 @@ its safetensors headers. The result is an :class:`AdapterInfo` that ``slots`` pl
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 import os
-import struct
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from prunedlora.errors import PrunedLoraError
 from prunedlora.metadata import AdapterRecord, MetadataError, read_adapter_record
-from prunedlora.vllm_compat import (
+from prunedlora.modelfacts import (
     ADAPTER_CONFIG_FILE,
     ADAPTER_WEIGHTS_FILE,
+    LORA_A_SUFFIX,
+    LORA_B_SUFFIX,
+    PEFT_PREFIX,
+    base_linear_shapes,
+    safetensors_header,
+    tensor_data_end,
+)
+from prunedlora.vllm_compat import (
     ALLOWED_MAX_LORA_RANKS,
     EMBEDDING_MODULE_NAMES,
     PICKLED_ADAPTER_FILES,
@@ -31,10 +38,6 @@ from prunedlora.vllm_compat import (
     pattern_value,
     unsupported_lora_features,
 )
-
-_PEFT_PREFIX = "base_model.model."
-_LORA_A_SUFFIX = ".lora_A.weight"
-_LORA_B_SUFFIX = ".lora_B.weight"
 
 
 class AdapterValidationError(PrunedLoraError):
@@ -94,83 +97,6 @@ class AdapterInfo:
 
 def _fail(label: str, message: str) -> AdapterValidationError:
     return AdapterValidationError(f"adapter {label}: {message}")
-
-
-# -- the base model --------------------------------------------------------------------------------
-
-
-def _safetensors_header(path: Path) -> tuple[int, dict]:
-    """The header length and JSON header of a safetensors file (names, dtypes, shapes, offsets).
-
-    Reads no tensor data, so checking a large base model costs a few kilobytes.
-    """
-    with open(path, "rb") as handle:
-        prefix = handle.read(8)
-        if len(prefix) < 8:
-            raise ValueError("shorter than the 8-byte header length")
-        (length,) = struct.unpack("<Q", prefix)
-        if length > 100_000_000:
-            raise ValueError(f"header length {length} is implausible")
-        raw = handle.read(length)
-    if len(raw) < length:
-        raise ValueError(f"the header promises {length} bytes but the file ends after {len(raw)}")
-    try:
-        return length, json.loads(raw)
-    except json.JSONDecodeError as err:
-        raise ValueError(f"the header is not JSON ({err})") from err
-
-
-def _tensor_data_end(header: dict) -> int:
-    return max((info["data_offsets"][1] for key, info in header.items() if key != "__metadata__"), default=0)
-
-
-@functools.lru_cache(maxsize=8)
-def _base_shapes_cached(model_dir: str, stamp: tuple) -> dict[str, tuple[int, ...]]:
-    root = Path(model_dir)
-    index = root / "model.safetensors.index.json"
-    if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    elif (root / "model.safetensors").is_file():
-        files = ["model.safetensors"]
-    else:
-        raise AdapterValidationError(
-            f"base model {root} has no safetensors weights (model.safetensors or its index); vLLM and "
-            "this check read safetensors: re-save the model with save_pretrained(safe_serialization=True)"
-        )
-    shapes: dict[str, tuple[int, ...]] = {}
-    for name in files:
-        try:
-            _, header = _safetensors_header(root / name)
-        except (OSError, ValueError) as err:
-            raise AdapterValidationError(f"base model file {root / name} is unreadable: {err}") from err
-        for key, info in header.items():
-            if key != "__metadata__":
-                shapes[key] = tuple(info["shape"])
-    return shapes
-
-
-def base_weight_shapes(model_dir: str | os.PathLike) -> dict[str, tuple[int, ...]]:
-    """Every weight of a Hugging Face model folder with its shape, from the safetensors headers only.
-
-    Cached per folder (and invalidated when its files change), because every adapter of a server is
-    checked against the same base.
-    """
-    root = Path(model_dir).resolve()
-    stamp = tuple(sorted((p.name, p.stat().st_mtime_ns, p.stat().st_size) for p in root.glob("*.safetensors*")))
-    return _base_shapes_cached(str(root), stamp)
-
-
-def base_linear_shapes(model_dir: str | os.PathLike) -> dict[str, tuple[int, int]]:
-    """Module name -> (out_features, in_features) for every 2-D ``.weight`` of the base model.
-
-    PEFT names an adapter's modules by the base model's module paths, which are these names without
-    ``.weight``.
-    """
-    return {
-        name[: -len(".weight")]: (shape[0], shape[1])
-        for name, shape in base_weight_shapes(model_dir).items()
-        if name.endswith(".weight") and len(shape) == 2
-    }
 
 
 # -- the adapter -----------------------------------------------------------------------------------
@@ -247,8 +173,8 @@ def _check_weights_file(path: Path, label: str) -> Path:
     if not weights.is_file():
         raise _fail(label, f"{weights} is missing; save the adapter with PEFT's save_pretrained")
     try:
-        length, header = _safetensors_header(weights)
-        expected = 8 + length + _tensor_data_end(header)
+        length, header = safetensors_header(weights)
+        expected = 8 + length + tensor_data_end(header)
     except (OSError, ValueError, KeyError, TypeError, IndexError) as err:
         raise _fail(label, f"{weights} is damaged or truncated ({err}); copy or export it again") from err
     size = weights.stat().st_size
@@ -263,11 +189,11 @@ def _check_weights_file(path: Path, label: str) -> Path:
 
 def _parse_tensor_name(key: str, label: str) -> tuple[str, str]:
     """(module name, "A" or "B") for a PEFT LoRA tensor name; anything else is refused."""
-    name = key[len(_PEFT_PREFIX) :] if key.startswith(_PEFT_PREFIX) else key
-    if name.endswith(_LORA_A_SUFFIX):
-        return name[: -len(_LORA_A_SUFFIX)], "A"
-    if name.endswith(_LORA_B_SUFFIX):
-        return name[: -len(_LORA_B_SUFFIX)], "B"
+    name = key[len(PEFT_PREFIX) :] if key.startswith(PEFT_PREFIX) else key
+    if name.endswith(LORA_A_SUFFIX):
+        return name[: -len(LORA_A_SUFFIX)], "A"
+    if name.endswith(LORA_B_SUFFIX):
+        return name[: -len(LORA_B_SUFFIX)], "B"
     if "lora_magnitude_vector" in name:
         raise _fail(label, f"holds DoRA magnitude vectors ({key}); vLLM does not support DoRA, retrain without it")
     if "lora_embedding_" in name or EMBEDDING_MODULE_NAMES.intersection(name.split(".")):
@@ -312,6 +238,7 @@ def validate_adapter(
 
     base_dir = Path(base_model).expanduser()
     base_shapes = base_linear_shapes(base_dir)
+    _check_targets(config.get("target_modules"), base_shapes, base_dir, label)
     rank_pattern = dict(config.get("rank_pattern") or {})
     alpha_pattern = dict(config.get("alpha_pattern") or {})
     r, lora_alpha, use_rslora = int(config["r"]), float(config["lora_alpha"]), bool(config.get("use_rslora"))
@@ -410,6 +337,26 @@ def validate_adapter(
             where = f"the server's max_lora_rank {max_lora_rank}"
         raise _fail(label, f"needs rank {info.slot_rank} ({info.widest_module}), above {where}; {fix}")
     return info
+
+
+def _check_targets(target_modules, base_shapes: dict, base_dir: Path, label: str) -> None:
+    """Refuse target_modules entries that match no module of the base (PEFT's rule: a list entry matches
+    a module path equal to it or ending in ``.entry``, a string is a regex over whole paths): PEFT would
+    refuse such an adapter while vLLM loads only the tensors, so the two would serve different models."""
+    names = list(base_shapes)
+    if isinstance(target_modules, str):
+        missing = [] if target_modules == "all-linear" or any(re.fullmatch(target_modules, n) for n in names) else [
+            target_modules
+        ]
+    else:
+        missing = [t for t in target_modules or [] if not any(n == t or n.endswith("." + t) for n in names)]
+    if missing:
+        known = sorted({n.rsplit(".", 1)[-1] for n in names if n.rsplit(".", 1)[-1] not in EMBEDDING_MODULE_NAMES})
+        raise _fail(
+            label,
+            f"target_modules {missing} in {ADAPTER_CONFIG_FILE} match no module of base model {base_dir} (its linear "
+            f"layers are named {', '.join(known)}); remove them or serve it with the base model it was trained on",
+        )
 
 
 def _slot_at_least(rank: int) -> str:

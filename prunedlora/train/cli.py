@@ -1,4 +1,4 @@
-"""`prunedlora train --config recipes/NAME.yaml [--section.key value ...]`."""
+"""`prunedlora train --config RECIPE [--section.key value ...]`: a YAML file or a shipped recipe's name."""
 
 from __future__ import annotations
 
@@ -43,7 +43,9 @@ def register(subparsers) -> None:
         description="Train with PrunedLoRA. Extra --section.key value pairs override the recipe, "
         "e.g. --training.max_steps 20 --method.target_rank 4.",
     )
-    parser.add_argument("--config", required=True, help="recipe YAML (see recipes/)")
+    parser.add_argument(
+        "--config", required=True, help="recipe YAML file, or a shipped recipe's name (e.g. smollm2-sst2, demo)"
+    )
     parser.add_argument("--no-resume", action="store_true", help="start over even if the run has checkpoints")
     parser.set_defaults(handler=run_train, overrides=[])
     parser.set_defaults(_parse_known=True)

@@ -1,9 +1,8 @@
 """Pictures of where the rank went: a layers x module-types heatmap of final ranks, and the average
 rank over the pruning events.
 
-Figures are drawn with matplotlib's object API on an Agg canvas (no pyplot, no global backend
-switch), so plotting works headless and inside a training process without touching the user's
-matplotlib state.
+Figures come from ``prunedlora.figures`` (matplotlib's object API on an Agg canvas: headless, no
+global state); the column order and labels from ``prunedlora.modelfacts``.
 """
 
 from __future__ import annotations
@@ -14,8 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from prunedlora.errors import PrunedLoraError
+from prunedlora.figures import new_figure, save_figure
+from prunedlora.modelfacts import MODULE_ORDER, short_type
 
-MODULE_ORDER = ("q", "k", "v", "o", "gate", "up", "down")
 OTHER_ROW = "other"
 _LAYER = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)(?:\.|$)")
 _ANY_INDEX = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
@@ -23,11 +23,6 @@ _ANY_INDEX = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
 
 class PlotError(PrunedLoraError):
     """Ranks or a rank history that cannot be drawn, with what is wrong."""
-
-
-def _short_type(name: str) -> str:
-    last = name.rsplit(".", 1)[-1]
-    return last[: -len("_proj")] if last.endswith("_proj") and len(last) > len("_proj") else last
 
 
 def _layer_of(name: str) -> int | None:
@@ -56,7 +51,7 @@ def rank_table(ranks: dict[str, int]) -> tuple[list[str], list[str], list[list[i
             has_other = True
         else:
             layers.add(layer)
-        key = (row, _short_type(name))
+        key = (row, short_type(name))
         if key in cells:
             raise PlotError(
                 f"{cells[key][0]} and {name} fall in the same heatmap cell (layer {row}, {key[1]}); "
@@ -68,22 +63,6 @@ def rank_table(ranks: dict[str, int]) -> tuple[list[str], list[str], list[list[i
     cols = [t for t in MODULE_ORDER if t in types] + sorted(types - set(MODULE_ORDER))
     grid = [[cells[(row, col)][1] if (row, col) in cells else None for col in cols] for row in rows]
     return rows, cols, grid
-
-
-def new_figure(width: float, height: float):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height), dpi=110)
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def save_figure(fig, path: str | os.PathLike) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png", bbox_inches="tight")
-    return path
 
 
 def plot_rank_heatmap(ranks: dict[str, int], path: str | os.PathLike, r0: int, title: str | None = None) -> Path:

@@ -1,9 +1,14 @@
-"""Training recipes: one YAML file -> one TrainRecipe, with ``--key value`` overrides."""
+"""Training recipes: one YAML file -> one TrainRecipe, with ``--key value`` overrides.
+
+The shipped recipes are package data (``prunedlora/recipes/*.yaml``, read with importlib.resources),
+so an installed wheel has them too: ``prunedlora train --config smollm2-sst2`` names one by its name.
+"""
 
 from __future__ import annotations
 
 import copy
 from dataclasses import asdict, dataclass, field, fields
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -102,12 +107,31 @@ def recipe_from_dict(raw: dict[str, Any]) -> TrainRecipe:
     return TrainRecipe(model=str(raw.get("model", "default")), prune=bool(raw.get("prune", True)), **sections)
 
 
+def packaged_recipes() -> dict[str, Any]:
+    """Name (file name without ``.yaml``) -> the packaged recipe file (an importlib.resources Traversable)."""
+    folder = resources.files("prunedlora").joinpath("recipes")
+    return {p.name[: -len(".yaml")]: p for p in folder.iterdir() if p.name.endswith(".yaml")}
+
+
+def read_recipe_text(spec: str | Path) -> tuple[str, str]:
+    """(YAML text, label for messages) of a recipe file, or of a packaged recipe named ``NAME``,
+    ``NAME.yaml`` or ``recipes/NAME.yaml`` (the README's paths, so they work outside a checkout too)."""
+    path = Path(spec)
+    if path.is_file():
+        return path.read_text(), str(path)
+    packaged = packaged_recipes()
+    name = path.name[: -len(".yaml")] if path.name.endswith(".yaml") else path.name
+    if name in packaged and (len(path.parts) == 1 or path.parent == Path("recipes")):
+        return packaged[name].read_text(), f"packaged recipe {name}"
+    raise ConfigError(
+        f"recipe {spec} not found; give a YAML file or a shipped recipe's name: {', '.join(sorted(packaged))}"
+    )
+
+
 def load_recipe(path: str | Path, overrides: dict[str, Any] | None = None) -> TrainRecipe:
-    path = Path(path)
-    if not path.is_file():
-        shipped = sorted(p.name for p in Path("recipes").glob("*.yaml")) if Path("recipes").is_dir() else []
-        raise ConfigError(f"recipe {path} not found" + (f"; shipped recipes: {shipped}" if shipped else ""))
-    raw = yaml.safe_load(path.read_text()) or {}
+    """The recipe at ``path`` (a YAML file, or a shipped recipe's name) with ``overrides`` applied."""
+    text, label = read_recipe_text(path)
+    raw = yaml.safe_load(text) or {}
     if not isinstance(raw, dict):
-        raise ConfigError(f"{path} must hold a mapping with model, data, method, training")
+        raise ConfigError(f"{label} must hold a mapping with model, data, method, training")
     return recipe_from_dict(apply_overrides(raw, overrides or {}))

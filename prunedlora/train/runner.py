@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from prunedlora import metadata
 from prunedlora.config import ConfigError, PrunedLoraConfig
-from prunedlora.pruner import RankPruner, find_lora_modules
+from prunedlora.pruner import RankPruner
 from prunedlora.train.recipe import TrainRecipe
 
 logger = logging.getLogger(__name__)
@@ -22,6 +20,8 @@ _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
 @dataclass
 class TrainResult:
+    """What a finished training gives back (``bench.adalora.AdaLoraResult`` extends it)."""
+
     run_dir: Path
     ranks: dict[str, int]
     average_rank: float
@@ -167,26 +167,20 @@ def write_run_dir(run_dir: Path, model, pruner: RankPruner, recipe: TrainRecipe,
     """Adapter at r0 (pruned components exactly 0), masks, rank history, run record, rank heatmap."""
     from prunedlora.train.plots import plot_rank_heatmap
 
-    run_dir.mkdir(parents=True, exist_ok=True)
     pruner.mask_weights()
-    model.save_pretrained(run_dir / metadata.RUN_ADAPTER_DIR)
-    metadata.save_masks(run_dir / metadata.MASKS_FILE, pruner.masks)
-    metadata.write_rank_history(run_dir / metadata.RANK_HISTORY_FILE, pruner.history)
     ranks = pruner.ranks()
-    metadata.write_run_record(
-        run_dir,
-        metadata.RunRecord(
-            base_model=str(model_dir),
-            r0=recipe.method.r0,
-            lora_alpha=recipe.method.lora_alpha,
-            use_rslora=recipe.method.use_rslora,
-            target_modules=list(recipe.method.target_modules),
-            ranks=ranks,
-            method=recipe.method.to_dict(),
-            training=recipe.to_dict(),
-            global_step=step,
-        ),
+    record = metadata.RunRecord(
+        base_model=str(model_dir),
+        r0=recipe.method.r0,
+        lora_alpha=recipe.method.lora_alpha,
+        use_rslora=recipe.method.use_rslora,
+        target_modules=list(recipe.method.target_modules),
+        ranks=ranks,
+        method=recipe.method.to_dict(),
+        training=recipe.to_dict(),
+        global_step=step,
     )
+    metadata.write_run(run_dir, record, pruner.masks, model.save_pretrained, history=pruner.history)
     plot_rank_heatmap(ranks, run_dir / metadata.RANKS_PLOT_FILE, r0=recipe.method.r0,
                       title=f"final ranks (average {sum(ranks.values()) / len(ranks):.2f}, r0={recipe.method.r0})")
 

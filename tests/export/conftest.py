@@ -82,11 +82,6 @@ def make_fake_run(
             keep = masks[name]
             A[~keep] = 0.0
             B[:, ~keep] = 0.0
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out_dir / metadata.RUN_ADAPTER_DIR)
-    model.unload()  # give the caller's base model back without LoRA layers
-    metadata.save_masks(out_dir / metadata.MASKS_FILE, masks)
     method = PrunedLoraConfig(
         r0=r0,
         lora_alpha=alpha,
@@ -94,20 +89,19 @@ def make_fake_run(
         target_modules=list(target_modules),
         target_rank=float(max(1, r0 // 2)),
     )
-    metadata.write_run_record(
-        out_dir,
-        metadata.RunRecord(
-            base_model=str(base_dir),
-            r0=r0,
-            lora_alpha=alpha,
-            use_rslora=use_rslora,
-            target_modules=list(target_modules),
-            ranks={n: int(m.sum()) for n, m in masks.items()},
-            method=method.to_dict(),
-            training={"fake": True, "seed": seed},
-            global_step=100,
-        ),
+    record = metadata.RunRecord(
+        base_model=str(base_dir),
+        r0=r0,
+        lora_alpha=alpha,
+        use_rslora=use_rslora,
+        target_modules=list(target_modules),
+        ranks={n: int(m.sum()) for n, m in masks.items()},
+        method=method.to_dict(),
+        training={"fake": True, "seed": seed},
+        global_step=100,
     )
+    out_dir = metadata.write_run(out_dir, record, masks, model.save_pretrained)  # the writer `train` uses
+    model.unload()  # give the caller's base model back without LoRA layers
     (out_dir / "checkpoint-50").mkdir(exist_ok=True)  # training may leave these; export ignores them
     return out_dir
 

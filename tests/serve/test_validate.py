@@ -205,6 +205,25 @@ def test_module_missing_from_base(good, base, tmp_path):
     assert "q_proj" in message.split("named")[1]
 
 
+@pytest.mark.parametrize(
+    "targets, missing",
+    [(["q_proj", "foo_proj"], "['foo_proj']"), (["v_proj", "bar", "q_proj"], "['bar']"), (r".*\.nope_proj", "nope")],
+)
+def test_target_modules_the_base_lacks_are_named(good, base, tmp_path, targets, missing):
+    # the weights cover q_proj and v_proj; PEFT would refuse the extra entry, vLLM would silently load the rest
+    adapter = _copy(good, tmp_path)
+    _edit_config(adapter, target_modules=targets)
+    message = _refused(adapter, base, "match no module of base model")
+    assert missing in message and "q_proj" in message.split("named")[1]
+
+
+def test_target_modules_regex_and_all_linear_accepted(good, base, tmp_path):
+    adapter = _copy(good, tmp_path)
+    for targets in (r".*\.(q_proj|v_proj)", "all-linear", ["self_attn.q_proj", "v_proj"]):
+        _edit_config(adapter, target_modules=targets)
+        assert set(validate_adapter(adapter, base).ranks) == set(validate_adapter(good, base).ranks)
+
+
 @pytest.mark.filterwarnings("ignore::UserWarning")
 def test_embedding_targets_refused(base, tmp_path):
     adapter = make_adapter(base, tmp_path / "emb", target_modules=["q_proj", "embed_tokens"])

@@ -1,0 +1,34 @@
+"""Recipes: the shipped ones are package data, named by file or by name."""
+
+from pathlib import Path
+
+import pytest
+
+from prunedlora.config import ConfigError
+from prunedlora.train.recipe import load_recipe, packaged_recipes
+
+SHIPPED = ["demo", "demo-gsm8k", "smollm2-codealpaca", "smollm2-gsm8k", "smollm2-sst2"]
+
+
+def test_the_package_ships_the_recipes():
+    assert sorted(packaged_recipes()) == SHIPPED
+
+
+@pytest.mark.parametrize("spec", ["smollm2-sst2", "smollm2-sst2.yaml", "recipes/smollm2-sst2.yaml"])
+def test_a_shipped_recipe_by_name_from_any_folder(spec, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no recipes/ folder here: the packaged file is read
+    recipe = load_recipe(spec, {"training.max_steps": "3"})
+    assert recipe.data.task == "sst2" and recipe.training.max_steps == 3
+
+
+def test_a_file_wins_over_a_shipped_name(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    Path("demo").write_text("model: mine\ndata: {task: rte}\n")
+    assert load_recipe("demo").model == "mine"
+
+
+def test_unknown_recipe_lists_the_shipped_names(tmp_path):
+    with pytest.raises(ConfigError, match="not found; give a YAML file or a shipped recipe's name: demo, demo-gsm8k"):
+        load_recipe(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="not found"):
+        load_recipe("elsewhere/smollm2-sst2.yaml")  # a path that is not the recipes folder is not guessed
