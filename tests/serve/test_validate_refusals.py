@@ -76,7 +76,8 @@ def test_non_float_tensors(copy, vllm_tiny_model_path, dtype):
 
 def test_a_and_b_of_different_ranks(copy, vllm_tiny_model_path):
     _edit_tensors(copy, lambda t: t.__setitem__(A_KEY, t[A_KEY][:3].clone()))
-    _refused(copy, vllm_tiny_model_path, r"module model\.layers\.0\.self_attn\.q_proj has lora_A \[3, 64\] and lora_B \[")
+    module = r"module model\.layers\.0\.self_attn\.q_proj"
+    _refused(copy, vllm_tiny_model_path, module + r" has lora_A \[3, 64\] and lora_B \[")
 
 
 @pytest.mark.parametrize(("drop", "missing"), [(A_KEY, "lora_A"), (B_KEY, "lora_B")])

@@ -3,6 +3,7 @@
 import logging
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -81,10 +82,14 @@ class WhatAdamSees(TrainerCallback):
         self._state(optimizer)
 
 
-def test_run_dir_holds_adapter_masks_history_and_plot(tiny_model_path, tmp_path, monkeypatch):
-    """Also: with gradient accumulation 2, what Adam sees of pruned components is exactly zero at every
-    step. Break: skip the optimizer-state zeroing at events -> exp_avg of just-pruned entries is non-zero
-    at the next step: red (the weights alone would still be re-zeroed and look fine)."""
+class KeepModel(TrainerCallback):
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        self.model = model
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_model_path, tmp_path_factory):
+    """One tiny run (accumulation 2), with its pruner, its in-memory model and what Adam saw."""
     pruners = []
 
     class Capturing(runner.RankPruner):
@@ -92,11 +97,16 @@ def test_run_dir_holds_adapter_masks_history_and_plot(tiny_model_path, tmp_path,
             super().__init__(*args, **kwargs)
             pruners.append(self)
 
-    monkeypatch.setattr(runner, "RankPruner", Capturing)
-    adam = WhatAdamSees(pruners)
-    result = train(tiny_recipe(tiny_model_path, tmp_path / "run"), callbacks=[adam])
-    assert adam.inspected >= 3 * 6 and adam.grads == 0.0 and adam.state == 0.0
-    run = tmp_path / "run"
+    run_dir = tmp_path_factory.mktemp("trained") / "run"
+    adam, keep = WhatAdamSees(pruners), KeepModel()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(runner, "RankPruner", Capturing)
+        result = train(tiny_recipe(tiny_model_path, run_dir), callbacks=[adam, keep])
+    return SimpleNamespace(run=run_dir, result=result, adam=adam, model=keep.model, pruner=pruners[0])
+
+
+def test_run_dir_holds_adapter_masks_history_and_plot(trained):
+    run, result = trained.run, trained.result
     for name in ("adapter/adapter_config.json", "adapter/adapter_model.safetensors", "masks.safetensors",
                  "rank_history.json", "prunedlora_run.json", "ranks.png"):
         assert (run / name).is_file(), name
@@ -113,6 +123,68 @@ def test_run_dir_holds_adapter_masks_history_and_plot(tiny_model_path, tmp_path,
         b = tensors[f"base_model.model.{name}.lora_B.weight"]
         assert torch.all(a[~mask] == 0) and torch.all(b[:, ~mask] == 0)
         assert torch.any(b[:, mask] != 0)
+
+
+def test_what_adam_sees_of_pruned_components_is_exactly_zero(trained):
+    """With gradient accumulation 2, pruned components' gradients before each optimizer step and Adam's
+    exp_avg/exp_avg_sq for them are exactly zero at every step after their event. Break: skip the
+    optimizer-state zeroing at events -> exp_avg of just-pruned entries is non-zero at the next step:
+    red (seen: 0.076), while the weights alone, re-zeroed after every step, would look fine."""
+    assert trained.adam.inspected >= 3 * 6
+    assert trained.adam.grads == 0.0 and trained.adam.state == 0.0
+
+
+def _logits(model, ids):
+    model.eval()
+    with torch.no_grad():
+        return model(input_ids=ids).logits.double()
+
+
+def _export_vs_training(trained, tiny_model_path, out, **export_options):
+    """max |logits of the exported adapter loaded by PEFT - logits of the training model|, computed here."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from prunedlora.export.exporter import export_adapter
+
+    export_adapter(trained.run, out, **export_options)
+    ids = torch.randint(0, 1000, (2, 24), generator=torch.Generator().manual_seed(0))
+    expected = _logits(trained.model, ids)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_path, dtype=torch.float32)
+    return float((_logits(PeftModel.from_pretrained(base, out), ids) - expected).abs().max())
+
+
+def test_export_matches_the_training_models_own_logits(trained, tiny_model_path, tmp_path, monkeypatch):
+    """The exporter checks itself; this checks it against the model the Trainer left in memory (masked,
+    scaling alpha/r0 = 2 not yet folded). Break (kept below as a mutation test): fold a wrong scaling into
+    B and skip the exporter's own check -> the difference is far above the tolerance."""
+    ranks = {n: int((m.lora_b != 0).any(dim=0).sum()) for n, m in find_lora_modules(trained.model).items()}
+    assert ranks == trained.result.ranks and min(ranks.values()) < 8  # the in-memory model is the pruned one
+    assert _export_vs_training(trained, tiny_model_path, tmp_path / "out") <= 1e-5
+
+    from prunedlora.export import source
+
+    monkeypatch.setattr(source, "lora_scaling", lambda rank, alpha, rslora: alpha / rank / 2)
+    assert _export_vs_training(trained, tiny_model_path, tmp_path / "broken", verify=False) > 1e-2
+
+
+@pytest.mark.slow
+def test_gradient_checkpointing_trains_the_same_run(trained, tiny_model_path, tmp_path):
+    """``training.gradient_checkpointing`` recomputes activations in backward: the same decisions and,
+    up to float rounding, the same weights as the run without it. Break: the runner ignoring the option
+    -> the model is not checkpointing: red; a pruner whose hooks or masks miss the recomputed forward
+    -> other ranks or weights: red."""
+    recipe = tiny_recipe(tiny_model_path, tmp_path / "gc")
+    recipe.training.gradient_checkpointing = True
+    keep = KeepModel()
+    result = train(recipe, callbacks=[keep])
+    assert keep.model.is_gradient_checkpointing
+    assert result.ranks == trained.result.ranks
+    assert metadata.read_rank_history(tmp_path / "gc" / "rank_history.json") == metadata.read_rank_history(
+        trained.run / "rank_history.json")
+    a, b = _adapter(trained.run), _adapter(tmp_path / "gc")
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], atol=1e-5, rtol=0)
 
 
 class Record(TrainerCallback):
