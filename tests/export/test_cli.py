@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from prunedlora import metadata
 from prunedlora.cli import main
+from prunedlora.errors import PrunedLoraError
 
 
 def test_export_command_writes_and_prints_the_table(fake_run, tmp_path, capsys):
@@ -31,3 +32,16 @@ def test_inspect_command(fake_run, capsys):
     assert "kept components per module" in capsys.readouterr().out
     assert main(["inspect", str(run / "adapter")]) == 0
     assert "PEFT LORA adapter" in capsys.readouterr().out
+
+
+def test_a_damaged_run_record_is_one_line(fake_run, tmp_path, capsys):
+    # any command that meets MetadataError unwrapped prints it as one line too: it is a PrunedLoraError
+    assert issubclass(metadata.MetadataError, PrunedLoraError)
+    run = fake_run()
+    (run / metadata.RUN_RECORD_FILE).write_text('{"base_model": "x", "r0": ')  # cut short
+    for argv in (["export", str(run), str(tmp_path / "out")], ["inspect", str(run)]):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"prunedlora {argv[0]}: error:") and "is not valid JSON" in err, err
+        assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
