@@ -158,7 +158,7 @@ def test_runtime_add_use_remove(server, base, tmp_path):
 def test_adapter_written_by_prunedlora_export(server, base, tmp_path):
     """The export stage's real output (anchored per-module patterns, scaling folded into B, an
     AdapterRecord) is validated, added at runtime and answers like HF+PEFT."""
-    export = pytest.importorskip("prunedlora.export.exporter")
+    from prunedlora.export import exporter as export  # an import error is a failure, not a skip
     source = make_adapter(
         base, tmp_path / "src", r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"],
         rank_pattern={"v_proj": 3}, seed=9,
