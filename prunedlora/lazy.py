@@ -11,16 +11,18 @@ from collections.abc import Callable
 from typing import Any
 
 
-def lazy_exports(package: str, exports: dict[str, str]) -> Callable[[str], Any]:
-    """A module ``__getattr__`` for ``package`` that imports ``name`` from ``package.exports[name]``.
+def lazy_exports(package: str, **modules: tuple[str, ...]) -> tuple[Callable[[str], Any], list[str]]:
+    """(``__getattr__``, ``__all__``) for ``package``, whose submodule ``m`` offers the names ``modules[m]``.
 
-    Use in a package's ``__init__``: ``__getattr__ = lazy_exports(__name__, _EXPORTS)``, with
-    ``_EXPORTS`` mapping each public name to its submodule (``{"export_adapter": "exporter"}``).
+    In a package's ``__init__``::
+
+        __getattr__, __all__ = lazy_exports(__name__, exporter=("export_adapter",), inspection=("inspect_adapter",))
     """
+    owner = {name: module for module, names in modules.items() for name in names}
 
     def __getattr__(name: str) -> Any:
-        if name in exports:
-            return getattr(importlib.import_module(f"{package}.{exports[name]}"), name)
+        if name in owner:
+            return getattr(importlib.import_module(f"{package}.{owner[name]}"), name)
         raise AttributeError(f"module {package!r} has no attribute {name!r}")
 
-    return __getattr__
+    return __getattr__, sorted(owner)

@@ -11,21 +11,11 @@ from __future__ import annotations
 
 from prunedlora.lazy import lazy_exports
 
-_EXPORTS = {
-    "LatencyBenchConfig": "latency",
-    "run_latency_bench": "latency",
-    "demo_latency": "latency",
-    "lora_slot_bytes_estimate": "latency",
-    "QualityBenchConfig": "quality",
-    "run_quality_bench": "quality",
-    "preset_config": "quality",
-    "cell_command": "quality",
-    "plan_cells": "quality",
-    "train_adalora": "adalora",
-    "score_adapter": "scoring",
-    "synthetic_adapters": "adapters",
-    "adapters_from_runs": "adapters",
-}
-
-__all__ = sorted(_EXPORTS)
-__getattr__ = lazy_exports(__name__, _EXPORTS)
+__getattr__, __all__ = lazy_exports(
+    __name__,
+    latency=("LatencyBenchConfig", "run_latency_bench", "demo_latency", "lora_slot_bytes_estimate"),
+    quality=("QualityBenchConfig", "run_quality_bench", "preset_config", "cell_command", "plan_cells"),
+    adalora=("train_adalora",),
+    scoring=("score_adapter",),
+    adapters=("synthetic_adapters", "adapters_from_runs"),
+)

@@ -16,7 +16,4 @@ if TYPE_CHECKING:
     from prunedlora.export.inspection import inspect_adapter
 
 __all__ = ["ExportError", "ExportResult", "export_adapter", "inspect_adapter"]
-
-__getattr__ = lazy_exports(
-    __name__, {"ExportResult": "exporter", "export_adapter": "exporter", "inspect_adapter": "inspection"}
-)
+__getattr__, _ = lazy_exports(__name__, exporter=("ExportResult", "export_adapter"), inspection=("inspect_adapter",))

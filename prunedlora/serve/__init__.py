@@ -10,28 +10,12 @@ from __future__ import annotations
 
 from prunedlora.lazy import lazy_exports
 
-_EXPORTS = {
-    "AdapterInfo": "validate",
-    "AdapterValidationError": "validate",
-    "validate_adapter": "validate",
-    "validate_adapters": "validate",
-    "SlotPlan": "slots",
-    "SlotError": "slots",
-    "plan_slots": "slots",
-    "ServeConfig": "server",
-    "ServeError": "server",
-    "VllmServer": "server",
-    "serve": "server",
-    "serve_and_ask": "server",
-    "complete": "client",
-    "chat": "client",
-    "add_adapter": "runtime",
-    "remove_adapter": "runtime",
-    "list_adapters": "runtime",
-    "RuntimeAdapterError": "runtime",
-    "OfflineEngine": "engine",
-    "Generation": "engine",
-}
-
-__all__ = sorted(_EXPORTS)
-__getattr__ = lazy_exports(__name__, _EXPORTS)
+__getattr__, __all__ = lazy_exports(
+    __name__,
+    validate=("AdapterInfo", "AdapterValidationError", "validate_adapter", "validate_adapters"),
+    slots=("SlotPlan", "SlotError", "plan_slots"),
+    server=("ServeConfig", "ServeError", "VllmServer", "serve", "serve_and_ask"),
+    client=("complete", "chat"),
+    runtime=("add_adapter", "remove_adapter", "list_adapters", "RuntimeAdapterError"),
+    engine=("OfflineEngine", "Generation"),
+)
