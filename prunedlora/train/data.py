@@ -21,6 +21,7 @@ import logging
 import math
 import re
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 from typing import Any, Callable
 
@@ -38,7 +39,8 @@ LABELS: dict[str, tuple[str, ...]] = {
     "rte": ("entailment", "not_entailment"),
 }
 DEFAULT_DEV_SIZE = 100  # carved dev split for tasks without a dev file
-VENDORED_DATA_DIR = Path(__file__).resolve().parents[1] / "data"
+# package data (prunedlora/data/), files in a checkout and in an installed wheel alike
+VENDORED_DATA_DIR = Path(str(resources.files("prunedlora").joinpath("data")))
 
 # Classification prompts put the instruction last: when a long input must be shortened, it is cut
 # from its start (see tokenize_example), so the question the label answers always survives.
