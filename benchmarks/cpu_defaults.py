@@ -89,7 +89,8 @@ def markdown(payload: dict) -> str:
     lines = [f"Base model decode, vLLM {payload.get('vllm')} offline engine, `{Path(payload['model']).name}`, "
              f"{s['prompts']} prompts x {s['prompt_tokens']} prompt tokens -> {s['output_tokens']} greedy tokens, one "
              f"batch after a warm-up. Machine: {machine_line(payload['machine'])}.", "",
-             "| configuration | tokens/s | TPOT p50 (ms) | TTFT p50 (s) | vLLM cores | reserved |", "|---|---|---|---|---|---|"]
+             "| configuration | tokens/s | TPOT p50 (ms) | TTFT p50 (s) | vLLM cores | reserved |",
+             "|---|---|---|---|---|---|"]
     for row in payload["rows"]:
         if "error" in row:
             lines.append(f"| {row['name']} | error: {row['error']} | | | | |")

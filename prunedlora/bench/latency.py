@@ -233,7 +233,8 @@ def _engine_specs(plan: list[Configuration], adapters: AdapterSet, config: Laten
     for row in plan:
         spec = specs.get(row.engine_key)
         if spec is None:
-            engine = {"lora": row.family is not None, "dtype": dtype or config.dtype, "max_model_len": config.max_model_len,
+            engine = {"lora": row.family is not None, "dtype": dtype or config.dtype,
+                      "max_model_len": config.max_model_len,
                       "enforce_eager": True, "seed": 0, "kv_cache_bytes": kv_bytes,
                       "max_num_seqs": max(config.num_prompts, 1)}
             if row.family is not None:
@@ -315,7 +316,7 @@ def run_latency_bench(config: LatencyBenchConfig) -> dict:
     """
     from prunedlora.bench.report import latency_markdown, plot_latency, portable_path
     from prunedlora.models import cache_dir, resolve_model
-    from prunedlora.serve.server import cpu_choice, resolve_device
+    from prunedlora.serve.config import cpu_choice, resolve_device
 
     started = time.perf_counter()
     model_dir = resolve_model(config.model)

@@ -1,13 +1,18 @@
-"""`prunedlora serve` and `prunedlora adapters {add,remove,list}`: parsing only.
+"""`prunedlora serve` and `prunedlora adapters {add,remove,list}`: parsing, and what they print.
 
 Each handler builds arguments for a public function of ``prunedlora.serve`` and imports it lazily,
-so ``prunedlora --help`` does not import torch or vLLM.
+so ``prunedlora --help`` does not import torch or vLLM. The console side of serving lives here too:
+``serve`` (the command's whole run) and ``serve_and_ask`` (the demo's serving step); the server
+module itself prints nothing but vLLM's own log.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import signal
+import sys
+from typing import Mapping
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 
@@ -73,7 +78,8 @@ def register(subparsers) -> None:
 
 
 def _serve(args) -> int:
-    from prunedlora.serve.server import ServeConfig, VllmServer, adapters_from_specs, serve
+    from prunedlora.serve.config import ServeConfig, adapters_from_specs
+    from prunedlora.serve.server import VllmServer
 
     extra = list(args.vllm_args)
     if extra and extra[0] == "--":
@@ -107,6 +113,92 @@ def _serve(args) -> int:
         print("$ " + " ".join([*(f"{k}={v}" for k, v in env.items()), *server.command()]))
         return 0
     return serve(config)
+
+
+def serve(config: ServeConfig, out=None) -> int:
+    """``prunedlora serve``: validate, choose slots, print the choice, serve until stopped.
+
+    SIGTERM is turned into a clean stop like Ctrl-C, so a supervisor stopping this process stops vLLM.
+    """
+    from prunedlora.serve.config import LOOPBACK_HOSTS
+    from prunedlora.serve.server import VllmServer
+
+    out = out or sys.stdout
+    server = VllmServer(config)
+    plan = server.prepare()
+    for name, info in server.adapters.items():
+        ranks = sorted(info.ranks.values())
+        print(
+            f"adapter {name}: {info.path} ({len(ranks)} modules, ranks {ranks[0]}..{ranks[-1]}, "
+            f"{info.num_params:,} parameters)",
+            file=out,
+        )
+        for note in info.notes:
+            print(f"  note: {note}", file=out)
+    print(plan.describe(), file=out)
+    if server.cpu_choice is not None:
+        print(server.cpu_choice.line(), file=out)
+    if config.host not in LOOPBACK_HOSTS:
+        print(
+            f"warning: binding {config.host}: anyone who reaches it can load adapters from this machine's disk "
+            "(runtime LoRA updating is on)",
+            file=out,
+        )
+    print(f"vLLM log: {server.log_file}", file=out, flush=True)
+
+    def _terminate(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        server.start()
+        print(f"serving {server.served_model_name} and {len(server.adapters)} adapter(s) at {server.url}/v1 "
+              "(Ctrl-C stops)", file=out, flush=True)
+        code = server.wait()
+        print(f"vLLM exited with code {code}: {server.last_error()}", file=out)
+        return code or 1
+    except KeyboardInterrupt:
+        print("stopping vLLM", file=out, flush=True)
+        return 0
+    finally:
+        server.stop()
+        signal.signal(signal.SIGTERM, previous)
+
+
+def serve_and_ask(
+    config: ServeConfig,
+    questions: Mapping[str, str],
+    *,
+    max_tokens: int = 64,
+    chat: bool = True,
+    out=None,
+) -> dict[str, str]:
+    """Start the server, ask each named model (an adapter, or the base's served name) one question
+    concurrently, print and return the answers, and stop the server: the demo's whole serving step."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from prunedlora.serve import client
+    from prunedlora.serve.server import VllmServer
+
+    out = out or sys.stdout
+    server = VllmServer(config)
+    print(server.prepare().describe(), file=out, flush=True)
+    if server.cpu_choice is not None:
+        print(server.cpu_choice.line(), file=out, flush=True)
+    ask = client.chat if chat else client.complete
+    with server:
+        print(f"serving at {server.url}/v1 (log: {server.log_file})", file=out, flush=True)
+        names = [server.served_model_name if name in ("", "base") else name for name in questions]
+        with ThreadPoolExecutor(max_workers=max(1, len(names))) as pool:
+            futures = {
+                name: pool.submit(ask, server.url, name, question, max_tokens=max_tokens)
+                for name, question in zip(names, questions.values())
+            }
+            answers = {name: future.result() for name, future in futures.items()}
+        for (name, answer), question in zip(answers.items(), questions.values()):
+            print(f"[{name}] {question}\n  -> {answer.strip()}", file=out, flush=True)
+    print("server stopped", file=out, flush=True)
+    return answers
 
 
 def _adapters_add(args) -> int:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from prunedlora.errors import PrunedLoraError
-from prunedlora.serve.server import http_json
+from prunedlora.serve.http import http_json
 
 
 class RequestError(PrunedLoraError):

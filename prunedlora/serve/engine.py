@@ -13,7 +13,7 @@ from typing import Any, Mapping, Sequence
 
 from prunedlora.errors import PrunedLoraError
 from prunedlora.models import resolve_model
-from prunedlora.serve.server import DEFAULT_CPU_KV_CACHE_GIB, check_adapter_name, cpu_choice, resolve_device
+from prunedlora.serve.config import DEFAULT_CPU_KV_CACHE_GIB, check_adapter_name, cpu_choice, resolve_device
 from prunedlora.serve.slots import SlotPlan, plan_slots
 from prunedlora.serve.validate import AdapterInfo, validate_adapter
 from prunedlora.serve.vllm_fixes import WORKER_EXTENSION

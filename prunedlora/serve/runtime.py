@@ -15,7 +15,9 @@ import urllib.parse
 from pathlib import Path
 
 from prunedlora.errors import PrunedLoraError
-from prunedlora.serve.server import check_adapter_name, http_json, read_serve_record, served_models
+from prunedlora.serve.config import check_adapter_name
+from prunedlora.serve.http import http_json, served_models
+from prunedlora.serve.record import read_serve_record
 from prunedlora.serve.validate import AdapterInfo, validate_adapter
 
 

@@ -14,7 +14,10 @@ import pytest
 
 from prunedlora.cli import main as cli_main
 from prunedlora.serve.runtime import RuntimeAdapterError, add_adapter, list_adapters, remove_adapter
-from prunedlora.serve.server import ServeConfig, VllmServer, http_json, serve_record_path
+from prunedlora.serve.config import ServeConfig
+from prunedlora.serve.http import http_json
+from prunedlora.serve.record import serve_record_path
+from prunedlora.serve.server import VllmServer
 from prunedlora.serve.validate import AdapterValidationError
 from tests.serve.helpers import alive, fold_scaling_like_export, hf_greedy, make_adapter
 

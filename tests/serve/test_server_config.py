@@ -8,17 +8,9 @@ from dataclasses import asdict
 
 import pytest
 
-from prunedlora.serve.server import (
-    ServeConfig,
-    ServeError,
-    ServeRecord,
-    VllmServer,
-    adapters_from_specs,
-    discover_adapters,
-    read_serve_record,
-    resolve_device,
-    serve_record_path,
-)
+from prunedlora.serve.config import ServeConfig, ServeError, adapters_from_specs, discover_adapters, resolve_device
+from prunedlora.serve.record import ServeRecord, read_serve_record, serve_record_path
+from prunedlora.serve.server import VllmServer
 from tests.serve.helpers import make_adapter
 
 
@@ -69,7 +61,7 @@ def test_cpu_choice_sets_dtype_and_binding_unless_the_user_did(vllm_tiny_model_p
     from prunedlora import cpu as cpumod
 
     avx2_two_cores = cpumod.parse_cpuinfo("model name : AMD EPYC\nflags : sse2 avx avx2\n", (0, 1))
-    monkeypatch.setattr("prunedlora.serve.server.read_cpu_info", lambda: avx2_two_cores)
+    monkeypatch.setattr("prunedlora.serve.config.read_cpu_info", lambda: avx2_two_cores)
     monkeypatch.delenv(cpumod.BIND_VAR, raising=False)
     monkeypatch.delenv(cpumod.RESERVED_VAR, raising=False)
     server = VllmServer(ServeConfig(model=vllm_tiny_model_path))
