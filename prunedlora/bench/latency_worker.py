@@ -28,7 +28,7 @@ from prunedlora.metadata import write_json_atomic
 
 def _engine(spec: dict):
     """(engine-like object with .llm and .lora_request, description) for the spec's settings."""
-    from prunedlora.bench.vllm_worker import BENCH_WORKER_EXTENSION
+    from prunedlora.bench.slot_memory import BENCH_WORKER_EXTENSION
 
     settings = spec["engine"]
     common = dict(

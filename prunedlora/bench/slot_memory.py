@@ -1,4 +1,4 @@
-"""Imported by vLLM inside its worker processes (``worker_extension_cls``) during the latency bench.
+"""The latency bench's vLLM worker extension (``worker_extension_cls``, imported inside vLLM's workers).
 
 It subclasses serve's extension, so importing it also applies serve's CPU LoRA fix (requests without
 an adapter must not get one), and adds one method the bench calls through ``LLM.collective_rpc``:
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from prunedlora.serve.vllm_worker import PrunedLoraWorkerExtension
 
-BENCH_WORKER_EXTENSION = "prunedlora.bench.vllm_worker.BenchWorkerExtension"
+BENCH_WORKER_EXTENSION = "prunedlora.bench.slot_memory.BenchWorkerExtension"
 
 
 def _stacked(module, attr: str) -> list:
