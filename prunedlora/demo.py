@@ -1,14 +1,16 @@
 """`prunedlora demo`: the README's main job on the bundled default model, end to end.
 
 Train two small pruned adapters on two tasks with different pruning settings, export them as compact
-PEFT adapters, serve both with the base model from one vLLM server, ask each one question, and end
-with a short latency comparison. Each stage reads the previous stage's files, as a user would run
-them by hand; a finished stage is reused when the demo runs again (delete runs/demo to start over).
+PEFT adapters, score the base model, each r0 training adapter and its export on the task's held-out
+split (with a warning if an adapter does not beat the base model), serve both with the base model from
+one vLLM server, ask each one question, and end with a short latency comparison. Each stage reads the
+previous stage's files, as a user would run them by hand; a finished stage is reused when the demo
+runs again (delete runs/demo to start over).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 
@@ -20,6 +22,7 @@ class DemoTask:
     recipe: str  # a shipped recipe (prunedlora/recipes/NAME.yaml)
     title: str
     question: str
+    eval_settings: dict = field(default_factory=dict)  # EvalSettings fields: how much of the held-out split to score
 
 
 DEMO_TASKS = (
@@ -35,6 +38,8 @@ DEMO_TASKS = (
         "demo-gsm8k",
         "GSM8K math, r0=32 -> rank 4 everywhere, obs criterion, uniform allocation",
         "Tom has 3 boxes with 12 pencils each. He gives away 10 pencils. How many pencils does he have left?",
+        # answer NLL on the whole carve; greedy answers (the slow part) for exact match on a few only
+        {"exact_match_examples": 4},
     ),
 )
 
@@ -73,6 +78,31 @@ def _export_or_reuse(run_dir: Path, out_dir: Path) -> Path:
     return out_dir
 
 
+def _score_or_reuse(task: DemoTask, model_dir: Path, run_dir: Path, adapter_dir: Path, out_file: Path) -> dict:
+    """Base model, r0 adapter and export on the task's held-out split (``bench.demo_quality``), printed
+    as a table and kept as JSON; reused while it is newer than both adapters."""
+    import json
+
+    from prunedlora import metadata
+    from prunedlora.bench.demo_quality import DemoEval, format_table, score_demo_task
+    from prunedlora.bench.scoring import EvalSettings
+    from prunedlora.train.recipe import load_recipe
+
+    sources = [run_dir / metadata.RUN_ADAPTER_DIR / "adapter_model.safetensors",
+               adapter_dir / "adapter_model.safetensors"]
+    if out_file.is_file() and all(out_file.stat().st_mtime_ns >= s.stat().st_mtime_ns for s in sources):
+        print(f"reusing the scores in {out_file}")
+        payload = json.loads(out_file.read_text())
+    else:
+        data = load_recipe(task.recipe).data
+        settings = EvalSettings(**task.eval_settings, dev_size=data.dev_size)  # the carve training left out
+        evaluation = DemoEval(task.name, settings, str(data.path) if data.path else None, data.seed)
+        payload = score_demo_task(evaluation, model_dir, run_dir, adapter_dir)
+        metadata.write_json_atomic(out_file, payload)
+    print(format_table(payload))
+    return payload
+
+
 def run_demo(root: str | Path = "runs/demo") -> dict[str, Path]:
     """Train, export, serve and benchmark on the default model; return where the outputs are."""
     from prunedlora.bench import demo_latency
@@ -81,23 +111,33 @@ def run_demo(root: str | Path = "runs/demo") -> dict[str, Path]:
 
     root = Path(root)
     outputs: dict[str, Path] = {}
-    _banner("1/5 model")
+    _banner("1/6 model")
     model_dir = default_model_dir()
     print(f"default model: {model_dir}")
 
     runs: dict[str, Path] = {}
     for task in DEMO_TASKS:
-        _banner(f"2/5 train {task.name}: {task.title}")
+        _banner(f"2/6 train {task.name}: {task.title}")
         runs[task.name] = _train_or_reuse(task, root / task.name)
         outputs[f"run {task.name}"] = runs[task.name]
 
     adapters: dict[str, Path] = {}
     for task in DEMO_TASKS:
-        _banner(f"3/5 export {task.name}: drop pruned components, fold the scaling into B")
+        _banner(f"3/6 export {task.name}: drop pruned components, fold the scaling into B")
         adapters[task.name] = _export_or_reuse(runs[task.name], root / "adapters" / task.name)
         outputs[f"adapter {task.name}"] = adapters[task.name]
 
-    _banner("4/5 serve: one vLLM server, the base model and both adapters")
+    warnings = []
+    for task in DEMO_TASKS:
+        _banner(f"4/6 score {task.name}: base model, r0 training adapter and pruned export on held-out data")
+        scores = _score_or_reuse(task, model_dir, runs[task.name], adapters[task.name],
+                                 root / "quality" / f"{task.name}.json")
+        outputs[f"scores {task.name}"] = root / "quality" / f"{task.name}.json"
+        if not scores["beats_base"]:
+            warnings.append(f"WARNING: the {task.name} adapter does not beat the base model on held-out data "
+                            f"(see {outputs[f'scores {task.name}']})")
+
+    _banner("5/6 serve: one vLLM server, the base model and both adapters")
     log_file = root / "serve.log"
     questions = {"base": DEMO_TASKS[0].question}
     questions.update({task.name: task.question for task in DEMO_TASKS})
@@ -106,7 +146,7 @@ def run_demo(root: str | Path = "runs/demo") -> dict[str, Path]:
     serve_and_ask(config, questions)
     outputs["server log"] = log_file
 
-    _banner("5/5 latency: base model vs the SST-2 adapter at r0 vs its pruned export")
+    _banner("6/6 latency: base model vs the SST-2 adapter at r0 vs its pruned export")
     payload = demo_latency(runs[DEMO_TASKS[0].name], root / "latency")
     outputs["latency table"] = Path(payload["files"]["markdown"])
     outputs["latency plot"] = Path(payload["files"]["plot"])
@@ -114,6 +154,8 @@ def run_demo(root: str | Path = "runs/demo") -> dict[str, Path]:
     _banner("outputs")
     for key, path in outputs.items():
         print(f"{key:>16}: {path}")
+    for line in warnings:
+        print(line)
     return outputs
 
 
