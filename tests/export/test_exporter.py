@@ -51,7 +51,7 @@ def test_exported_adapter_matches_training_model(
     run = fake_run(r0=r0, alpha=alpha, use_rslora=rslora, target_modules=targets, masks_spec=masks, seed=r0)
     out = tmp_path / "out"
     result = export_adapter(run, out)
-    assert result.max_logit_diff is not None and result.max_logit_diff <= 1e-4
+    assert result.max_logit_diff is not None  # verification ran; the parity is checked here, not from its report
     reference = peft_logits(tiny_model_path, run / "adapter")
     assert max_abs_diff(reference, peft_logits(tiny_model_path, out)) <= PARITY
 
@@ -156,7 +156,11 @@ def test_svd_truncate_reduces_big_modules_and_reports_the_error(fake_run, tiny_m
         record.svd_truncated[name], rel=1e-3
     )
     assert result.truncation_logit_diff is not None and result.truncation_logit_diff > 0
-    assert result.max_logit_diff <= 1e-4  # verified against the equally truncated reference
+    # the written module is the best rank-k approximation of the source's delta W (Eckart-Young),
+    # computed here; break: keep the first k components instead of the top singular ones -> red
+    k = record.ranks[name]
+    U, S, Vh = torch.linalg.svd(full)
+    torch.testing.assert_close(approx, U[:, :k] @ torch.diag(S[:k]) @ Vh[:k], atol=1e-5, rtol=0)
     _check_format(out, record)
 
 
@@ -270,9 +274,10 @@ def test_bf16_adapter_is_exported_exactly(fake_run, tiny_model_path, tmp_path):
     path = run / "adapter" / "adapter_model.safetensors"
     save_file({k: v.to(torch.bfloat16) for k, v in load_file(str(path)).items()}, str(path), metadata={"format": "pt"})
     out = tmp_path / "out"
-    result = export_adapter(run, out)
-    assert result.max_logit_diff <= 1e-4
+    export_adapter(run, out)
     assert {t.dtype for t in load_file(str(out / "adapter_model.safetensors")).values()} == {torch.float32}
+    # the bf16 training adapter as PEFT loads it vs the float32 export, computed here
+    assert max_abs_diff(peft_logits(tiny_model_path, run / "adapter"), peft_logits(tiny_model_path, out)) <= PARITY
 
 
 def test_export_does_not_import_vllm(fake_run, tmp_path):
