@@ -56,8 +56,8 @@ def main() -> None:
 
     from transformers import AutoTokenizer
 
-    from prunedlora.cpu import machine_record
     from prunedlora.config import PrunedLoraConfig
+    from prunedlora.cpu import machine_record
     from prunedlora.models import resolve_model
     from prunedlora.pruner import RankPruner
     from prunedlora.schedule import PruningEvent
@@ -76,7 +76,8 @@ def main() -> None:
                                                         split="dev", max_examples=args.dev_examples, max_length=96))
     dev_batches = [collate([dev_set[i] for i in range(s, min(s + 32, len(dev_set)))])
                    for s in range(0, len(dev_set), 32)]
-    config_kwargs = dict(r0=32, lora_alpha=64, target_rank=8, max_rank=16, prune_start_step=0, prune_end_step=0)
+    config_kwargs = {"r0": 32, "lora_alpha": 64, "target_rank": 8, "max_rank": 16, "prune_start_step": 0,
+                     "prune_end_step": 0}
 
     def dev_loss(m) -> float:
         m.eval()
@@ -147,7 +148,6 @@ def main() -> None:
         )
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(results, indent=2) + "\n")
-        del model, optimizer
     out.with_suffix(".md").write_text(markdown(results))
     print(markdown(results))
 

@@ -16,7 +16,7 @@ def test_defaults_are_valid_and_scaling_follows_rslora():
         (dict(r0=8, target_rank=16), "target_rank (16) must be in (0, r0=8]"),
         (dict(min_rank=6, max_rank=4, target_rank=5), "min_rank (6) is above max_rank (4)"),
         (dict(r0=8, max_rank=12), "max_rank (12) is above r0 (8)"),
-        (dict(criterion="fisher"), "criterion must be one of obs, taylor, activation, magnitude"),
+        (dict(criterion="fisher"), "criterion must be one of obs, obs-paper, obs-fisher, obs-input, taylor, activation, magnitude"),
         (dict(schedule="linear"), "schedule must be one of cubic, constant"),
         (dict(target_rank=None), "give exactly one of target_rank"),
         (dict(allocation="uniform", target_rank=7.5), "target_rank must be an integer"),

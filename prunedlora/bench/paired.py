@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import math
 import statistics
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 
@@ -81,7 +81,7 @@ def example_values(result: dict, metric: str) -> tuple[dict[int, float], dict[in
         raise KeyError(f"cell {result.get('method')} seed {result.get('seed')} has no per-example results")
     if metric == "accuracy":
         return ({i: float(m > 0) for i, m in zip(per["index"], per["margin"])},
-                {i: 1.0 for i in per["index"]})
+                dict.fromkeys(per["index"], 1.0))
     if metric in ("nll", "answer_nll"):
         return ({i: -s for i, s in zip(per["index"], per["logprob_sum"])},
                 {i: float(n) for i, n in zip(per["index"], per["tokens"])})

@@ -44,6 +44,7 @@ import statistics
 import time
 import traceback
 from dataclasses import asdict, dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +53,7 @@ import yaml
 from prunedlora.cpu import machine_record
 from prunedlora.errors import PrunedLoraError
 
-TASKS = ("gsm8k", "codealpaca", "sst2")
+QUALITY_TASKS = ("gsm8k", "codealpaca", "sst2")  # the tasks the table covers (train.data.TASKS also has rte)
 METHODS: dict[str, dict[str, Any]] = {
     "base": {"base": True, "prune": False},
     "lora-target": {"prune": False, "r0": "target"},
@@ -67,7 +68,7 @@ METHODS: dict[str, dict[str, Any]] = {
     "pruned-magnitude-global": {"prune": True, "criterion": "magnitude", "allocation": "global"},
     "adalora": {"adalora": True},
 }
-RECIPES_DIR = Path(__file__).resolve().parents[2] / "recipes"
+RECIPES_DIR = Path(str(resources.files("prunedlora").joinpath("recipes")))  # shipped as package data
 RESULT_FILE = "result.json"
 CELL_FILE = "cell.json"
 RESULT_FILES = {"json": "quality.json", "markdown": "quality.md", "plot": "quality.png"}
@@ -86,7 +87,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # carve, exact match on its first 200; CodeAlpaca: a 300-example carve), 3 seeds, serving-friendly
     # max rank 16, compared paired against LoRA at the target rank.
     "full": {
-        "tasks": list(TASKS),
+        "tasks": list(QUALITY_TASKS),
         "methods": ["base", "lora-target", "lora-r0", "pruned-obs-fisher-global", "pruned-obs-fisher-uniform",
                     "pruned-magnitude-global", "adalora"],
         "seeds": [0, 1, 2],
@@ -140,9 +141,9 @@ class QualityBenchConfig:
     echo: bool = True
 
     def __post_init__(self) -> None:
-        unknown = [t for t in self.tasks if t not in TASKS]
+        unknown = [t for t in self.tasks if t not in QUALITY_TASKS]
         if unknown:
-            raise QualityBenchError(f"unknown task(s) {unknown}; choose from {', '.join(TASKS)}")
+            raise QualityBenchError(f"unknown task(s) {unknown}; choose from {', '.join(QUALITY_TASKS)}")
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown:
             raise QualityBenchError(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
@@ -448,9 +449,9 @@ def check_schedule(recipe) -> None:
     would stop above the target rank and the comparison would not be at the same budget)."""
     if not recipe.prune:
         return
+    from prunedlora.modelfacts import base_linear_shapes
     from prunedlora.models import resolve_model
     from prunedlora.schedule import PruningSchedule
-    from prunedlora.serve.validate import base_linear_shapes
 
     targets = set(recipe.method.target_modules)
     modules = [n for n in base_linear_shapes(resolve_model(recipe.model)) if n.rsplit(".", 1)[-1] in targets]
@@ -519,7 +520,7 @@ def run_quality_bench(config: QualityBenchConfig) -> dict[str, Any]:
     ``cells`` (each cell's result or error, with its command), ``summary`` (mean and spread per task
     and method) and ``files``.
     """
-    from prunedlora.bench.report import plot_quality, quality_markdown
+    from prunedlora.bench.report import plot_quality, portable_path, quality_markdown
 
     started = time.perf_counter()
     cells = plan_cells(config)
@@ -564,16 +565,10 @@ def run_quality_bench(config: QualityBenchConfig) -> dict[str, Any]:
     return payload
 
 
-def portable_path(path: str | Path) -> str:
-    """A path as committed results write it: from the repository root if inside it, else from ``~``."""
-    path, repo, home = Path(path).resolve(), RECIPES_DIR.parent, Path.home()
-    if path.is_relative_to(repo):
-        return str(path.relative_to(repo))
-    return f"~/{path.relative_to(home)}" if path.is_relative_to(home) else str(path)
-
-
 def _home_relative(cell: dict[str, Any]) -> dict[str, Any]:
     """The cell with its cache folder written from ``~`` (results name no user's home)."""
+    from prunedlora.bench.report import portable_path
+
     return {**cell, "dir": portable_path(cell["dir"])} if "dir" in cell else cell
 
 
