@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from prunedlora.cli import main as cli_main
-from prunedlora.serve.http import free_port, http_json
+from prunedlora.serve.server import free_port, http_json
 from tests.serve.helpers import alive, live_vllm_children, make_adapter
 
 
@@ -122,24 +122,60 @@ def test_serve_runs_until_sigterm_and_leaves_nothing(vllm_tiny_model_path, two_a
     assert os.path.getsize(log) > 1000
 
 
+def _hf_chat_answer(base, adapter, question, max_tokens):
+    """HF (+PEFT) greedy reply to one user message through the tokenizer's chat template, stopping at
+    EOS as vLLM does; with the smallest top-1/top-2 logit gap on the way."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    if adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter)
+    model.eval()
+    text = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
+                                         tokenize=False)
+    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids
+    generated, margin = [], float("inf")
+    with torch.no_grad():
+        for _ in range(max_tokens):
+            top = torch.topk(model(input_ids=ids).logits[0, -1], 2)
+            margin = min(margin, float(top.values[0] - top.values[1]))
+            token = int(top.indices[0])
+            if token == tokenizer.eos_token_id:
+                break
+            generated.append(token)
+            ids = torch.cat([ids, torch.tensor([[token]])], dim=1)
+    return tokenizer.decode(generated, skip_special_tokens=True), margin
+
+
 @pytest.mark.slow
 def test_serve_and_ask_answers_each_model_then_stops(vllm_tiny_model_path, two_adapters, tmp_path, capsys):
     """The demo's serving step: one question per model (the base included), answers printed, server gone."""
-    from prunedlora.serve.cli import serve_and_ask
-    from prunedlora.serve.config import ServeConfig
+    from prunedlora.serve.server import ServeConfig, serve_and_ask
 
     earlier = {p.pid for p in live_vllm_children()}  # engines of other tests may still be shutting down
     config = ServeConfig(
         model=vllm_tiny_model_path,
         adapters=two_adapters,
         port=0,
+        dtype="float32",
         max_model_len=256,
         log_file=tmp_path / "vllm.log",
         echo=False,
     )
     answers = serve_and_ask(config, {"base": "Say hi.", "small": "Name a color.", "wide": "Count to 3."}, max_tokens=5)
     assert set(answers) == {vllm_tiny_model_path.name, "small", "wide"}
-    assert all(isinstance(answer, str) for answer in answers.values())
+    # Each answer is what HF (+PEFT) answers greedily through the same chat template (float32 both).
+    # Break: the wrong adapter for a name, or an adapter applied to the base's request -> red.
+    expected = {vllm_tiny_model_path.name: _hf_chat_answer(vllm_tiny_model_path, None, "Say hi.", 5),
+                "small": _hf_chat_answer(vllm_tiny_model_path, two_adapters["small"], "Name a color.", 5),
+                "wide": _hf_chat_answer(vllm_tiny_model_path, two_adapters["wide"], "Count to 3.", 5)}
+    assert min(margin for _, margin in expected.values()) > 1e-3  # no near tie that float noise could flip
+    assert answers == {name: text for name, (text, _) in expected.items()}
+    assert len(set(answers.values())) == 3  # the three models answer differently, so the check can tell them apart
     out = capsys.readouterr().out
     assert "max_lora_rank=16" in out and "[small] Name a color." in out and out.rstrip().endswith("server stopped")
     leftovers = [p.pid for p in live_vllm_children() if p.pid not in earlier]
