@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from prunedlora.cli import main as cli_main
-from prunedlora.serve.server import free_port, http_json
+from prunedlora.serve.http import free_port, http_json
 from tests.serve.helpers import alive, live_vllm_children, make_adapter
 
 
@@ -154,7 +154,8 @@ def _hf_chat_answer(base, adapter, question, max_tokens):
 @pytest.mark.slow
 def test_serve_and_ask_answers_each_model_then_stops(vllm_tiny_model_path, two_adapters, tmp_path, capsys):
     """The demo's serving step: one question per model (the base included), answers printed, server gone."""
-    from prunedlora.serve.server import ServeConfig, serve_and_ask
+    from prunedlora.serve.cli import serve_and_ask
+    from prunedlora.serve.config import ServeConfig
 
     earlier = {p.pid for p in live_vllm_children()}  # engines of other tests may still be shutting down
     config = ServeConfig(
