@@ -21,8 +21,21 @@ _STAGE_CLIS = (
 )
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line, like every other error of the command (argparse
+    prints the whole usage first); subcommand parsers inherit the class."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def one_line(err: BaseException) -> str:
+    """The error's message on one line: messages quote files, YAML and JSON that may hold newlines."""
+    return " ".join(line.strip() for line in str(err).splitlines() if line.strip()) or type(err).__name__
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _OneLineParser(
         prog="prunedlora",
         description="Train, export, serve and benchmark pruned variable-rank LoRA adapters.",
     )
@@ -48,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     except PrunedLoraError as err:
-        print(f"prunedlora {args.command}: error: {err}", file=sys.stderr)
+        print(f"prunedlora {args.command}: error: {one_line(err)}", file=sys.stderr)
         return 2
     return int(result or 0)
 

@@ -66,6 +66,9 @@ class PrunedLoraConfig:
             if not condition:
                 raise ConfigError(message)
 
+        from prunedlora.fieldtypes import check_field_types
+
+        check_field_types(self, ConfigError)  # types first: the range checks below compare values
         need(isinstance(self.r0, int) and self.r0 >= 1, f"r0 must be a positive integer, got {self.r0!r}")
         need(self.lora_alpha > 0, f"lora_alpha must be positive, got {self.lora_alpha}")
         need(0.0 <= self.lora_dropout < 1.0, f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
@@ -100,7 +103,7 @@ class PrunedLoraConfig:
             )
             if self.allocation == "uniform":
                 need(
-                    float(self.target_rank).is_integer(),
+                    self.target_rank == int(self.target_rank),
                     f"uniform allocation gives every module the same rank, so target_rank must be an integer "
                     f"(got {self.target_rank}); use allocation: global for fractional averages",
                 )
@@ -163,8 +166,16 @@ class PrunedLoraConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "PrunedLoraConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
+        from prunedlora.fieldtypes import type_problem
+
+        if not isinstance(values, dict):
+            raise ConfigError(f"the method options must be a mapping of option: value, got {type(values).__name__}")
+        known = {f.name: f for f in fields(cls)}
+        unknown = sorted(map(str, set(values) - set(known)))
         if unknown:
             raise ConfigError(f"unknown PrunedLoRA option(s) {unknown}; known options: {sorted(known)}")
+        for name, value in values.items():  # before __post_init__, which copies target_modules and max_rank
+            problem = type_problem(name, known[name].type, value)
+            if problem is not None:
+                raise ConfigError(problem)
         return cls(**values)

@@ -113,11 +113,20 @@ def _read_json(path: Path) -> Any:
 
 
 def _from_dict(cls, payload: dict[str, Any], path: Path):
+    from prunedlora.fieldtypes import check_field_types
+
+    if not isinstance(payload, dict):
+        raise MetadataError(f"{path} holds a JSON {type(payload).__name__}, not an object; the file is damaged")
     known = {f for f in cls.__dataclass_fields__}
     try:
-        return cls(**{k: v for k, v in payload.items() if k in known})
+        record = cls(**{k: v for k, v in payload.items() if k in known})
     except TypeError as err:
         raise MetadataError(f"{path} lacks a required field: {err}") from err
+    try:  # a field of the wrong type would fail far from the file that holds it
+        check_field_types(record, MetadataError)
+    except MetadataError as err:
+        raise MetadataError(f"{path}: {err}; the file is damaged") from None
+    return record
 
 
 def write_run(

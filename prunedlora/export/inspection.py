@@ -140,7 +140,17 @@ def _inspect_exported(adapter_dir: Path, record: metadata.AdapterRecord) -> str:
 
 
 def _inspect_peft(adapter_dir: Path) -> str:
-    config = json.loads((adapter_dir / ADAPTER_CONFIG_FILE).read_text())
+    try:
+        config = json.loads((adapter_dir / ADAPTER_CONFIG_FILE).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ExportError(
+            f"{adapter_dir / ADAPTER_CONFIG_FILE} is not valid JSON ({err}); the adapter folder is damaged"
+        ) from None
+    if not isinstance(config, dict):
+        raise ExportError(
+            f"{adapter_dir / ADAPTER_CONFIG_FILE} holds a JSON {type(config).__name__}, not an object; "
+            "the adapter folder is damaged"
+        )
     shapes = _tensor_shapes(adapter_dir)
     ranks = {n: parts["lora_A"][0] for n, parts in sorted(shapes.items()) if "lora_A" in parts}
     params = sum(_params(p) for p in shapes.values())
@@ -175,6 +185,13 @@ def _inspect_run(run_dir: Path) -> str:
         raise ExportError(f"incomplete or damaged run directory: {err}") from err
     adapter_dir = run_dir / metadata.RUN_ADAPTER_DIR
     shapes = _tensor_shapes(adapter_dir)
+    adapter_ranks = {n: parts["lora_A"][0] for n, parts in shapes.items() if "lora_A" in parts}
+    wrong = sorted(set(masks) ^ set(adapter_ranks)) or [n for n in masks if masks[n].numel() != adapter_ranks[n]]
+    if wrong:  # the same refusal as export's: numbers read from another run's masks would be wrong
+        raise ExportError(
+            f"{run_dir / metadata.MASKS_FILE} does not match the adapter in {adapter_dir} (e.g. module {wrong[0]}: "
+            "names or lengths differ); use the masks saved by the same run"
+        )
     ranks = {n: int(m.sum()) for n, m in sorted(masks.items())}
     before = sum(_params(p) for p in shapes.values())
     after = 0

@@ -117,7 +117,7 @@ def read_adapter_tensors(adapter_dir: Path) -> dict[str, torch.Tensor]:
     except Exception as err:  # safetensors raises several types for a damaged file
         raise ExportError(f"{path} is not a readable safetensors file (truncated or damaged: {err})") from err
     for name, tensor in tensors.items():
-        check_finite(f"{path.name}: {name}", tensor)
+        check_finite(f"{path}: {name}", tensor)
     return tensors
 
 

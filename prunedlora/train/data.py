@@ -28,6 +28,7 @@ from typing import Any, Callable
 from torch.utils.data import Dataset
 
 from prunedlora.errors import PrunedLoraError
+from prunedlora.fieldtypes import check_field_types
 
 logger = logging.getLogger(__name__)
 
@@ -100,6 +101,7 @@ class DataConfig:
     dev_size: int | None = None
 
     def __post_init__(self) -> None:
+        check_field_types(self, DataError)  # types first: the range checks below compare values
         if self.task not in TASKS:
             raise DataError(f"unknown task {self.task!r}; known tasks: {', '.join(TASKS)}")
         if self.split not in SPLITS:

@@ -7,7 +7,8 @@ so an installed wheel has them too: ``prunedlora train --config smollm2-sst2`` n
 from __future__ import annotations
 
 import copy
-from dataclasses import asdict, dataclass, field, fields
+import re
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,9 @@ from typing import Any
 import yaml
 
 from prunedlora.config import ConfigError, PrunedLoraConfig
-from prunedlora.train.data import DataConfig
+from prunedlora.errors import PrunedLoraError
+from prunedlora.fieldtypes import check_field_types
+from prunedlora.train.data import TASKS, DataConfig
 
 
 @dataclass
@@ -37,6 +40,48 @@ class TrainingOptions:
     seed: int = 0
     dtype: str = "float32"
     gradient_checkpointing: bool = False
+
+    def __post_init__(self) -> None:
+        # Checked here, not when transformers builds TrainingArguments: that happens after the model
+        # is loaded, and its errors are tracebacks.
+        import torch
+        from transformers.trainer_utils import SchedulerType
+
+        check_field_types(self, ConfigError)
+        for name, low in (
+            ("max_steps", 1),
+            ("per_device_train_batch_size", 1),
+            ("gradient_accumulation_steps", 1),
+            ("warmup_steps", 0),
+            ("logging_steps", 1),
+            ("save_steps", 1),
+            ("seed", 0),
+        ):
+            if getattr(self, name) < low:
+                raise ConfigError(f"{name} must be >= {low}, got {getattr(self, name)}")
+        for name, positive in (("learning_rate", True), ("weight_decay", False), ("max_grad_norm", False)):
+            value = getattr(self, name)
+            if value < 0 or (positive and value == 0):
+                raise ConfigError(f"{name} must be {'positive' if positive else '>= 0'}, got {value}")
+        if self.save_total_limit is not None and self.save_total_limit < 1:
+            raise ConfigError(
+                f"save_total_limit must be >= 1 or null (keep every checkpoint), got {self.save_total_limit}"
+            )
+        if self.seed >= 2**32:
+            raise ConfigError(f"seed must be below 2**32 (numpy's limit), got {self.seed}")
+        if not self.output_dir.strip():
+            raise ConfigError("output_dir is empty; name the run directory, e.g. runs/my-run")
+        schedulers = [s.value for s in SchedulerType]
+        if self.lr_scheduler_type not in schedulers:
+            raise ConfigError(
+                f"lr_scheduler_type must be one of {', '.join(schedulers)}; got {self.lr_scheduler_type!r}"
+            )
+        if not (
+            isinstance(getattr(torch, self.dtype, None), torch.dtype) and getattr(torch, self.dtype).is_floating_point
+        ):
+            raise ConfigError(
+                f"dtype must name a torch floating-point type, e.g. float32 or bfloat16; got {self.dtype!r}"
+            )
 
 
 @dataclass
@@ -65,8 +110,35 @@ class TrainRecipe:
 _SECTIONS = {"data": DataConfig, "method": PrunedLoraConfig, "training": TrainingOptions}
 
 
-def _parse_value(text: str) -> Any:
-    return yaml.safe_load(text) if isinstance(text, str) else text
+class _RecipeLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, reading ``1e-4`` as a number (YAML 1.1 wants ``1.0e-4``; the string it
+    would give instead fails the type check of learning_rate, which no user would understand)."""
+
+
+_RecipeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def parse_yaml(text: str, where: str) -> Any:
+    """YAML text -> Python value; a syntax error is a ConfigError naming ``where`` and the line."""
+    try:
+        return yaml.load(text, Loader=_RecipeLoader)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        at = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(
+            f"{where} is not valid YAML{at}: {problem}; check the indentation and brackets there"
+        ) from None
+
+
+def _parse_value(text: str, key: str = "") -> Any:
+    if not isinstance(text, str):
+        return text
+    return parse_yaml(text, f"the value of --{key} ({text!r})")
 
 
 def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
@@ -83,28 +155,63 @@ def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str,
                 )
             parts = [owners[0], parts[0]]
         node = raw
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-        node[parts[-1]] = _parse_value(value)
+        for depth, part in enumerate(parts[:-1]):
+            if node.get(part) is None:  # absent, or an empty section (``method:`` with nothing under it)
+                node[part] = {}
+            node = node[part]
+            if not isinstance(node, dict) or depth > 0:
+                raise ConfigError(
+                    f"--{key} names nothing: {'.'.join(parts[: depth + 1])} holds no options; "
+                    "use section.key, e.g. --training.max_steps 20 or --method.r0 16"
+                )
+        node[parts[-1]] = _parse_value(value, key)
     return raw
 
 
 def recipe_from_dict(raw: dict[str, Any]) -> TrainRecipe:
-    unknown = sorted(set(raw) - {"model", "prune", *_SECTIONS})
+    """A TrainRecipe from a recipe mapping; ``model`` and ``data.task`` are required, the rest has defaults.
+
+    Every problem is a ConfigError (a PrunedLoraError) that names the section and key."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"a recipe must be a mapping with model, data, method, training; got a {type(raw).__name__}")
+    unknown = sorted(map(str, set(raw) - {"model", "prune", *_SECTIONS}))
     if unknown:
         raise ConfigError(f"unknown recipe section(s) {unknown}; a recipe has model, prune, data, method, training")
+    if "model" not in raw:
+        raise ConfigError(
+            "the recipe names no model; add e.g. model: default (SmolLM2-135M-Instruct) or a model folder"
+        )
+    model, prune = raw["model"], raw.get("prune", True)
+    model = str(model) if isinstance(model, Path) else model  # Python callers may pass a Path
+    if not isinstance(model, str) or not model.strip():
+        raise ConfigError(f"model must be 'default' or a model folder, got {model!r}")
+    if not isinstance(prune, bool):
+        raise ConfigError(f"prune must be true or false, got {prune!r}; false trains plain LoRA at r0")
+    if "data" not in raw:
+        raise ConfigError(f"the recipe has no data section; add data: with task: one of {', '.join(TASKS)}")
     sections = {}
     for name, cls in _SECTIONS.items():
-        values = dict(raw.get(name) or {})
-        if cls is PrunedLoraConfig:
-            sections[name] = PrunedLoraConfig.from_dict(values)
-            continue
-        known = {f.name for f in fields(cls)}
-        bad = sorted(set(values) - known)
-        if bad:
-            raise ConfigError(f"unknown {name} option(s) {bad}; known: {sorted(known)}")
-        sections[name] = cls(**values)
-    return TrainRecipe(model=str(raw.get("model", "default")), prune=bool(raw.get("prune", True)), **sections)
+        values = raw.get(name)
+        values = {} if values is None else values
+        if not isinstance(values, dict):
+            raise ConfigError(f"{name} must be a mapping of option: value, got {type(values).__name__} {values!r}")
+        try:
+            if cls is PrunedLoraConfig:
+                sections[name] = PrunedLoraConfig.from_dict(values)
+                continue
+            known = {f.name for f in fields(cls)}
+            bad = sorted(map(str, set(values) - known))
+            if bad:
+                raise ConfigError(f"unknown option(s) {bad}; known: {sorted(known)}")
+            required = [f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING]
+            missing = [key for key in required if key not in values]
+            if missing:
+                hint = f" (one of {', '.join(TASKS)})" if missing == ["task"] else ""
+                raise ConfigError(f"{missing[0]} is missing; set {name}.{missing[0]}{hint}")
+            sections[name] = cls(**values)
+        except PrunedLoraError as err:
+            raise ConfigError(f"{name}: {err}") from None
+    return TrainRecipe(model=model, prune=prune, **sections)
 
 
 def packaged_recipes() -> dict[str, Any]:
@@ -130,8 +237,15 @@ def read_recipe_text(spec: str | Path) -> tuple[str, str]:
 
 def load_recipe(path: str | Path, overrides: dict[str, Any] | None = None) -> TrainRecipe:
     """The recipe at ``path`` (a YAML file, or a shipped recipe's name) with ``overrides`` applied."""
-    text, label = read_recipe_text(path)
-    raw = yaml.safe_load(text) or {}
+    try:
+        text, label = read_recipe_text(path)
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path} is not a text file; a recipe is YAML (see the shipped recipes)") from None
+    raw = parse_yaml(text, label)
     if not isinstance(raw, dict):
-        raise ConfigError(f"{label} must hold a mapping with model, data, method, training")
-    return recipe_from_dict(apply_overrides(raw, overrides or {}))
+        held = "nothing" if raw is None else f"a {type(raw).__name__}"
+        raise ConfigError(f"{label} must hold a mapping with model, data, method, training; it holds {held}")
+    try:
+        return recipe_from_dict(apply_overrides(raw, overrides or {}))
+    except ConfigError as err:
+        raise ConfigError(f"{label}: {err}") from None

@@ -114,12 +114,12 @@ def train(recipe: TrainRecipe, resume: bool | str = "auto", callbacks: list | No
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    dataset = build_train_dataset(tokenizer, recipe.data)  # before the model: a bad data file fails fast
     torch.manual_seed(opts.seed)
     model = build_peft_model(model_dir, recipe.method, opts.dtype)
     if opts.gradient_checkpointing:
         model.gradient_checkpointing_enable()
         model.enable_input_require_grads()
-    dataset = build_train_dataset(tokenizer, recipe.data)
 
     pruner = RankPruner(model, recipe.method)
     if not recipe.prune:  # plain LoRA at r0: the pruner only reports ranks, it never fires
