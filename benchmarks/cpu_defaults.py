@@ -113,6 +113,8 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per configuration")
     parser.add_argument("--out", default=str(RESULTS), help="folder for cpu_defaults.json and .md")
     parser.add_argument("--work-dir", help="per-configuration specs and vLLM logs (default: the prunedlora cache)")
+    parser.add_argument("--only", action="append", default=[], metavar="TEXT",
+                        help="run only configurations whose name contains TEXT (repeatable; e.g. 'auto', 'float32,')")
     args = parser.parse_args()
 
     from prunedlora.bench.latency import _version, bench_prompts
@@ -127,6 +129,8 @@ def main() -> None:
     work = Path(args.work_dir) if args.work_dir else cache_dir() / "bench" / "cpu_defaults"
     rows = []
     for row in configurations(choice):
+        if args.only and not any(text in row["name"] for text in args.only):
+            continue
         rows.append(run_one(row, model_dir, prompts, args, work))
         r = rows[-1]
         print(f"{r['name']:<60} " + (f"error: {r['error']}" if "error" in r else
