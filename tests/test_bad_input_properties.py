@@ -62,6 +62,12 @@ SCALARS = st.one_of(
     st.text(max_size=8),
 )
 VALUES = st.one_of(SCALARS, st.lists(SCALARS, max_size=3), st.dictionaries(st.text(max_size=4), SCALARS, max_size=2))
+# Plausible values, so that a fair share of the mappings builds and the properties of a built config are tested too.
+SANE = st.one_of(
+    st.integers(min_value=0, max_value=40),
+    st.sampled_from([0.5, 2.0, 1e-3, 0.1, None, True, False, "sst2", "obs", "uniform", "constant", "compensate"]),
+    st.sampled_from([["q_proj"], ["q_proj", "v_proj"]]),
+)
 
 
 def names(cls) -> list[str]:
@@ -72,7 +78,7 @@ def mapping_for(cls, extra_keys: bool = True):
     keys = st.sampled_from(names(cls))
     if extra_keys:
         keys = st.one_of(keys, keys, keys, st.text(max_size=6), st.integers(0, 3))
-    return st.dictionaries(keys, VALUES, max_size=6)
+    return st.dictionaries(keys, st.one_of(SANE, SANE, VALUES), max_size=6)
 
 
 def refused_properly(err: Exception) -> None:
@@ -133,8 +139,17 @@ RECIPES = st.fixed_dictionaries(
 )
 
 
+PLAUSIBLE_RECIPES = st.fixed_dictionaries(
+    {
+        "model": st.just("default"),
+        "data": mapping_for(DataConfig, extra_keys=False).map(lambda d: {**d, "task": "rte"}),
+    },
+    optional={"method": mapping_for(PrunedLoraConfig), "training": mapping_for(TrainingOptions)},
+)
+
+
 @PROPERTY
-@given(RECIPES)
+@given(st.one_of(RECIPES, PLAUSIBLE_RECIPES))
 def test_recipe_from_any_mapping(raw):
     try:
         recipe = recipe_from_dict(raw)
