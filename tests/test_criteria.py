@@ -134,8 +134,28 @@ def test_module_scores_shapes_and_known_values():
     gb, ga = torch.ones_like(b), -torch.ones_like(a)
     torch.testing.assert_close(taylor_scores(b, a, gb, ga), torch.tensor([1.0 + 7.0, 1.0, 4.0 + 1.0]))
     torch.testing.assert_close(activation_scores(b, torch.tensor([4.0, 9.0, 1.0])), torch.tensor([2.0, 0.0, 8**0.5]))
-    obs = obs_scores(b, a, torch.randn(2, 3), torch.randn(3, 2), damping=0.01)
-    assert obs.shape == (3,) and torch.all(obs >= 0)
+    gen = torch.Generator().manual_seed(0)
+    gb, ga = torch.randn(2, 3, generator=gen), torch.randn(3, 2, generator=gen)
+    obs = obs_scores(b, a, gb, ga, damping=0.01)
+    torch.testing.assert_close(obs, _obs_by_hand(b, a, gb, ga, 0.01), rtol=1e-10, atol=0)
+
+
+def _obs_by_hand(b, a, gb, ga, damping):
+    """The score the pruner ranks by, written out entry by entry from the README: for each factor (B's
+    rows; A's columns) H = G^T G + delta I (delta = damping x mean diag), and for row w with gradient g
+    and component j: lambda = (w_j - [H^-1 g]_j) / [H^-1]_jj, cost 1/2 lambda^2 [H^-1]_jj, summed over
+    the rows of both factors. Break: drop A's term, or use G_A instead of its transpose -> red."""
+    total = torch.zeros(b.shape[1], dtype=torch.float64)
+    for rows, grads in ((b.double(), gb.double()), (a.double().T, ga.double().T)):
+        h = grads.T @ grads
+        h = h + damping * float(h.diagonal().mean()) * torch.eye(h.shape[0], dtype=torch.float64)
+        hinv = torch.linalg.inv(h)
+        for i in range(rows.shape[0]):
+            step = hinv @ grads[i]
+            for j in range(rows.shape[1]):
+                lam = (rows[i, j] - step[j]) / hinv[j, j]
+                total[j] += 0.5 * lam**2 * hinv[j, j]
+    return total
 
 
 # --- obs-fisher and obs-input: the classic OBS cost with a Hessian of the right scale ---------------

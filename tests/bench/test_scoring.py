@@ -83,8 +83,25 @@ def test_score_task_reports_each_tasks_metrics(tiny):
     settings = EvalSettings(max_examples=2, max_new_tokens=4, batch_size=2)
     gsm8k = score_task(model, tokenizer, "gsm8k", None, settings)
     assert {"exact_match", "answer_nll", "eval_examples"} <= set(gsm8k) and gsm8k["eval_examples"] == 2
-    assert set(score_task(model, tokenizer, "codealpaca", None, settings)) >= {"nll"}
-    assert 0.0 <= score_task(model, tokenizer, "sst2", None, settings)["accuracy"] <= 1.0
+    # the NLLs are mean_nll's (itself checked against the model's own loss above) on the same examples
+    for task, key in (("gsm8k", "answer_nll"), ("codealpaca", "nll")):
+        expected = mean_nll(model, tokenizer, dev_examples(task, None, settings), settings)
+        result = gsm8k if task == "gsm8k" else score_task(model, tokenizer, task, None, settings)
+        assert result[key] == pytest.approx(expected, rel=1e-9)
+
+
+def test_score_task_accuracy_is_exact_on_a_model_that_always_prefers_one_label(tokenizer_and_labels):
+    """Break: accuracy counted over the wrong examples or with the margin's sign flipped -> red."""
+    tokenizer, _ = tokenizer_and_labels
+    settings = EvalSettings(max_examples=20, batch_size=4)
+    examples = dev_examples("sst2", None, settings)
+    share_positive = sum(ex.label == "positive" for ex in examples) / len(examples)
+    assert 0 < share_positive < 1
+    for word, expected in (("positive", share_positive), ("negative", 1 - share_positive)):
+        feature = tokenize_example(tokenizer, Example("x", word, word), 512)
+        first_label_token = next(t for t, label in zip(feature["input_ids"], feature["labels"]) if label != -100)
+        result = score_task(_Prefers(len(tokenizer), first_label_token), tokenizer, "sst2", None, settings)
+        assert result["eval_examples"] == 20 and result["accuracy"] == pytest.approx(expected, abs=0)
 
 
 def test_logits_at_selected_positions_equal_the_full_forward(tiny):
