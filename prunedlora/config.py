@@ -55,6 +55,12 @@ class PrunedLoraConfig:
     hessian_damping: float = 0.01
 
     def __post_init__(self) -> None:
+        from prunedlora.fieldtypes import type_problem
+
+        for f in fields(self):  # before target_modules is copied into a list (a str would split into letters)
+            problem = type_problem(f.name, f.type, getattr(self, f.name))
+            if problem is not None:
+                raise ConfigError(problem)
         self.target_modules = list(self.target_modules)
         if self.max_rank is None:
             self.max_rank = self.r0
@@ -166,16 +172,10 @@ class PrunedLoraConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "PrunedLoraConfig":
-        from prunedlora.fieldtypes import type_problem
-
         if not isinstance(values, dict):
             raise ConfigError(f"the method options must be a mapping of option: value, got {type(values).__name__}")
         known = {f.name: f for f in fields(cls)}
         unknown = sorted(map(str, set(values) - set(known)))
         if unknown:
             raise ConfigError(f"unknown PrunedLoRA option(s) {unknown}; known options: {sorted(known)}")
-        for name, value in values.items():  # before __post_init__, which copies target_modules and max_rank
-            problem = type_problem(name, known[name].type, value)
-            if problem is not None:
-                raise ConfigError(problem)
-        return cls(**values)
+        return cls(**values)  # __post_init__ checks each value's type

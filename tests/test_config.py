@@ -50,3 +50,15 @@ def test_round_trip_and_unknown_keys():
     assert PrunedLoraConfig.from_dict(config.to_dict()) == config
     with pytest.raises(ConfigError, match=r"unknown PrunedLoRA option\(s\) \['rank'\]"):
         PrunedLoraConfig.from_dict({"rank": 4})
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"target_modules": 5}, "target_modules must be a list of names"),
+    ({"target_modules": "q_proj"}, "target_modules must be a list of names"),  # not split into letters
+    ({"r0": "32"}, "r0 must be an integer"),
+])
+def test_direct_construction_checks_types_like_from_dict(kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        PrunedLoraConfig(**kwargs)
+    with pytest.raises(ConfigError, match=message):
+        PrunedLoraConfig.from_dict(kwargs)
