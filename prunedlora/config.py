@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import math
-import re
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Iterable
+from typing import Any
 
 from prunedlora.errors import PrunedLoraError
 from prunedlora.modelfacts import PROJECTIONS
@@ -157,21 +157,21 @@ class PrunedLoraConfig:
 
     def check_modules(self, module_names: Iterable[str], linear_names: Iterable[str]) -> None:
         """Fail when a target module name matches no module, listing the names that exist."""
-        names = list(module_names)
-        for target in self.target_modules:
-            if not any(n == target or n.endswith("." + target) or re.fullmatch(target, n) for n in names):
-                existing = sorted({n.rsplit(".", 1)[-1] for n in linear_names})
-                raise ConfigError(
-                    f"target module {target!r} matches no module of this model; its linear layers are named: "
-                    f"{', '.join(existing)}"
-                )
+        from prunedlora.modelfacts import unmatched_targets
+
+        for target in unmatched_targets(self.target_modules, module_names)[:1]:
+            existing = sorted({n.rsplit(".", 1)[-1] for n in linear_names})
+            raise ConfigError(
+                f"target module {target!r} matches no module of this model; its linear layers are named: "
+                f"{', '.join(existing)}"
+            )
 
     # -- (de)serialisation --------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "PrunedLoraConfig":
+    def from_dict(cls, values: dict[str, Any]) -> PrunedLoraConfig:
         if not isinstance(values, dict):
             raise ConfigError(f"the method options must be a mapping of option: value, got {type(values).__name__}")
         known = {f.name: f for f in fields(cls)}

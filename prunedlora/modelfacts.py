@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 import struct
 from pathlib import Path
 
@@ -91,6 +92,20 @@ def base_linear_shapes(model_dir: str | os.PathLike) -> dict[str, tuple[int, int
         for name, shape in base_weight_shapes(model_dir).items()
         if name.endswith(".weight") and len(shape) == 2
     }
+
+
+def unmatched_targets(target_modules, module_names) -> list[str]:
+    """The ``target_modules`` entries PEFT would match to no module of ``module_names``.
+
+    PEFT's rule: a string is a regex over whole module paths (``all-linear`` is a keyword); a list
+    entry matches a path equal to it or ending in ``.entry``. Train, export and serve all check an
+    adapter's targets with it, so an adapter one stage accepts is not refused by another.
+    """
+    names = list(module_names)
+    if isinstance(target_modules, str):
+        matched = target_modules == "all-linear" or any(re.fullmatch(target_modules, n) for n in names)
+        return [] if matched else [target_modules]
+    return [t for t in target_modules or [] if not any(n == t or n.endswith("." + t) for n in names)]
 
 
 @functools.lru_cache(maxsize=8)

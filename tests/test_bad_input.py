@@ -472,16 +472,7 @@ def test_broken_adapters_refused_by_serve_and_adapters_add(case, adapters, vllm_
     assert posts == []  # nothing was sent to the server
 
 
-EXPORT_GAP = pytest.mark.xfail(
-    strict=True,
-    reason="export loads the model and only fails at verification (a progress bar on stderr first); it should "
-    "check target_modules against the base first, as serve/validate.py's _check_targets does",
-)
-
-
-@pytest.mark.parametrize(
-    "case", [pytest.param(c, marks=EXPORT_GAP) if c == "target the base lacks" else c for c in ADAPTER_CASES]
-)
+@pytest.mark.parametrize("case", ADAPTER_CASES)
 def test_broken_adapters_refused_by_export(case, adapters, vllm_base, work, capsys):
     path = adapters[case]
     refused(["export", path, work / "out", "--base-model", vllm_base], capsys, path.name, work)

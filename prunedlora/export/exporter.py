@@ -17,7 +17,15 @@ from prunedlora import metadata
 from prunedlora.export.compact import ModuleFactors, pad_module, pattern_key, svd_truncate
 from prunedlora.export.errors import ExportError
 from prunedlora.export.source import SourceAdapter, load_source
-from prunedlora.modelfacts import ADAPTER_WEIGHTS_FILE, LORA_A_SUFFIX, LORA_B_SUFFIX, PEFT_PREFIX
+from prunedlora.modelfacts import (
+    ADAPTER_CONFIG_FILE,
+    ADAPTER_WEIGHTS_FILE,
+    LORA_A_SUFFIX,
+    LORA_B_SUFFIX,
+    PEFT_PREFIX,
+    base_linear_shapes,
+    unmatched_targets,
+)
 from prunedlora.staging import staged_directory
 from prunedlora.vllm_compat import ALLOWED_MAX_LORA_RANKS
 
@@ -179,6 +187,12 @@ def export_adapter(
     source = load_source(source_path, from_adalora=from_adalora)
     base_label = base_model or source.base_model
     base_path = resolve_base_model(base_label, str(source_path))
+    missing = unmatched_targets(source.config.get("target_modules"), base_linear_shapes(base_path))
+    if missing:
+        raise ExportError(
+            f"target_modules {missing} in {source.adapter_dir / ADAPTER_CONFIG_FILE} match no module of base model "
+            f"{base_path}; remove them, or pass the --base-model the adapter was trained on"
+        )
     base_params = check_base_shapes(base_path, {n: (m.in_features, m.out_features) for n, m in source.modules.items()})
     compact, dropped, truncated, replaced = _compact_all(source, max_rank, svd_truncate, pad_to)
 

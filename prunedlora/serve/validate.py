@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,6 +26,7 @@ from prunedlora.modelfacts import (
     base_linear_shapes,
     safetensors_header,
     tensor_data_end,
+    unmatched_targets,
 )
 from prunedlora.vllm_compat import (
     ALLOWED_MAX_LORA_RANKS,
@@ -344,12 +344,7 @@ def _check_targets(target_modules, base_shapes: dict, base_dir: Path, label: str
     a module path equal to it or ending in ``.entry``, a string is a regex over whole paths): PEFT would
     refuse such an adapter while vLLM loads only the tensors, so the two would serve different models."""
     names = list(base_shapes)
-    if isinstance(target_modules, str):
-        missing = [] if target_modules == "all-linear" or any(re.fullmatch(target_modules, n) for n in names) else [
-            target_modules
-        ]
-    else:
-        missing = [t for t in target_modules or [] if not any(n == t or n.endswith("." + t) for n in names)]
+    missing = unmatched_targets(target_modules, names)
     if missing:
         known = sorted({n.rsplit(".", 1)[-1] for n in names if n.rsplit(".", 1)[-1] not in EMBEDDING_MODULE_NAMES})
         raise _fail(
