@@ -156,7 +156,7 @@ def _check_config(config: dict, label: str) -> None:
         if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
             raise _fail(label, f"rank_pattern[{key!r}] must be a positive integer, got {rank!r}")
     alpha = config["lora_alpha"]
-    if not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha <= 0:
+    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha) or alpha <= 0:
         raise _fail(label, f"lora_alpha must be a positive number, got {alpha!r}")
 
 
