@@ -35,12 +35,24 @@ def configurations(choice) -> list[dict]:
 
     all_cores = {BIND_VAR: cpu_list(choice.cpu.cpus)}
     rows = [
-        {"name": f"{dtype}, {binding}", "dtype": dtype, "binding": binding,
-         "env": all_cores if binding == "all-cores" else {}}
-        for dtype in DTYPES for binding in BINDINGS
+        {
+            "name": f"{dtype}, {binding}",
+            "dtype": dtype,
+            "binding": binding,
+            "env": all_cores if binding == "all-cores" else {},
+        }
+        for dtype in DTYPES
+        for binding in BINDINGS
     ]
-    rows.append({"name": f"auto ({choice.dtype}, {choice.binding})", "dtype": choice.dtype, "binding": "auto",
-                 "env": dict(choice.env), "auto": True})
+    rows.append(
+        {
+            "name": f"auto ({choice.dtype}, {choice.binding})",
+            "dtype": choice.dtype,
+            "binding": "auto",
+            "env": dict(choice.env),
+            "auto": True,
+        }
+    )
     return rows
 
 
@@ -50,10 +62,24 @@ def run_one(row: dict, model_dir: Path, prompts: list[list[int]], args, work: Pa
 
     folder = work / re.sub(r"[^\w.-]+", "_", row["name"]).strip("_")
     folder.mkdir(parents=True, exist_ok=True)
-    spec = {"model": str(model_dir), "prompts": prompts, "output_tokens": args.output_tokens, "warmup_tokens": 4,
-            "repeats": 1, "adapters": {}, "measurements": [{"name": "base", "adapters": []}],
-            "engine": {"lora": False, "dtype": row["dtype"], "max_model_len": 512, "enforce_eager": True, "seed": 0,
-                       "kv_cache_bytes": 2**30, "max_num_seqs": len(prompts)}}
+    spec = {
+        "model": str(model_dir),
+        "prompts": prompts,
+        "output_tokens": args.output_tokens,
+        "warmup_tokens": 4,
+        "repeats": 1,
+        "adapters": {},
+        "measurements": [{"name": "base", "adapters": []}],
+        "engine": {
+            "lora": False,
+            "dtype": row["dtype"],
+            "max_model_len": 512,
+            "enforce_eager": True,
+            "seed": 0,
+            "kv_cache_bytes": 2**30,
+            "max_num_seqs": len(prompts),
+        },
+    }
     spec_path, result_path, log_path = folder / "spec.json", folder / "result.json", folder / "vllm.log"
     spec_path.write_text(json.dumps(spec) + "\n")
     result_path.unlink(missing_ok=True)
@@ -62,12 +88,13 @@ def run_one(row: dict, model_dir: Path, prompts: list[list[int]], args, work: Pa
     cmd = [sys.executable, "-m", "prunedlora.bench.latency_worker", str(spec_path), str(result_path)]
     with open(log_path, "wb") as log:
         try:
-            code = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                                  timeout=args.timeout).returncode
+            code = subprocess.run(
+                cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, timeout=args.timeout
+            ).returncode
         except subprocess.TimeoutExpired:
             code = None
     text = log_path.read_text(errors="replace")
-    out = {k: v for k, v in row.items()}
+    out = dict(row.items())
     bound = re.findall(r"core ids=\[([^\]]*)\]", text)
     reserved = re.findall(r"reserved_cpus=\[([^\]]*)\]", text)
     out["vllm_core_ids"] = bound[-1] if bound else None
@@ -86,21 +113,29 @@ def markdown(payload: dict) -> str:
     from prunedlora.cpu import machine_line
 
     s = payload["settings"]
-    lines = [f"Base model decode, vLLM {payload.get('vllm')} offline engine, `{Path(payload['model']).name}`, "
-             f"{s['prompts']} prompts x {s['prompt_tokens']} prompt tokens -> {s['output_tokens']} greedy tokens, one "
-             f"batch after a warm-up. Machine: {machine_line(payload['machine'])}.", "",
-             "| configuration | tokens/s | TPOT p50 (ms) | TTFT p50 (s) | vLLM cores | reserved |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        f"Base model decode, vLLM {payload.get('vllm')} offline engine, `{Path(payload['model']).name}`, "
+        f"{s['prompts']} prompts x {s['prompt_tokens']} prompt tokens -> {s['output_tokens']} greedy tokens, one "
+        f"batch after a warm-up. Machine: {machine_line(payload['machine'])}.",
+        "",
+        "| configuration | tokens/s | TPOT p50 (ms) | TTFT p50 (s) | vLLM cores | reserved |",
+        "|---|---|---|---|---|---|",
+    ]
     for row in payload["rows"]:
         if "error" in row:
             lines.append(f"| {row['name']} | error: {row['error']} | | | | |")
             continue
-        lines.append(f"| {row['name']} | {row['output_tokens_per_s']:.1f} | {row['tpot_p50_s'] * 1000:.1f} | "
-                     f"{row['ttft_p50_s']:.2f} | {row['vllm_core_ids']} | {row['vllm_reserved_cpus']} |")
+        lines.append(
+            f"| {row['name']} | {row['output_tokens_per_s']:.1f} | {row['tpot_p50_s'] * 1000:.1f} | "
+            f"{row['ttft_p50_s']:.2f} | {row['vllm_core_ids']} | {row['vllm_reserved_cpus']} |"
+        )
     verdict = payload.get("auto_vs_best")
     if verdict is not None:
-        lines += ["", f"auto reaches {verdict:.0%} of the best fixed setting "
-                      f"({'within' if verdict >= 0.9 else 'NOT within'} 10%)."]
+        lines += [
+            "",
+            f"auto reaches {verdict:.0%} of the best fixed setting "
+            f"({'within' if verdict >= 0.9 else 'NOT within'} 10%).",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -113,8 +148,13 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per configuration")
     parser.add_argument("--out", default=str(RESULTS), help="folder for cpu_defaults.json and .md")
     parser.add_argument("--work-dir", help="per-configuration specs and vLLM logs (default: the prunedlora cache)")
-    parser.add_argument("--only", action="append", default=[], metavar="TEXT",
-                        help="run only configurations whose name contains TEXT (repeatable; e.g. 'auto', 'float32,')")
+    parser.add_argument(
+        "--only",
+        action="append",
+        default=[],
+        metavar="TEXT",
+        help="run only configurations whose name contains TEXT (repeatable; e.g. 'auto', 'float32,')",
+    )
     args = parser.parse_args()
 
     from prunedlora.bench.latency import _version, bench_prompts
@@ -133,9 +173,15 @@ def main() -> None:
             continue
         rows.append(run_one(row, model_dir, prompts, args, work))
         r = rows[-1]
-        print(f"{r['name']:<60} " + (f"error: {r['error']}" if "error" in r else
-                                       f"{r['output_tokens_per_s']:7.1f} tok/s, TPOT {r['tpot_p50_s'] * 1000:.1f} ms"),
-              flush=True)
+        print(
+            f"{r['name']:<60} "
+            + (
+                f"error: {r['error']}"
+                if "error" in r
+                else f"{r['output_tokens_per_s']:7.1f} tok/s, TPOT {r['tpot_p50_s'] * 1000:.1f} ms"
+            ),
+            flush=True,
+        )
     fixed = [r["output_tokens_per_s"] for r in rows if not r.get("auto") and "error" not in r]
     auto = next((r for r in rows if r.get("auto") and "error" not in r), None)
     payload = {

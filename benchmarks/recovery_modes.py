@@ -46,9 +46,13 @@ def main() -> None:
     train_set = build_train_dataset(tokenizer, DataConfig(task="sst2", max_examples=1024, max_length=96))
     dev_set = build_train_dataset(tokenizer, DataConfig(task="sst2", split="dev", max_examples=128, max_length=96))
     collate = make_collator(tokenizer)
-    batches = [collate([train_set[i] for i in range(s, s + args.batch)])
-               for s in range(0, len(train_set) - args.batch + 1, args.batch)]
-    dev_batches = [collate([dev_set[i] for i in range(s, min(s + 32, len(dev_set)))]) for s in range(0, len(dev_set), 32)]
+    batches = [
+        collate([train_set[i] for i in range(s, s + args.batch)])
+        for s in range(0, len(train_set) - args.batch + 1, args.batch)
+    ]
+    dev_batches = [
+        collate([dev_set[i] for i in range(s, min(s + 32, len(dev_set)))]) for s in range(0, len(dev_set), 32)
+    ]
 
     base_config = PrunedLoraConfig(r0=32, lora_alpha=64, target_rank=8, prune_start_step=0, prune_end_step=0)
     model = build_peft_model(model_dir, base_config)
@@ -83,14 +87,24 @@ def main() -> None:
 
     # (criterion, recovery, hessian_damping): the damping only matters where a recovery update is applied
     # or the score is "obs"; larger damping pulls the compensation towards plain zeroing.
-    cells = [("obs", r, 0.01) for r in ("none", "compensate", "newton")] + [
-        ("obs", "compensate", d) for d in (0.1, 1.0)] + [
-        (c, r, 0.01) for c in ("taylor", "magnitude", "activation") for r in ("none", "compensate")]
+    cells = (
+        [("obs", r, 0.01) for r in ("none", "compensate", "newton")]
+        + [("obs", "compensate", d) for d in (0.1, 1.0)]
+        + [(c, r, 0.01) for c in ("taylor", "magnitude", "activation") for r in ("none", "compensate")]
+    )
     for criterion, recovery, damping in cells:
         model.load_state_dict(trained)
         optimizer.load_state_dict(trained_opt)
-        config = PrunedLoraConfig(r0=32, lora_alpha=64, target_rank=8, prune_start_step=0, prune_end_step=0,
-                                  criterion=criterion, recovery=recovery, hessian_damping=damping)
+        config = PrunedLoraConfig(
+            r0=32,
+            lora_alpha=64,
+            target_rank=8,
+            prune_start_step=0,
+            prune_end_step=0,
+            criterion=criterion,
+            recovery=recovery,
+            hessian_damping=damping,
+        )
         pruner = RankPruner(model, config)
         calib = batches[args.warm_steps % len(batches)]
         if criterion == "activation":  # statistics from a forward pass over the calibration batch
@@ -103,20 +117,32 @@ def main() -> None:
         right_after = dev_loss(model)
         steps(model, optimizer, args.warm_steps + 1, args.after_steps, pruner)
         after = dev_loss(model)
-        cell = {"criterion": criterion, "recovery": recovery, "hessian_damping": damping, "dev_loss_after_prune": right_after,
-                f"dev_loss_after_{args.after_steps}_steps": after, "average_rank": pruner.average_rank}
+        cell = {
+            "criterion": criterion,
+            "recovery": recovery,
+            "hessian_damping": damping,
+            "dev_loss_after_prune": right_after,
+            f"dev_loss_after_{args.after_steps}_steps": after,
+            "average_rank": pruner.average_rank,
+        }
         results["cells"].append(cell)
         print(json.dumps(cell), flush=True)
         pruner.remove_hooks()
-    results.update(model=portable_path(model_dir), warm_steps=args.warm_steps, after_steps=args.after_steps, batch=args.batch)
+    results.update(
+        model=portable_path(model_dir), warm_steps=args.warm_steps, after_steps=args.after_steps, batch=args.batch
+    )
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(results, indent=2) + "\n")
     print(f"\nunpruned r0=32: {results['unpruned_r0']:.4f}")
-    print("| criterion | recovery | damping | dev loss right after pruning 32->8 | after %d steps |\n|---|---|---|---|---|"
-          % args.after_steps)
+    print(
+        f"| criterion | recovery | damping | dev loss right after pruning 32->8 | after {args.after_steps} steps |"
+        "\n|---|---|---|---|---|"
+    )
     for c in results["cells"]:
-        print(f"| {c['criterion']} | {c['recovery']} | {c['hessian_damping']} | {c['dev_loss_after_prune']:.4f} | "
-              f"{c[f'dev_loss_after_{args.after_steps}_steps']:.4f} |")
+        print(
+            f"| {c['criterion']} | {c['recovery']} | {c['hessian_damping']} | {c['dev_loss_after_prune']:.4f} | "
+            f"{c[f'dev_loss_after_{args.after_steps}_steps']:.4f} |"
+        )
 
 
 if __name__ == "__main__":

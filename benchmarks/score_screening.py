@@ -72,12 +72,27 @@ def main() -> None:
     train_path = data / "train_full.tsv" if data.is_dir() else None
     dev_path = data / "dev.tsv" if data.is_dir() else None
     collate = make_collator(tokenizer)
-    dev_set = build_train_dataset(tokenizer, DataConfig(task="sst2", path=str(dev_path) if dev_path else None,
-                                                        split="dev", max_examples=args.dev_examples, max_length=96))
-    dev_batches = [collate([dev_set[i] for i in range(s, min(s + 32, len(dev_set)))])
-                   for s in range(0, len(dev_set), 32)]
-    config_kwargs = {"r0": 32, "lora_alpha": 64, "target_rank": 8, "max_rank": 16, "prune_start_step": 0,
-                     "prune_end_step": 0}
+    dev_set = build_train_dataset(
+        tokenizer,
+        DataConfig(
+            task="sst2",
+            path=str(dev_path) if dev_path else None,
+            split="dev",
+            max_examples=args.dev_examples,
+            max_length=96,
+        ),
+    )
+    dev_batches = [
+        collate([dev_set[i] for i in range(s, min(s + 32, len(dev_set)))]) for s in range(0, len(dev_set), 32)
+    ]
+    config_kwargs = {
+        "r0": 32,
+        "lora_alpha": 64,
+        "target_rank": 8,
+        "max_rank": 16,
+        "prune_start_step": 0,
+        "prune_end_step": 0,
+    }
 
     def dev_loss(m) -> float:
         m.eval()
@@ -91,12 +106,18 @@ def main() -> None:
             print(f"seed {seed}: already in {out}, skipped", flush=True)
             continue
         torch.manual_seed(seed)
-        train_set = build_train_dataset(tokenizer, DataConfig(task="sst2", path=str(train_path) if train_path else None,
-                                                              max_examples=2048, max_length=96, seed=seed))
+        train_set = build_train_dataset(
+            tokenizer,
+            DataConfig(
+                task="sst2", path=str(train_path) if train_path else None, max_examples=2048, max_length=96, seed=seed
+            ),
+        )
         order = list(range(len(train_set)))
         random.Random(seed).shuffle(order)  # each seed: its own LoRA init and its own data order
-        batches = [collate([train_set[i] for i in order[s : s + args.batch]])
-                   for s in range(0, len(order) - args.batch + 1, args.batch)]
+        batches = [
+            collate([train_set[i] for i in order[s : s + args.batch]])
+            for s in range(0, len(order) - args.batch + 1, args.batch)
+        ]
         model = build_peft_model(model_dir, PrunedLoraConfig(**config_kwargs))
         params = [p for p in model.parameters() if p.requires_grad]
 
@@ -115,8 +136,10 @@ def main() -> None:
         t0 = time.time()
         steps(0, args.warm_steps, optimizer=optimizer)
         unpruned = dev_loss(model)
-        print(f"seed {seed}: warm-up {args.warm_steps} steps in {time.time() - t0:.0f}s; dev loss {unpruned:.4f}",
-              flush=True)
+        print(
+            f"seed {seed}: warm-up {args.warm_steps} steps in {time.time() - t0:.0f}s; dev loss {unpruned:.4f}",
+            flush=True,
+        )
         trained, trained_opt = copy.deepcopy(model.state_dict()), copy.deepcopy(optimizer.state_dict())
         cells = []
         for criterion, recovery in CELLS:
@@ -134,15 +157,21 @@ def main() -> None:
             optimizer.zero_grad()
             right_after = dev_loss(model)
             steps(args.warm_steps + args.calib_steps, args.after_steps, pruner, optimizer)
-            cell = {"criterion": criterion, "recovery": recovery, "dev_loss_after_prune": right_after,
-                    "dev_loss_after_steps": dev_loss(model), "average_rank": pruner.average_rank,
-                    "max_rank": max(pruner.ranks().values())}
+            cell = {
+                "criterion": criterion,
+                "recovery": recovery,
+                "dev_loss_after_prune": right_after,
+                "dev_loss_after_steps": dev_loss(model),
+                "average_rank": pruner.average_rank,
+                "max_rank": max(pruner.ranks().values()),
+            }
             cells.append(cell)
             print(json.dumps(cell), flush=True)
             pruner.remove_hooks()
         results["seeds"][str(seed)] = {"unpruned_r0": unpruned, "cells": cells}
         results.update(
-            model=args.model, data="sst2 (../shared/data when present, else the vendored slice)",
+            model=args.model,
+            data="sst2 (../shared/data when present, else the vendored slice)",
             settings={k: v for k, v in vars(args).items() if k not in ("out", "seeds")},
             machine=machine_record(dtype="float32"),
         )
@@ -158,16 +187,25 @@ def markdown(results: dict) -> str:
 
     seeds = sorted(results["seeds"], key=int)
     s = results.get("settings", {})
-    lines = [f"Score screening (SST-2 dev loss, {len(seeds)} warm-start seed(s); r0 32 -> average 8, max 16, global; "
-             f"{s.get('warm_steps')} warm steps, {s.get('calib_steps')} calibration batches, "
-             f"{s.get('after_steps')} steps after). Machine: {machine_line(results.get('machine'))}", "",
-             "| score | recovery | right after pruning | diff vs magnitude (mean ± sd) | after steps | diff vs magnitude |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        f"Score screening (SST-2 dev loss, {len(seeds)} warm-start seed(s); r0 32 -> average 8, max 16, global; "
+        f"{s.get('warm_steps')} warm steps, {s.get('calib_steps')} calibration batches, "
+        f"{s.get('after_steps')} steps after). Machine: {machine_line(results.get('machine'))}",
+        "",
+        "| score | recovery | right after pruning | diff vs magnitude (mean ± sd) | after steps | diff vs magnitude |",
+        "|---|---|---|---|---|---|",
+    ]
     unpruned = [results["seeds"][k]["unpruned_r0"] for k in seeds]
 
     def cell_values(criterion, recovery, key):
-        return [next(c[key] for c in results["seeds"][k]["cells"]
-                     if c["criterion"] == criterion and c["recovery"] == recovery) for k in seeds]
+        return [
+            next(
+                c[key]
+                for c in results["seeds"][k]["cells"]
+                if c["criterion"] == criterion and c["recovery"] == recovery
+            )
+            for k in seeds
+        ]
 
     def fmt(values):
         return f"{statistics.fmean(values):.4f}" + (f" ± {statistics.stdev(values):.4f}" if len(values) > 1 else "")

@@ -45,10 +45,24 @@ def one_run(model: str, prune: bool, steps: int, out: str) -> dict:
             "model": model,
             "prune": prune,
             "data": {"task": "sst2", "max_examples": 1024, "max_length": 96},
-            "method": {"r0": 32, "lora_alpha": 64, "target_rank": 8, "criterion": "obs", "allocation": "global",
-                       "prune_start_step": max(1, steps // 8), "prune_end_step": end, "prune_every": max(1, steps // 8)},
-            "training": {"output_dir": out, "max_steps": steps, "per_device_train_batch_size": 8,
-                         "logging_steps": 10, "save_steps": 10_000, "seed": 0},
+            "method": {
+                "r0": 32,
+                "lora_alpha": 64,
+                "target_rank": 8,
+                "criterion": "obs",
+                "allocation": "global",
+                "prune_start_step": max(1, steps // 8),
+                "prune_end_step": end,
+                "prune_every": max(1, steps // 8),
+            },
+            "training": {
+                "output_dir": out,
+                "max_steps": steps,
+                "per_device_train_batch_size": 8,
+                "logging_steps": 10,
+                "save_steps": 10_000,
+                "seed": 0,
+            },
         }
     )
     timer = StepTimer()
@@ -76,21 +90,35 @@ def main() -> None:
     parser.add_argument("--out", default="/tmp/prunedlora-bench-train")
     args = parser.parse_args()
     if args.worker:
-        print("RESULT " + json.dumps(one_run(args.model, args.worker == "prune", args.steps,
-                                             f"{args.out}/{args.worker}")))
+        print(
+            "RESULT " + json.dumps(one_run(args.model, args.worker == "prune", args.steps, f"{args.out}/{args.worker}"))
+        )
         return
     runs = []
     for repeat in range(args.repeats):
         for kind in ("plain", "prune"):
-            cmd = [sys.executable, __file__, "--worker", kind, "--steps", str(args.steps), "--model", args.model,
-                   "--out", f"{args.out}/{repeat}"]
+            cmd = [
+                sys.executable,
+                __file__,
+                "--worker",
+                kind,
+                "--steps",
+                str(args.steps),
+                "--model",
+                args.model,
+                "--out",
+                f"{args.out}/{repeat}",
+            ]
             proc = subprocess.run(cmd, capture_output=True, text=True)
             lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
             if proc.returncode != 0 or not lines:
                 sys.exit(f"{kind} run failed:\n{proc.stderr[-3000:]}")
             runs.append(json.loads(lines[-1][7:]))
-            print(f"repeat {repeat} {kind}: {runs[-1]['mean_step_s']:.3f} s/step, "
-                  f"peak {runs[-1]['peak_rss_mib']:.0f} MiB", flush=True)
+            print(
+                f"repeat {repeat} {kind}: {runs[-1]['mean_step_s']:.3f} s/step, "
+                f"peak {runs[-1]['peak_rss_mib']:.0f} MiB",
+                flush=True,
+            )
     summary = {}
     for kind, prune in (("plain", False), ("prune", True)):
         mine = [r for r in runs if r["prune"] == prune]
@@ -117,8 +145,10 @@ def main() -> None:
     for kind in ("plain", "prune"):
         s = summary[kind]
         label = "LoRA r0=32" if kind == "plain" else "PrunedLoRA 32->8 (obs, global)"
-        print(f"| {label} | {s['mean_step_s']:.3f} | {s['spread_step_s']:.3f} | {s['peak_rss_mib']:.0f} | "
-              f"{s['final_average_rank']:.2f} |")
+        print(
+            f"| {label} | {s['mean_step_s']:.3f} | {s['spread_step_s']:.3f} | {s['peak_rss_mib']:.0f} | "
+            f"{s['final_average_rank']:.2f} |"
+        )
     print(f"\npruning adds {overhead * 100:+.1f}% to the mean step time; results in {RESULTS}")
 
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 import torch
 
 
-def allocate_uniform(scores: dict[str, torch.Tensor], masks: dict[str, torch.Tensor], keep: int) -> dict[str, list[int]]:
+def allocate_uniform(
+    scores: dict[str, torch.Tensor], masks: dict[str, torch.Tensor], keep: int
+) -> dict[str, list[int]]:
     """Every module keeps its ``keep`` best-scored active components; all end at the same rank."""
     removal: dict[str, list[int]] = {}
     for name, mask in masks.items():

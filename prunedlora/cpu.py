@@ -21,9 +21,9 @@ from __future__ import annotations
 
 import os
 import platform
+from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping, MutableMapping
 
 # Flags that decide the figures: bf16 is native with AVX512-bf16 or AMX (x86) or the bf16 extension
 # (aarch64, "bf16" in Features); avx512f and avx2 set the speed of everything else.
@@ -124,8 +124,10 @@ class CpuChoice:
     def line(self) -> str:
         """The one line the commands print."""
         flags = ", ".join(self.cpu.relevant_flags) or "none of " + "/".join(RELEVANT_FLAGS[:4])
-        return (f"cpu: {self.cpu.model} ({flags}), {self.cpu.cores} cores -> dtype {self.dtype} ({self.dtype_reason}); "
-                f"threads: {self.binding}")
+        return (
+            f"cpu: {self.cpu.model} ({flags}), {self.cpu.cores} cores -> dtype {self.dtype} ({self.dtype_reason}); "
+            f"threads: {self.binding}"
+        )
 
     def apply(self, env: MutableMapping[str, str]) -> MutableMapping[str, str]:
         """Set the chosen vLLM variables in ``env`` (never replacing one already there); returns it."""
@@ -134,8 +136,12 @@ class CpuChoice:
         return env
 
     def record(self) -> dict:
-        return {"dtype": self.dtype, "dtype_reason": self.dtype_reason, "thread_binding": self.binding,
-                "vllm_env": dict(self.env)}
+        return {
+            "dtype": self.dtype,
+            "dtype_reason": self.dtype_reason,
+            "thread_binding": self.binding,
+            "vllm_env": dict(self.env),
+        }
 
 
 def decide(cpu: CpuInfo, dtype: str = "auto", env: Mapping[str, str] | None = None, world_size: int = 1) -> CpuChoice:
@@ -163,8 +169,9 @@ def autocast_bf16(cpu: CpuInfo | None = None) -> bool:
     return resolve_dtype("auto", cpu or read_cpu_info()) == "bfloat16"
 
 
-def machine_record(choice: CpuChoice | None = None, *, cpu: CpuInfo | None = None, dtype: str | None = None,
-                   threads: str | None = None) -> dict:
+def machine_record(
+    choice: CpuChoice | None = None, *, cpu: CpuInfo | None = None, dtype: str | None = None, threads: str | None = None
+) -> dict:
     """The machine as every results file records it: CPU model, relevant flags, cores used, dtype and
     thread binding (from a vLLM ``choice``, or ``dtype``/``threads`` for torch), and a one-line summary."""
     cpu = choice.cpu if choice is not None else (cpu or read_cpu_info())

@@ -167,7 +167,9 @@ def obs_fisher_scores(
     )
 
 
-def obs_input_scores(lora_b: torch.Tensor, input_cov: torch.Tensor, damping: float, scaling: float = 1.0) -> torch.Tensor:
+def obs_input_scores(
+    lora_b: torch.Tensor, input_cov: torch.Tensor, damping: float, scaling: float = 1.0
+) -> torch.Tensor:
     """SparseGPT's cost for each column of B: ``1/2 s^2 sum_i B_ij^2 / [H_z^-1]_jj`` with ``H_z = sum z z^T``."""
     return (scaling**2) * classic_obs_costs(lora_b, damped_inverse(input_cov, damping))
 

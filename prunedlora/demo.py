@@ -88,8 +88,10 @@ def _score_or_reuse(task: DemoTask, model_dir: Path, run_dir: Path, adapter_dir:
     from prunedlora.bench.scoring import EvalSettings
     from prunedlora.train.recipe import load_recipe
 
-    sources = [run_dir / metadata.RUN_ADAPTER_DIR / "adapter_model.safetensors",
-               adapter_dir / "adapter_model.safetensors"]
+    sources = [
+        run_dir / metadata.RUN_ADAPTER_DIR / "adapter_model.safetensors",
+        adapter_dir / "adapter_model.safetensors",
+    ]
     if out_file.is_file() and all(out_file.stat().st_mtime_ns >= s.stat().st_mtime_ns for s in sources):
         print(f"reusing the scores in {out_file}")
         payload = json.loads(out_file.read_text())
@@ -130,19 +132,27 @@ def run_demo(root: str | Path = "runs/demo") -> dict[str, Path]:
     warnings = []
     for task in DEMO_TASKS:
         _banner(f"4/6 score {task.name}: base model, r0 training adapter and pruned export on held-out data")
-        scores = _score_or_reuse(task, model_dir, runs[task.name], adapters[task.name],
-                                 root / "quality" / f"{task.name}.json")
+        scores = _score_or_reuse(
+            task, model_dir, runs[task.name], adapters[task.name], root / "quality" / f"{task.name}.json"
+        )
         outputs[f"scores {task.name}"] = root / "quality" / f"{task.name}.json"
         if not scores["beats_base"]:
-            warnings.append(f"WARNING: the {task.name} adapter does not beat the base model on held-out data "
-                            f"(see {outputs[f'scores {task.name}']})")
+            warnings.append(
+                f"WARNING: the {task.name} adapter does not beat the base model on held-out data "
+                f"(see {outputs[f'scores {task.name}']})"
+            )
 
     _banner("5/6 serve: one vLLM server, the base model and both adapters")
     log_file = root / "serve.log"
     questions = {"base": DEMO_TASKS[0].question}
     questions.update({task.name: task.question for task in DEMO_TASKS})
-    config = ServeConfig(model=str(model_dir), adapters={k: str(v) for k, v in adapters.items()}, port=0,
-                         log_file=str(log_file), echo=False)
+    config = ServeConfig(
+        model=str(model_dir),
+        adapters={k: str(v) for k, v in adapters.items()},
+        port=0,
+        log_file=str(log_file),
+        echo=False,
+    )
     serve_and_ask(config, questions)
     outputs["server log"] = log_file
 

@@ -117,7 +117,7 @@ def _from_dict(cls, payload: dict[str, Any], path: Path):
 
     if not isinstance(payload, dict):
         raise MetadataError(f"{path} holds a JSON {type(payload).__name__}, not an object; the file is damaged")
-    known = {f for f in cls.__dataclass_fields__}
+    known = set(cls.__dataclass_fields__)
     try:
         record = cls(**{k: v for k, v in payload.items() if k in known})
     except TypeError as err:

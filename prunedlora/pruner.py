@@ -112,7 +112,9 @@ class RankPruner:
             )
         wrong = {n: m.lora_a.shape[0] for n, m in self.modules.items() if m.lora_a.shape[0] != config.r0}
         if wrong:
-            raise ConfigError(f"LoRA layers must have rank r0={config.r0}; these do not: {dict(list(wrong.items())[:5])}")
+            raise ConfigError(
+                f"LoRA layers must have rank r0={config.r0}; these do not: {dict(list(wrong.items())[:5])}"
+            )
         self.schedule = PruningSchedule.build(config, len(self.modules))
         self.masks: dict[str, torch.Tensor] = {n: torch.ones(config.r0, dtype=torch.bool) for n in self.modules}
         self.history: list[dict[str, Any]] = []
@@ -179,8 +181,12 @@ class RankPruner:
                 self._remove(name, removed)
         if optimizer is not None:
             self.zero_optimizer_state(optimizer)
-        for stats in (*self.activation_sq.values(), *self.input_cov.values(), *self.fisher_b.values(),
-                      *self.fisher_a.values()):
+        for stats in (
+            *self.activation_sq.values(),
+            *self.input_cov.values(),
+            *self.fisher_b.values(),
+            *self.fisher_a.values(),
+        ):
             stats.zero_()
         self.fisher_steps = 0
         ranks = self.ranks()
@@ -264,7 +270,9 @@ class RankPruner:
             new_b = remove_components(b[:, active], grad_b, hinv_b, order, self.config.recovery).weight_rows
             b[:, active] = new_b.to(b.dtype)
             if hinv_a is not None:
-                new_a_rows = remove_components(a[active, :].T, grad_a.T, hinv_a, order, self.config.recovery).weight_rows
+                new_a_rows = remove_components(
+                    a[active, :].T, grad_a.T, hinv_a, order, self.config.recovery
+                ).weight_rows
                 a[active, :] = new_a_rows.T.to(a.dtype)
         mask[removed] = False
         self._apply_mask(module, mask)
@@ -387,8 +395,9 @@ class RankPruner:
     _STATE_KINDS = ("masks", "activation_sq", "input_cov", "fisher_b", "fisher_a")
 
     def state_dict(self) -> dict[str, Any]:
-        state: dict[str, Any] = {kind: {n: t.clone() for n, t in getattr(self, kind).items()}
-                                 for kind in self._STATE_KINDS}
+        state: dict[str, Any] = {
+            kind: {n: t.clone() for n, t in getattr(self, kind).items()} for kind in self._STATE_KINDS
+        }
         state["fisher_steps"] = self.fisher_steps
         state["history"] = json.loads(json.dumps(self.history))
         return state

@@ -38,7 +38,7 @@ class PruningSchedule:
     final_total: int
 
     @classmethod
-    def build(cls, config: PrunedLoraConfig, num_modules: int) -> "PruningSchedule":
+    def build(cls, config: PrunedLoraConfig, num_modules: int) -> PruningSchedule:
         n, r0 = num_modules, config.r0
         final_total = config.final_total_rank(n)
         initial = n * r0

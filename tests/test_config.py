@@ -16,7 +16,10 @@ def test_defaults_are_valid_and_scaling_follows_rslora():
         (dict(r0=8, target_rank=16), "target_rank (16) must be in (0, r0=8]"),
         (dict(min_rank=6, max_rank=4, target_rank=5), "min_rank (6) is above max_rank (4)"),
         (dict(r0=8, max_rank=12), "max_rank (12) is above r0 (8)"),
-        (dict(criterion="fisher"), "criterion must be one of obs, obs-paper, obs-fisher, obs-input, taylor, activation, magnitude"),
+        (
+            dict(criterion="fisher"),
+            "criterion must be one of obs, obs-paper, obs-fisher, obs-input, taylor, activation, magnitude",
+        ),
         (dict(schedule="linear"), "schedule must be one of cubic, constant"),
         (dict(target_rank=None), "give exactly one of target_rank"),
         (dict(allocation="uniform", target_rank=7.5), "target_rank must be an integer"),
@@ -52,11 +55,14 @@ def test_round_trip_and_unknown_keys():
         PrunedLoraConfig.from_dict({"rank": 4})
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"target_modules": 5}, "target_modules must be a list of names"),
-    ({"target_modules": "q_proj"}, "target_modules must be a list of names"),  # not split into letters
-    ({"r0": "32"}, "r0 must be an integer"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"target_modules": 5}, "target_modules must be a list of names"),
+        ({"target_modules": "q_proj"}, "target_modules must be a list of names"),  # not split into letters
+        ({"r0": "32"}, "r0 must be an integer"),
+    ],
+)
 def test_direct_construction_checks_types_like_from_dict(kwargs, message):
     with pytest.raises(ConfigError, match=message):
         PrunedLoraConfig(**kwargs)

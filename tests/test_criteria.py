@@ -105,9 +105,7 @@ def test_sequential_removal_with_downdate_equals_joint_removal(removed):
     torch.testing.assert_close(sequential_comp, joint_comp, atol=1e-9, rtol=0)
     # the downdated inverse is the inverse of H on the surviving components
     free = [k for k in range(w.shape[1]) if k not in removed]
-    torch.testing.assert_close(
-        sequential.hinv[free][:, free], torch.linalg.inv(h[free][:, free]), atol=1e-9, rtol=0
-    )
+    torch.testing.assert_close(sequential.hinv[free][:, free], torch.linalg.inv(h[free][:, free]), atol=1e-9, rtol=0)
     assert sequential.hinv[removed].abs().max() == 0
 
 
@@ -242,7 +240,9 @@ def test_obs_input_is_the_least_squares_increase_of_the_modules_output():
 
 def _module(seed, out=12, s=5, inp=10):
     gen = torch.Generator().manual_seed(seed)
-    return (torch.randn(out, s, generator=gen, dtype=torch.float64) * 4e-3,
-            torch.randn(s, inp, generator=gen, dtype=torch.float64) * 0.05,
-            torch.randn(out, s, generator=gen, dtype=torch.float64) * 1e-4,
-            torch.randn(s, inp, generator=gen, dtype=torch.float64) * 1e-4)
+    return (
+        torch.randn(out, s, generator=gen, dtype=torch.float64) * 4e-3,
+        torch.randn(s, inp, generator=gen, dtype=torch.float64) * 0.05,
+        torch.randn(out, s, generator=gen, dtype=torch.float64) * 1e-4,
+        torch.randn(s, inp, generator=gen, dtype=torch.float64) * 1e-4,
+    )

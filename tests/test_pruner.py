@@ -15,8 +15,15 @@ VOCAB = 64
 
 def tiny_peft(r0=8, seed=0, targets=("q_proj", "v_proj", "down_proj")):
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
     base = LlamaForCausalLM(config)
     model = get_peft_model(base, LoraConfig(r=r0, lora_alpha=2 * r0, target_modules=list(targets)))
     # make lora_B non-zero so components differ from the start
@@ -48,13 +55,22 @@ def run_loop(model, pruner, steps, accumulation=2, seed=0, lr=1e-2):
     return optimizer
 
 
-@pytest.mark.parametrize("criterion", ["obs", "obs-paper", "obs-fisher", "obs-input", "taylor", "activation",
-                                       "magnitude"])
+@pytest.mark.parametrize(
+    "criterion", ["obs", "obs-paper", "obs-fisher", "obs-input", "taylor", "activation", "magnitude"]
+)
 def test_pruned_components_stay_exactly_zero_with_zero_optimizer_state(criterion):
     model = tiny_peft()
-    config = PrunedLoraConfig(r0=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"],
-                              target_rank=3, min_rank=1, prune_start_step=2, prune_end_step=6, prune_every=2,
-                              criterion=criterion)
+    config = PrunedLoraConfig(
+        r0=8,
+        lora_alpha=16,
+        target_modules=["q_proj", "v_proj", "down_proj"],
+        target_rank=3,
+        min_rank=1,
+        prune_start_step=2,
+        prune_end_step=6,
+        prune_every=2,
+        criterion=criterion,
+    )
     pruner = RankPruner(model, config)
     optimizer = run_loop(model, pruner, steps=7 + 50)
     ranks = pruner.ranks()
@@ -115,9 +131,17 @@ def run_inspected_loop(model, pruner, steps, accumulation=2, lr=1e-2):
 
 def _reactivation_setup(criterion="obs"):
     model = tiny_peft(seed=8)
-    config = PrunedLoraConfig(r0=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"],
-                              target_rank=3, min_rank=1, prune_start_step=1, prune_end_step=5, prune_every=2,
-                              criterion=criterion)
+    config = PrunedLoraConfig(
+        r0=8,
+        lora_alpha=16,
+        target_modules=["q_proj", "v_proj", "down_proj"],
+        target_rank=3,
+        min_rank=1,
+        prune_start_step=1,
+        prune_end_step=5,
+        prune_every=2,
+        criterion=criterion,
+    )
     return model, RankPruner(model, config)
 
 
@@ -137,8 +161,10 @@ def test_pruned_components_stay_zero_without_re_zeroing_the_weights(criterion):
     assert leaks == {"grads": 0.0, "state": 0.0, "weights": 0.0}
 
 
-@pytest.mark.parametrize(("broken", "rezero_weights"),
-                         [("mask_gradients", True), ("zero_optimizer_state", True), ("zero_optimizer_state", False)])
+@pytest.mark.parametrize(
+    ("broken", "rezero_weights"),
+    [("mask_gradients", True), ("zero_optimizer_state", True), ("zero_optimizer_state", False)],
+)
 def test_the_reactivation_check_catches_each_break(broken, rezero_weights):
     """Mutation test of the check above: with the gradient mask or the optimizer-state zeroing skipped,
     Adam's moments for pruned entries become non-zero (and, without re-zeroing, so do the weights),
@@ -151,6 +177,7 @@ def test_the_reactivation_check_catches_each_break(broken, rezero_weights):
     model, pruner = _reactivation_setup()
     setattr(pruner, broken, lambda *args: None)
     if broken == "mask_gradients":
+
         def zero_weights_only(module, mask):
             with torch.no_grad():
                 module.lora_b.mul_(mask.to(module.lora_b.dtype)[None, :])
@@ -169,8 +196,15 @@ def test_the_reactivation_check_catches_each_break(broken, rezero_weights):
 
 def test_pruner_without_events_does_not_change_training():
     reference, pruned = tiny_peft(seed=1), tiny_peft(seed=1)
-    config = PrunedLoraConfig(r0=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"],
-                              target_rank=4, prune_start_step=100, prune_end_step=120, prune_every=10)
+    config = PrunedLoraConfig(
+        r0=8,
+        lora_alpha=16,
+        target_modules=["q_proj", "v_proj", "down_proj"],
+        target_rank=4,
+        prune_start_step=100,
+        prune_end_step=120,
+        prune_every=10,
+    )
     run_loop(reference, None, steps=5)
     run_loop(pruned, RankPruner(pruned, config), steps=5)
     for (name, a), (_, b) in zip(reference.named_parameters(), pruned.named_parameters()):
@@ -179,9 +213,17 @@ def test_pruner_without_events_does_not_change_training():
 
 def test_uniform_allocation_through_the_pruner_and_history():
     model = tiny_peft(seed=2)
-    config = PrunedLoraConfig(r0=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"],
-                              target_rank=2, allocation="uniform", schedule="constant", components_per_event=3,
-                              prune_start_step=0, prune_every=1)
+    config = PrunedLoraConfig(
+        r0=8,
+        lora_alpha=16,
+        target_modules=["q_proj", "v_proj", "down_proj"],
+        target_rank=2,
+        allocation="uniform",
+        schedule="constant",
+        components_per_event=3,
+        prune_start_step=0,
+        prune_every=1,
+    )
     pruner = RankPruner(model, config)
     run_loop(model, pruner, steps=4)
     assert set(pruner.ranks().values()) == {2}
@@ -193,9 +235,16 @@ def test_uniform_allocation_through_the_pruner_and_history():
 
 def test_state_round_trip(tmp_path):
     model = tiny_peft(seed=3)
-    config = PrunedLoraConfig(r0=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"],
-                              target_rank=4, criterion="activation", prune_start_step=1, prune_end_step=3,
-                              prune_every=2)
+    config = PrunedLoraConfig(
+        r0=8,
+        lora_alpha=16,
+        target_modules=["q_proj", "v_proj", "down_proj"],
+        target_rank=4,
+        criterion="activation",
+        prune_start_step=1,
+        prune_end_step=3,
+        prune_every=2,
+    )
     pruner = RankPruner(model, config)
     run_loop(model, pruner, steps=3)
     pruner.save(tmp_path)
@@ -213,9 +262,16 @@ def test_state_round_trip(tmp_path):
 @pytest.mark.parametrize("criterion", ["obs-fisher", "obs-input"])
 def test_statistics_between_events_round_trip_and_reset_at_events(tmp_path, criterion):
     """obs-fisher's Fisher sums and obs-input's z z^T sums survive a checkpoint and restart at each event."""
-    config = PrunedLoraConfig(r0=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"],
-                              target_rank=4, criterion=criterion, prune_start_step=3, prune_end_step=9,
-                              prune_every=3)
+    config = PrunedLoraConfig(
+        r0=8,
+        lora_alpha=16,
+        target_modules=["q_proj", "v_proj", "down_proj"],
+        target_rank=4,
+        criterion=criterion,
+        prune_start_step=3,
+        prune_end_step=9,
+        prune_every=3,
+    )
     model = tiny_peft(seed=6)
     pruner = RankPruner(model, config)
     run_loop(model, pruner, steps=2)  # before the first event: statistics only
@@ -237,8 +293,16 @@ def test_statistics_between_events_round_trip_and_reset_at_events(tmp_path, crit
 
 
 def test_obs_fisher_is_the_mean_of_per_step_fishers():
-    config = PrunedLoraConfig(r0=8, lora_alpha=16, target_modules=["q_proj"], target_rank=4,
-                              criterion="obs-fisher", prune_start_step=50, prune_end_step=60, prune_every=5)
+    config = PrunedLoraConfig(
+        r0=8,
+        lora_alpha=16,
+        target_modules=["q_proj"],
+        target_rank=4,
+        criterion="obs-fisher",
+        prune_start_step=50,
+        prune_end_step=60,
+        prune_every=5,
+    )
     model = tiny_peft(seed=7, targets=("q_proj",))
     pruner = RankPruner(model, config)
     expected = {n: torch.zeros(8, 8, dtype=torch.float64) for n in pruner.modules}
@@ -260,16 +324,28 @@ def test_module_names_are_the_base_models_and_r0_must_match():
     with pytest.raises(ConfigError, match="must have rank r0=8"):
         RankPruner(model, PrunedLoraConfig(r0=8, target_rank=2, target_modules=["q_proj"]))
     with pytest.raises(ConfigError, match="no PEFT LoRA layers"):
-        RankPruner(copy.deepcopy(model).get_base_model().model.layers[0].mlp, PrunedLoraConfig(r0=4, target_rank=2),
-                   adapter_name="other")
+        RankPruner(
+            copy.deepcopy(model).get_base_model().model.layers[0].mlp,
+            PrunedLoraConfig(r0=4, target_rank=2),
+            adapter_name="other",
+        )
 
 
 @pytest.mark.parametrize("recovery", ["compensate", "newton"])
 def test_recovery_changes_surviving_components_only_at_events(recovery):
     model = tiny_peft(seed=4)
-    config = PrunedLoraConfig(r0=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"],
-                              target_rank=4, allocation="uniform", schedule="constant", components_per_event=4,
-                              prune_start_step=0, prune_every=1, recovery=recovery)
+    config = PrunedLoraConfig(
+        r0=8,
+        lora_alpha=16,
+        target_modules=["q_proj", "v_proj", "down_proj"],
+        target_rank=4,
+        allocation="uniform",
+        schedule="constant",
+        components_per_event=4,
+        prune_start_step=0,
+        prune_every=1,
+        recovery=recovery,
+    )
     pruner = RankPruner(model, config)
     ids = batches(1)[0]
     model(input_ids=ids, labels=ids).loss.backward()
@@ -283,8 +359,9 @@ def test_recovery_changes_surviving_components_only_at_events(recovery):
 
 def test_missing_gradients_give_a_clear_error():
     model = tiny_peft(seed=5)
-    config = PrunedLoraConfig(r0=8, target_modules=["q_proj"], target_rank=4, prune_start_step=0,
-                              prune_end_step=0, prune_every=1)
+    config = PrunedLoraConfig(
+        r0=8, target_modules=["q_proj"], target_rank=4, prune_start_step=0, prune_end_step=0, prune_every=1
+    )
     pruner = RankPruner(model, config)
     with pytest.raises(Exception, match="no gradient on model.layers.0.self_attn.q_proj"):
         pruner.before_optimizer_step(0)

@@ -20,8 +20,9 @@ def _simulate(config, n, seed=0):
         if config.allocation == "uniform":
             decision = allocate_uniform(scores, masks, event.per_module)
         else:
-            decision = allocate_global(scores, masks, event.total, config.min_rank, event.cap,
-                                       config.max_rank, schedule.final_total)
+            decision = allocate_global(
+                scores, masks, event.total, config.min_rank, event.cap, config.max_rank, schedule.final_total
+            )
         for name, idx in decision.items():
             assert masks[name][idx].all(), "a component may only be removed once"
             masks[name][idx] = False
@@ -32,8 +33,15 @@ def _simulate(config, n, seed=0):
 @pytest.mark.parametrize("schedule", ["cubic", "constant"])
 @pytest.mark.parametrize("allocation", ["uniform", "global"])
 def test_schedules_hit_the_target_average_exactly(schedule, allocation):
-    config = PrunedLoraConfig(r0=16, target_rank=4, schedule=schedule, allocation=allocation,
-                              prune_start_step=5, prune_end_step=45, prune_every=5)
+    config = PrunedLoraConfig(
+        r0=16,
+        target_rank=4,
+        schedule=schedule,
+        allocation=allocation,
+        prune_start_step=5,
+        prune_end_step=45,
+        prune_every=5,
+    )
     _, trace = _simulate(config, n=7)
     final = trace[-1]
     assert sum(final.values()) == 4 * 7
@@ -42,8 +50,9 @@ def test_schedules_hit_the_target_average_exactly(schedule, allocation):
 
 
 def test_uniform_gives_equal_ranks_at_every_event():
-    config = PrunedLoraConfig(r0=16, target_rank=5, allocation="uniform", prune_start_step=0,
-                              prune_end_step=30, prune_every=5)
+    config = PrunedLoraConfig(
+        r0=16, target_rank=5, allocation="uniform", prune_start_step=0, prune_end_step=30, prune_every=5
+    )
     _, trace = _simulate(config, n=5)
     for ranks in trace:
         assert len(set(ranks.values())) == 1
@@ -51,8 +60,9 @@ def test_uniform_gives_equal_ranks_at_every_event():
 
 
 def test_global_gives_unequal_ranks_within_min_and_max():
-    config = PrunedLoraConfig(r0=16, target_rank=6, min_rank=2, max_rank=10, prune_start_step=0,
-                              prune_end_step=40, prune_every=5)
+    config = PrunedLoraConfig(
+        r0=16, target_rank=6, min_rank=2, max_rank=10, prune_start_step=0, prune_end_step=40, prune_every=5
+    )
     _, trace = _simulate(config, n=8)
     final = trace[-1]
     assert len(set(final.values())) > 1
@@ -63,23 +73,38 @@ def test_global_gives_unequal_ranks_within_min_and_max():
 
 
 def test_global_fractional_target_and_total_budget():
-    config = PrunedLoraConfig(r0=8, target_rank=None, total_rank_budget=13, min_rank=0, prune_start_step=0,
-                              prune_end_step=20, prune_every=5)
+    config = PrunedLoraConfig(
+        r0=8, target_rank=None, total_rank_budget=13, min_rank=0, prune_start_step=0, prune_end_step=20, prune_every=5
+    )
     _, trace = _simulate(config, n=4)
     assert sum(trace[-1].values()) == 13
 
 
 def test_constant_schedule_is_k_every_n_steps():
-    config = PrunedLoraConfig(r0=32, target_rank=8, schedule="constant", components_per_event=2,
-                              allocation="uniform", prune_start_step=10, prune_every=10)
+    config = PrunedLoraConfig(
+        r0=32,
+        target_rank=8,
+        schedule="constant",
+        components_per_event=2,
+        allocation="uniform",
+        prune_start_step=10,
+        prune_every=10,
+    )
     schedule, trace = _simulate(config, n=3)
     assert [e.step for e in schedule.events] == list(range(10, 130, 10))
     assert [t["m0"] for t in trace] == list(range(30, 7, -2))
 
 
 def test_constant_schedule_last_event_takes_exactly_the_rest():
-    config = PrunedLoraConfig(r0=9, target_rank=4, schedule="constant", components_per_event=2,
-                              allocation="uniform", prune_start_step=0, prune_every=3)
+    config = PrunedLoraConfig(
+        r0=9,
+        target_rank=4,
+        schedule="constant",
+        components_per_event=2,
+        allocation="uniform",
+        prune_start_step=0,
+        prune_every=3,
+    )
     schedule, trace = _simulate(config, n=2)
     assert [t["m0"] for t in trace] == [7, 5, 4]
     assert [e.step for e in schedule.events] == [0, 3, 6]

@@ -35,14 +35,18 @@ def installed(tmp_path_factory) -> Path:
     shutil.copytree(REPO / "prunedlora", source / "prunedlora", ignore=shutil.ignore_patterns("__pycache__"))
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(REPO / name, source / name)
-    _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", root / "dist", source],
-         cwd=root)
+    _run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", root / "dist", source],
+        cwd=root,
+    )
     (wheel,) = (root / "dist").glob("prunedlora-*.whl")
 
     venv = root / "venv"
     _run([sys.executable, "-m", "venv", "--without-pip", venv], cwd=root)
     python = venv / "bin" / "python"
-    site = Path(_run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], cwd=root).stdout.strip())
+    site = Path(
+        _run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], cwd=root).stdout.strip()
+    )
     (site / "project_venv.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
     _run([sys.executable, "-m", "pip", "--python", python, "install", "--no-deps", "-q", wheel], cwd=root)
     return venv
@@ -58,11 +62,45 @@ def test_train_help_and_a_one_step_train_from_a_packaged_recipe(installed, tmp_p
     assert "--config" in _run([cli, "train", "--help"], cwd=tmp_path).stdout
     run_dir = tmp_path / "run"
     # `demo` is a packaged recipe (no recipes/ folder here); its data are the slices vendored in the wheel
-    _run([cli, "train", "--config", "demo", "--model", tiny_model_path, "--training.output_dir", run_dir,
-          "--training.max_steps", "1", "--training.per_device_train_batch_size", "2", "--training.warmup_steps", "0",
-          "--data.max_examples", "8", "--data.max_length", "96", "--method.r0", "4", "--method.lora_alpha", "8",
-          "--method.target_rank", "2", "--method.max_rank", "4", "--method.target_modules", "[q_proj, v_proj]",
-          "--method.prune_start_step", "0", "--method.prune_end_step", "0", "--method.prune_every", "1"], cwd=tmp_path)
+    _run(
+        [
+            cli,
+            "train",
+            "--config",
+            "demo",
+            "--model",
+            tiny_model_path,
+            "--training.output_dir",
+            run_dir,
+            "--training.max_steps",
+            "1",
+            "--training.per_device_train_batch_size",
+            "2",
+            "--training.warmup_steps",
+            "0",
+            "--data.max_examples",
+            "8",
+            "--data.max_length",
+            "96",
+            "--method.r0",
+            "4",
+            "--method.lora_alpha",
+            "8",
+            "--method.target_rank",
+            "2",
+            "--method.max_rank",
+            "4",
+            "--method.target_modules",
+            "[q_proj, v_proj]",
+            "--method.prune_start_step",
+            "0",
+            "--method.prune_end_step",
+            "0",
+            "--method.prune_every",
+            "1",
+        ],
+        cwd=tmp_path,
+    )
     record = json.loads((run_dir / "prunedlora_run.json").read_text())
     assert record["global_step"] == 1 and record["base_model"] == str(tiny_model_path)
     assert (run_dir / "adapter" / "adapter_model.safetensors").is_file() and (run_dir / "ranks.png").is_file()

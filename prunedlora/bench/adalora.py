@@ -97,10 +97,12 @@ def adalora_config(recipe: TrainRecipe, num_modules: int):
 _E_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+?)\.lora_E(?:\.[^.]+)?$")
 
 
-def ranks_from_pattern(rank_pattern: dict[str, list[bool]] | None, module_names: list[str], init_r: int) -> dict[str, int]:
+def ranks_from_pattern(
+    rank_pattern: dict[str, list[bool]] | None, module_names: list[str], init_r: int
+) -> dict[str, int]:
     """Per-module rank from AdaLoRA's saved rank_pattern ({``...<module>.lora_E[.adapter]``: bools})."""
     if not rank_pattern:
-        return {name: init_r for name in module_names}
+        return dict.fromkeys(module_names, init_r)
     ranks = {}
     for key, kept in rank_pattern.items():
         match = _E_KEY.match(key)
@@ -126,9 +128,16 @@ def train_adalora(recipe: TrainRecipe, out_dir: str | Path, keep_model: bool = F
     done = out_dir / DONE_FILE
     if done.is_file() and not keep_model:
         payload = json.loads(done.read_text())
-        return AdaLoraResult(run_dir=out_dir, adapter_dir=out_dir / ADAPTER_DIR, ranks=payload["ranks"], average_rank=payload["average_rank"],
-                             train_loss=payload["train_loss"], losses=[tuple(x) for x in payload["losses"]],
-                             global_step=payload["global_step"], seconds=payload["seconds"])
+        return AdaLoraResult(
+            run_dir=out_dir,
+            adapter_dir=out_dir / ADAPTER_DIR,
+            ranks=payload["ranks"],
+            average_rank=payload["average_rank"],
+            train_loss=payload["train_loss"],
+            losses=[tuple(x) for x in payload["losses"]],
+            global_step=payload["global_step"],
+            seconds=payload["seconds"],
+        )
     start = time.perf_counter()
     opts = recipe.training
     model_dir = resolve_model(recipe.model)
@@ -138,7 +147,9 @@ def train_adalora(recipe: TrainRecipe, out_dir: str | Path, keep_model: bool = F
     torch.manual_seed(opts.seed)  # as the runner: the seed before the adapter is initialised
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, opts.dtype))
     targets = set(recipe.method.target_modules)
-    module_names = [n for n, m in base.named_modules() if isinstance(m, torch.nn.Linear) and n.rsplit(".", 1)[-1] in targets]
+    module_names = [
+        n for n, m in base.named_modules() if isinstance(m, torch.nn.Linear) and n.rsplit(".", 1)[-1] in targets
+    ]
     if not module_names:
         raise AdaLoraBenchError(f"no linear module of {model_dir} is named {sorted(targets)}")
     model = get_peft_model(base, adalora_config(recipe, len(module_names)))
@@ -148,8 +159,13 @@ def train_adalora(recipe: TrainRecipe, out_dir: str | Path, keep_model: bool = F
     dataset = build_train_dataset(tokenizer, recipe.data)
     # the runner's arguments, without checkpoints (see the module docstring)
     args = training_arguments(opts, out_dir / "trainer", save_strategy="no", disable_tqdm=False)
-    trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=make_collator(tokenizer),
-                      callbacks=[AdaLoraCallback(model)])
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        data_collator=make_collator(tokenizer),
+        callbacks=[AdaLoraCallback(model)],
+    )
     output = trainer.train()
     config = model.peft_config["default"]
     ranks = ranks_from_pattern(config.rank_pattern, module_names, config.init_r)
@@ -170,7 +186,18 @@ def train_adalora(recipe: TrainRecipe, out_dir: str | Path, keep_model: bool = F
         seconds=time.perf_counter() - start,
         model=model if keep_model else None,
     )
-    done.write_text(json.dumps({"ranks": ranks, "average_rank": result.average_rank, "train_loss": result.train_loss,
-                                "losses": losses, "global_step": result.global_step, "seconds": result.seconds},
-                               indent=2) + "\n")
+    done.write_text(
+        json.dumps(
+            {
+                "ranks": ranks,
+                "average_rank": result.average_rank,
+                "train_loss": result.train_loss,
+                "losses": losses,
+                "global_step": result.global_step,
+                "seconds": result.seconds,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
     return result

@@ -77,8 +77,13 @@ class AdapterSet:
 
         return {
             family: [
-                {"name": a.name, "path": portable_path(a.path), "max_rank": a.max_rank, "average_rank": round(a.average_rank, 3),
-                 "source": a.source}
+                {
+                    "name": a.name,
+                    "path": portable_path(a.path),
+                    "max_rank": a.max_rank,
+                    "average_rank": round(a.average_rank, 3),
+                    "source": a.source,
+                }
                 for a in adapters
             ]
             for family, adapters in self.families.items()
@@ -122,7 +127,7 @@ def random_global_pattern(modules: list[str], r0: int, target: float, seed: int)
     """
     rng = random.Random(seed)
     total = round(target * len(modules))
-    ranks = {m: 1 for m in modules}
+    ranks = dict.fromkeys(modules, 1)
     left = total - len(modules)
     while left > 0:
         module = rng.choice(modules)
@@ -179,7 +184,12 @@ def write_synthetic_run(
 
     def save_adapter(adapter_dir: Path) -> None:
         LoraConfig(
-            r=r0, lora_alpha=lora_alpha, target_modules=targets, lora_dropout=0.0, bias="none", task_type="CAUSAL_LM",
+            r=r0,
+            lora_alpha=lora_alpha,
+            target_modules=targets,
+            lora_dropout=0.0,
+            bias="none",
+            task_type="CAUSAL_LM",
             base_model_name_or_path=str(model_dir),
         ).save_pretrained(str(adapter_dir))
         save_file(tensors, str(adapter_dir / ADAPTER_WEIGHTS_FILE), metadata={"format": "pt"})
@@ -237,15 +247,18 @@ def synthetic_adapters(
     modules = list(shapes)
     if patterns is None:
         patterns = load_bundled_patterns()
-    usable = [p for p in patterns if set(p["ranks"]) == set(modules) and p.get("allocation", "global") == "global"
-              and int(p.get("r0", r0)) == r0]
+    usable = [
+        p
+        for p in patterns
+        if set(p["ranks"]) == set(modules) and p.get("allocation", "global") == "global" and int(p.get("r0", r0)) == r0
+    ]
     result = AdapterSet(synthetic=True)
-    counts = per_family if isinstance(per_family, dict) else {family: per_family for family in FAMILIES}
+    counts = per_family if isinstance(per_family, dict) else dict.fromkeys(FAMILIES, per_family)
     for family in FAMILIES:
         result.families[family] = []
         for i in range(max(1, int(counts.get(family, 1)))):
             if family == "r0":
-                ranks, source = {m: r0 for m in modules}, f"synthetic, every module at r0={r0}"
+                ranks, source = dict.fromkeys(modules, r0), f"synthetic, every module at r0={r0}"
             elif family == "pruned-uniform":
                 ranks = {m: int(target_rank) for m in modules}
                 source = f"synthetic, every module at rank {target_rank} (uniform allocation)"
@@ -257,8 +270,14 @@ def synthetic_adapters(
                 ranks = random_global_pattern(modules, r0, target_rank, seed=i)
                 source = f"synthetic, random heterogeneous ranks averaging {target_rank} (no real run for this model)"
             name = f"{family}-{i}"
-            spec = {"model": str(model_dir.resolve()), "ranks": ranks, "r0": r0, "alpha": lora_alpha, "seed": i,
-                    "format": 1}
+            spec = {
+                "model": str(model_dir.resolve()),
+                "ranks": ranks,
+                "r0": r0,
+                "alpha": lora_alpha,
+                "seed": i,
+                "format": 1,
+            }
             run_dir = work_dir / "runs" / name
             out = work_dir / name
             marker = out / _SPEC_FILE
@@ -294,13 +313,17 @@ def adapters_from_runs(run_dirs: list[str | os.PathLike], work_dir: str | os.Pat
         base = {"run": str(run.resolve()), "stamp": stamp, "format": 1}
         r0_out = work_dir / f"r0-{i}"
         _export_cached(run / metadata.RUN_ADAPTER_DIR, r0_out, {**base, "kind": "r0"})
-        result.families["r0"].append(BenchAdapter(f"r0-{i}", "r0", r0_out, _exported_ranks(r0_out), f"run {run} (uncompacted)"))
+        result.families["r0"].append(
+            BenchAdapter(f"r0-{i}", "r0", r0_out, _exported_ranks(r0_out), f"run {run} (uncompacted)")
+        )
         pruned = set(record.ranks.values()) != {record.r0}
         if pruned:
             family = "pruned-uniform" if record.method.get("allocation") == "uniform" else "pruned-global"
             out = work_dir / f"{family}-{i}"
             _export_cached(run, out, {**base, "kind": "pruned"})
-            result.families[family].append(BenchAdapter(f"{family}-{i}", family, out, _exported_ranks(out), f"run {run}"))
+            result.families[family].append(
+                BenchAdapter(f"{family}-{i}", family, out, _exported_ranks(out), f"run {run}")
+            )
     result.families = {k: v for k, v in result.families.items() if v}
     if not any(f.startswith("pruned") for f in result.families):
         raise BenchAdapterError("none of the runs is pruned (all ranks equal r0); pass at least one PrunedLoRA run")

@@ -56,30 +56,62 @@ def _register_latency(kinds) -> None:
     p.add_argument("--model", default="default", help="base model folder, or 'default' (SmolLM2-135M-Instruct)")
     p.add_argument("--out", default="benchmarks/results", help="where the JSON, table and plot go")
     p.add_argument("--work-dir", help="bench adapters and per-engine logs (default: ~/.cache/prunedlora/bench/latency)")
-    p.add_argument("--run", action="append", default=[], metavar="RUN_DIR",
-                   help="a finished `prunedlora train` run to serve (repeatable); default: synthetic adapters with "
-                   "the ranks of real runs")
+    p.add_argument(
+        "--run",
+        action="append",
+        default=[],
+        metavar="RUN_DIR",
+        help="a finished `prunedlora train` run to serve (repeatable); default: synthetic adapters with "
+        "the ranks of real runs",
+    )
     p.add_argument("--r0", type=int, default=32, help="rank of the unpruned adapters (synthetic; default 32)")
-    p.add_argument("--target-rank", type=int, default=8, help="average rank of the pruned adapters (synthetic; default 8)")
+    p.add_argument(
+        "--target-rank", type=int, default=8, help="average rank of the pruned adapters (synthetic; default 8)"
+    )
     p.add_argument("--prompts", type=int, default=16, dest="num_prompts", help="requests per batch (default 16)")
     p.add_argument("--prompt-tokens", type=int, default=32, help="tokens per prompt (default 32)")
     p.add_argument("--output-tokens", type=int, default=32, help="tokens generated per request (default 32)")
     p.add_argument("--repeats", type=int, default=1, help="measured batches per configuration (default 1)")
-    p.add_argument("--slots", type=_int_list, default=[8, 32, 64], dest="sweep_slots",
-                   help="slot ranks of the sweep (default 8,32,64)")
+    p.add_argument(
+        "--slots",
+        type=_int_list,
+        default=[8, 32, 64],
+        dest="sweep_slots",
+        help="slot ranks of the sweep (default 8,32,64)",
+    )
     p.add_argument("--mixes", type=_int_list, default=[1, 4, 16], help="distinct adapters per batch (default 1,4,16)")
-    p.add_argument("--mix-family", default="pruned-global", choices=("r0", "pruned-global", "pruned-uniform"),
-                   help="adapters mixed in a batch (default pruned-global)")
-    p.add_argument("--adapters-per-family", type=int, default=3, help="synthetic adapters of the mixed family, one per real run pattern (default 3)")
-    p.add_argument("--dtype", default="auto",
-                   help="vLLM dtype (default auto: on the CPU bfloat16 where it is native, else float32)")
+    p.add_argument(
+        "--mix-family",
+        default="pruned-global",
+        choices=("r0", "pruned-global", "pruned-uniform"),
+        help="adapters mixed in a batch (default pruned-global)",
+    )
+    p.add_argument(
+        "--adapters-per-family",
+        type=int,
+        default=3,
+        help="synthetic adapters of the mixed family, one per real run pattern (default 3)",
+    )
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        help="vLLM dtype (default auto: on the CPU bfloat16 where it is native, else float32)",
+    )
     p.add_argument("--max-model-len", type=int, default=512)
     p.add_argument("--kv-cache-gib", type=float, help="KV cache per engine (default 1 GiB, or VLLM_CPU_KVCACHE_SPACE)")
-    p.add_argument("--engine-timeout", type=float, default=900.0, dest="engine_timeout_s",
-                   help="seconds one engine may take before it is stopped (default 900)")
-    p.add_argument("--quick", action="store_true",
-                   help="a first look in a few minutes: base, r0 and each pruned family in its smallest and the r0 slot, "
-                   "8 prompts -> 16 tokens, no sweep or mixes (the demo's latency stage); options set otherwise win")
+    p.add_argument(
+        "--engine-timeout",
+        type=float,
+        default=900.0,
+        dest="engine_timeout_s",
+        help="seconds one engine may take before it is stopped (default 900)",
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="a first look in a few minutes: base, r0 and each pruned family in its smallest and the r0 slot, "
+        "8 prompts -> 16 tokens, no sweep or mixes (the demo's latency stage); options set otherwise win",
+    )
     p.add_argument("--quiet", action="store_true", help="print only the result")
     p.set_defaults(handler=_latency)
 
@@ -93,11 +125,24 @@ def _latency(args) -> int:
             if getattr(args, key) == getattr(defaults, key):
                 setattr(args, key, value)
     config = LatencyBenchConfig(
-        model=args.model, out_dir=args.out, work_dir=args.work_dir, runs=args.run, r0=args.r0,
-        target_rank=args.target_rank, num_prompts=args.num_prompts, prompt_tokens=args.prompt_tokens,
-        output_tokens=args.output_tokens, repeats=args.repeats, sweep_slots=args.sweep_slots, mixes=args.mixes,
-        mix_family=args.mix_family, adapters_per_family=args.adapters_per_family, dtype=args.dtype,
-        max_model_len=args.max_model_len, kv_cache_gib=args.kv_cache_gib, engine_timeout_s=args.engine_timeout_s,
+        model=args.model,
+        out_dir=args.out,
+        work_dir=args.work_dir,
+        runs=args.run,
+        r0=args.r0,
+        target_rank=args.target_rank,
+        num_prompts=args.num_prompts,
+        prompt_tokens=args.prompt_tokens,
+        output_tokens=args.output_tokens,
+        repeats=args.repeats,
+        sweep_slots=args.sweep_slots,
+        mixes=args.mixes,
+        mix_family=args.mix_family,
+        adapters_per_family=args.adapters_per_family,
+        dtype=args.dtype,
+        max_model_len=args.max_model_len,
+        kv_cache_gib=args.kv_cache_gib,
+        engine_timeout_s=args.engine_timeout_s,
         echo=not args.quiet,
     )
     payload = run_latency_bench(config)
@@ -122,44 +167,98 @@ def _register_quality(kinds) -> None:
     p.add_argument("--preset", choices=("small", "full"), default="small", help="starting point (default small)")
     p.add_argument("--model", default=from_preset, help="base model folder, or 'default'")
     p.add_argument("--tasks", type=_str_list, default=from_preset, help="comma-separated: gsm8k, codealpaca, sst2")
-    p.add_argument("--methods", type=_str_list, default=from_preset,
-                   help="comma-separated: base, lora-target, lora-r0, pruned-obs-global, pruned-obs-uniform, "
-                   "pruned-obs-fisher-global, pruned-obs-fisher-uniform, pruned-obs-input-global, "
-                   "pruned-taylor-global, pruned-activation-global, pruned-magnitude-global, adalora")
+    p.add_argument(
+        "--methods",
+        type=_str_list,
+        default=from_preset,
+        help="comma-separated: base, lora-target, lora-r0, pruned-obs-global, pruned-obs-uniform, "
+        "pruned-obs-fisher-global, pruned-obs-fisher-uniform, pruned-obs-input-global, "
+        "pruned-taylor-global, pruned-activation-global, pruned-magnitude-global, adalora",
+    )
     p.add_argument("--seeds", type=_int_list, default=from_preset, help="comma-separated training seeds")
-    p.add_argument("--max-steps", type=_int_or("recipe"), default=from_preset,
-                   help="optimizer steps per run, or 'recipe' (pruning schedules are scaled to it)")
+    p.add_argument(
+        "--max-steps",
+        type=_int_or("recipe"),
+        default=from_preset,
+        help="optimizer steps per run, or 'recipe' (pruning schedules are scaled to it)",
+    )
     p.add_argument("--learning-rate", type=float, default=from_preset, help="default: the recipe's")
     p.add_argument("--batch-size", type=int, default=from_preset, help="per-device batch size (default: the recipe's)")
-    p.add_argument("--train-examples", type=int, default=from_preset, help="cap on training examples (default: recipe's)")
+    p.add_argument(
+        "--train-examples", type=int, default=from_preset, help="cap on training examples (default: recipe's)"
+    )
     p.add_argument("--max-length", type=int, default=from_preset, help="tokens per example (default: the recipe's)")
     p.add_argument("--r0", type=int, default=from_preset, help="initial rank (default: the recipe's)")
     p.add_argument("--target-rank", type=float, default=from_preset, help="final average rank (default: the recipe's)")
     p.add_argument("--max-rank", type=int, default=from_preset, help="per-module rank cap (default: the recipe's)")
-    p.add_argument("--dev-size", type=int, default=from_preset,
-                   help="held-out carve of GSM8K/CodeAlpaca, kept out of training (default: 100)")
-    p.add_argument("--exact-match-examples", type=int, default=from_preset,
-                   help="GSM8K greedy exact match on the first N held-out examples (default: all; 0: none)")
-    p.add_argument("--eval-examples", type=_int_or("all"), default=from_preset,
-                   help="held-out examples scored per task, or 'all'")
+    p.add_argument(
+        "--dev-size",
+        type=int,
+        default=from_preset,
+        help="held-out carve of GSM8K/CodeAlpaca, kept out of training (default: 100)",
+    )
+    p.add_argument(
+        "--exact-match-examples",
+        type=int,
+        default=from_preset,
+        help="GSM8K greedy exact match on the first N held-out examples (default: all; 0: none)",
+    )
+    p.add_argument(
+        "--eval-examples", type=_int_or("all"), default=from_preset, help="held-out examples scored per task, or 'all'"
+    )
     p.add_argument("--gen-tokens", type=int, default=from_preset, help="GSM8K answer length limit (default 256)")
     p.add_argument("--eval-batch-size", type=int, default=from_preset, help="scoring batch size (default 16)")
-    p.add_argument("--data-dir", default=from_preset,
-                   help="folder with gsm8k/, codealpaca/, sst2/ (default ../shared/data; 'vendored' for the package slices)")
+    p.add_argument(
+        "--data-dir",
+        default=from_preset,
+        help="folder with gsm8k/, codealpaca/, sst2/ (default ../shared/data; 'vendored' for the package slices)",
+    )
     p.add_argument("--recipes-dir", default=from_preset, help="folder with smollm2-<task>.yaml (default: recipes/)")
-    p.add_argument("--cells-dir", default=from_preset, help="cell cache (default ~/.cache/prunedlora/bench/quality/cells)")
-    p.add_argument("--out", dest="out_dir", default=from_preset, help="where quality.json/.md/.png go (default benchmarks/results)")
+    p.add_argument(
+        "--cells-dir", default=from_preset, help="cell cache (default ~/.cache/prunedlora/bench/quality/cells)"
+    )
+    p.add_argument(
+        "--out", dest="out_dir", default=from_preset, help="where quality.json/.md/.png go (default benchmarks/results)"
+    )
     p.add_argument("--force", action="store_true", default=from_preset, help="recompute cells even if cached")
-    p.add_argument("--keep-checkpoints", action="store_true", default=from_preset,
-                   help="keep each run's Trainer checkpoints after it finished")
-    p.add_argument("--list", action="store_true", help="print every cell, whether it is cached and its command; run nothing")
+    p.add_argument(
+        "--keep-checkpoints",
+        action="store_true",
+        default=from_preset,
+        help="keep each run's Trainer checkpoints after it finished",
+    )
+    p.add_argument(
+        "--list", action="store_true", help="print every cell, whether it is cached and its command; run nothing"
+    )
     p.add_argument("--quiet", action="store_true", help="print only the result")
     p.set_defaults(handler=_quality)
 
 
-_QUALITY_KEYS = ("model", "tasks", "methods", "seeds", "max_steps", "learning_rate", "batch_size", "train_examples",
-                 "max_length", "r0", "target_rank", "max_rank", "dev_size", "exact_match_examples", "eval_examples", "gen_tokens", "eval_batch_size", "data_dir",
-                 "recipes_dir", "cells_dir", "out_dir", "force", "keep_checkpoints")
+_QUALITY_KEYS = (
+    "model",
+    "tasks",
+    "methods",
+    "seeds",
+    "max_steps",
+    "learning_rate",
+    "batch_size",
+    "train_examples",
+    "max_length",
+    "r0",
+    "target_rank",
+    "max_rank",
+    "dev_size",
+    "exact_match_examples",
+    "eval_examples",
+    "gen_tokens",
+    "eval_batch_size",
+    "data_dir",
+    "recipes_dir",
+    "cells_dir",
+    "out_dir",
+    "force",
+    "keep_checkpoints",
+)
 
 
 def _quality(args) -> int:

@@ -61,18 +61,24 @@ def adapter_size(adapter_dir: str | os.PathLike) -> dict[str, float | int]:
             params += count
             if ".lora_A" in key:
                 ranks.append(shape[0])
-    return {"params": params, "bytes": path.stat().st_size, "average_rank": sum(ranks) / max(len(ranks), 1),
-            "max_rank": max(ranks, default=0), "modules": len(ranks)}
+    return {
+        "params": params,
+        "bytes": path.stat().st_size,
+        "average_rank": sum(ranks) / max(len(ranks), 1),
+        "max_rank": max(ranks, default=0),
+        "modules": len(ranks),
+    }
 
 
 def _per_example(result: dict, metric: str) -> tuple[dict[int, float], dict[int, float]]:
     """(value, weight) by example index: accuracy = correct (weight 1); NLL = -log-likelihood (weight tokens)."""
     per = result["per_example"]
     if metric == "accuracy":
-        return ({i: float(m > 0) for i, m in zip(per["index"], per["margin"])},
-                {i: 1.0 for i in per["index"]})
-    return ({i: -s for i, s in zip(per["index"], per["logprob_sum"])},
-            {i: float(n) for i, n in zip(per["index"], per["tokens"])})
+        return ({i: float(m > 0) for i, m in zip(per["index"], per["margin"])}, dict.fromkeys(per["index"], 1.0))
+    return (
+        {i: -s for i, s in zip(per["index"], per["logprob_sum"])},
+        {i: float(n) for i, n in zip(per["index"], per["tokens"])},
+    )
 
 
 def _raw(result: dict) -> dict[int, float]:
@@ -96,24 +102,36 @@ def compare(base: dict, r0: dict, export: dict, metric: str, better: str) -> dic
     shared = sorted(set(values) & set(base_values))
     interval = paired_bootstrap([values[i] - base_values[i] for i in shared], [weights[i] for i in shared])
     beats = interval.low > 0 if better == "higher" else interval.high < 0
-    return {"metric": metric, "better": better, "export_minus_base": interval.mean, "low": interval.low,
-            "high": interval.high, "beats_base": beats, "r0_export_max_diff": disagreement}
+    return {
+        "metric": metric,
+        "better": better,
+        "export_minus_base": interval.mean,
+        "low": interval.low,
+        "high": interval.high,
+        "beats_base": beats,
+        "r0_export_max_diff": disagreement,
+    }
 
 
-def score_demo_task(evaluation: DemoEval, model_dir: str | os.PathLike, run_dir: str | os.PathLike,
-                    export_dir: str | os.PathLike) -> dict:
+def score_demo_task(
+    evaluation: DemoEval, model_dir: str | os.PathLike, run_dir: str | os.PathLike, export_dir: str | os.PathLike
+) -> dict:
     """Score the base model, the run's r0 adapter and the export; return the rows and the comparison."""
     tokenizer = load_tokenizer(model_dir)
     rows = []
     r0_dir = Path(run_dir) / metadata.RUN_ADAPTER_DIR
     for name, adapter in (("base model", None), ("r0 training adapter", r0_dir), ("pruned export", Path(export_dir))):
         model = load_model(model_dir, adapter)
-        result = score_task(model, tokenizer, evaluation.task, evaluation.data_path, evaluation.settings,
-                            evaluation.data_seed)
+        result = score_task(
+            model, tokenizer, evaluation.task, evaluation.data_path, evaluation.settings, evaluation.data_seed
+        )
         del model
         gc.collect()
-        size = adapter_size(adapter) if adapter is not None else {"params": 0, "bytes": 0, "average_rank": 0,
-                                                                     "max_rank": 0, "modules": 0}
+        size = (
+            adapter_size(adapter)
+            if adapter is not None
+            else {"params": 0, "bytes": 0, "average_rank": 0, "max_rank": 0, "modules": 0}
+        )
         rows.append({"name": name, "adapter": str(adapter) if adapter else None, **size, **result})
     metric, better = evaluation.headline
     comparison = compare(*rows, metric=metric, better=better)
@@ -133,16 +151,23 @@ def format_table(payload: dict) -> str:
     metrics = [m for m, _ in TASK_METRICS[payload["task"]] if m in payload["rows"][0]]
     arrows = {m: "↑" if b == "higher" else "↓" for m, b in TASK_METRICS[payload["task"]]}
     header = f"{'':<20} {'rank avg/max':>12} {'params':>10} {'bytes':>9}" + "".join(
-        f" {m + ' ' + arrows[m]:>14}" for m in metrics)
+        f" {m + ' ' + arrows[m]:>14}" for m in metrics
+    )
     lines = [f"{payload['task']}: {payload['eval_examples']} held-out examples", header]
     for row in payload["rows"]:
         rank = f"{row['average_rank']:.1f}/{row['max_rank']}" if row["modules"] else "-"
-        lines.append(f"{row['name']:<20} {rank:>12} {row['params']:>10,} {_human_bytes(row['bytes']):>9}"
-                     + "".join(f" {row[m]:>14.4f}" for m in metrics))
-    delta = f"{payload['metric']} export - base {payload['export_minus_base']:+.4f} " \
-            f"(paired 95% interval {payload['low']:+.4f} .. {payload['high']:+.4f})"
+        lines.append(
+            f"{row['name']:<20} {rank:>12} {row['params']:>10,} {_human_bytes(row['bytes']):>9}"
+            + "".join(f" {row[m]:>14.4f}" for m in metrics)
+        )
+    delta = (
+        f"{payload['metric']} export - base {payload['export_minus_base']:+.4f} "
+        f"(paired 95% interval {payload['low']:+.4f} .. {payload['high']:+.4f})"
+    )
     lines.append(delta + f"; r0 adapter vs export: max per-example difference {payload['r0_export_max_diff']:.2g}")
     if not payload["beats_base"]:
-        lines.append(f"WARNING: the {payload['task']} adapter does not beat the base model on its held-out split "
-                     f"({delta}); it needs more training steps (training.max_steps in its recipe).")
+        lines.append(
+            f"WARNING: the {payload['task']} adapter does not beat the base model on its held-out split "
+            f"({delta}); it needs more training steps (training.max_steps in its recipe)."
+        )
     return "\n".join(lines)

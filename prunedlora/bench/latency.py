@@ -40,8 +40,14 @@ RESULT_FILES = {"json": "latency.json", "markdown": "latency.md", "plot": "laten
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 # ``bench latency --quick`` and the demo's latency stage: the base model, r0 and each pruned family in
 # its smallest slot and the r0 slot, on fewer prompts and tokens (a few minutes on 2 cores).
-QUICK_SETTINGS = {"num_prompts": 8, "prompt_tokens": 32, "output_tokens": 16, "sweep_slots": [], "mixes": [1],
-                  "adapters_per_family": 1}
+QUICK_SETTINGS = {
+    "num_prompts": 8,
+    "prompt_tokens": 32,
+    "output_tokens": 16,
+    "sweep_slots": [],
+    "mixes": [1],
+    "adapters_per_family": 1,
+}
 
 
 class LatencyBenchError(PrunedLoraError):
@@ -80,7 +86,7 @@ class LatencyBenchConfig:
     echo: bool = True
 
     @classmethod
-    def quick(cls, **overrides) -> "LatencyBenchConfig":
+    def quick(cls, **overrides) -> LatencyBenchConfig:
         """The ``--quick`` configuration (``QUICK_SETTINGS``), with ``overrides`` on top."""
         return cls(**{**QUICK_SETTINGS, **overrides})
 
@@ -154,8 +160,10 @@ def plan_configurations(adapters: AdapterSet, config: LatencyBenchConfig) -> lis
         add(sweep_family, slot, 1, 1, "sweep")
     mixes = sorted(set(config.mixes))
     if mixes and mixes != [1]:
-        family = config.mix_family if config.mix_family in adapters.families else next(
-            f for f in adapters.families if f != "r0"
+        family = (
+            config.mix_family
+            if config.mix_family in adapters.families
+            else next(f for f in adapters.families if f != "r0")
         )
         top = max(mixes)
         for mix in mixes:
@@ -213,15 +221,23 @@ def bench_prompts(model_dir: str | os.PathLike, num_prompts: int, prompt_tokens:
                 if len(prompts) == num_prompts:
                     break
     if len(prompts) < num_prompts:
-        raise LatencyBenchError(f"only {len(prompts)} vendored prompts have {prompt_tokens} tokens; lower --prompt-tokens")
+        raise LatencyBenchError(
+            f"only {len(prompts)} vendored prompts have {prompt_tokens} tokens; lower --prompt-tokens"
+        )
     return prompts
 
 
 # -- running ---------------------------------------------------------------------------------------------
 
 
-def _engine_specs(plan: list[Configuration], adapters: AdapterSet, config: LatencyBenchConfig, model_dir: Path,
-                  prompts: list[list[int]], dtype: str | None = None) -> list[dict]:
+def _engine_specs(
+    plan: list[Configuration],
+    adapters: AdapterSet,
+    config: LatencyBenchConfig,
+    model_dir: Path,
+    prompts: list[list[int]],
+    dtype: str | None = None,
+) -> list[dict]:
     """One worker spec per engine key, in plan order; ``dtype`` (default ``config.dtype``) is what the
     engines get, resolved from the CPU when the config says auto."""
     kv_bytes = None
@@ -233,15 +249,25 @@ def _engine_specs(plan: list[Configuration], adapters: AdapterSet, config: Laten
     for row in plan:
         spec = specs.get(row.engine_key)
         if spec is None:
-            engine = {"lora": row.family is not None, "dtype": dtype or config.dtype,
-                      "max_model_len": config.max_model_len,
-                      "enforce_eager": True, "seed": 0, "kv_cache_bytes": kv_bytes,
-                      "max_num_seqs": max(config.num_prompts, 1)}
+            engine = {
+                "lora": row.family is not None,
+                "dtype": dtype or config.dtype,
+                "max_model_len": config.max_model_len,
+                "enforce_eager": True,
+                "seed": 0,
+                "kv_cache_bytes": kv_bytes,
+                "max_num_seqs": max(config.num_prompts, 1),
+            }
             if row.family is not None:
                 engine.update(max_lora_rank=row.slot, max_loras=row.max_loras)
             spec = specs[row.engine_key] = {
-                "model": str(model_dir), "engine": engine, "adapters": {}, "prompts": prompts,
-                "output_tokens": config.output_tokens, "warmup_tokens": 4, "repeats": config.repeats,
+                "model": str(model_dir),
+                "engine": engine,
+                "adapters": {},
+                "prompts": prompts,
+                "output_tokens": config.output_tokens,
+                "warmup_tokens": 4,
+                "repeats": config.repeats,
                 "measurements": [],
             }
         names = []
@@ -269,8 +295,9 @@ def _run_worker(spec: dict, engine_dir: Path, timeout_s: float, echo: bool, choi
     if choice is not None:
         choice.apply(env)  # vLLM reads its thread binding when the worker's engine starts
     with open(log_path, "wb") as log:
-        process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                                   start_new_session=True)
+        process = subprocess.Popen(
+            cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True
+        )
         try:
             code = process.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
@@ -331,13 +358,20 @@ def run_latency_bench(config: LatencyBenchConfig) -> dict:
     if config.runs:  # separate folders: the same names mean different adapters in the two sets
         adapters = adapters_from_runs(config.runs, work_dir / "adapters" / "from-runs")
     else:
-        adapters = synthetic_adapters(model_dir, work_dir / "adapters" / "synthetic", r0=config.r0, target_rank=config.target_rank,
-                                      per_family={config.mix_family: config.adapters_per_family})
+        adapters = synthetic_adapters(
+            model_dir,
+            work_dir / "adapters" / "synthetic",
+            r0=config.r0,
+            target_rank=config.target_rank,
+            per_family={config.mix_family: config.adapters_per_family},
+        )
     plan = plan_configurations(adapters, config)
     prompts = bench_prompts(model_dir, config.num_prompts, config.prompt_tokens)
     specs = _engine_specs(plan, adapters, config, model_dir, prompts, choice.dtype if choice else None)
-    say(f"bench latency: {len(plan)} configurations on {len(specs)} engines, {config.num_prompts} prompts x "
-        f"{config.prompt_tokens} prompt tokens -> {config.output_tokens} output tokens")
+    say(
+        f"bench latency: {len(plan)} configurations on {len(specs)} engines, {config.num_prompts} prompts x "
+        f"{config.prompt_tokens} prompt tokens -> {config.output_tokens} output tokens"
+    )
 
     measured: dict[str, dict] = {}
     engines: dict[str, dict] = {}
@@ -394,13 +428,22 @@ RATIO_KEYS = {
 }
 
 
-def _rows(plan: list[Configuration], measured: dict[str, dict], engines: dict[str, dict], model_dir: Path) -> list[dict]:
+def _rows(
+    plan: list[Configuration], measured: dict[str, dict], engines: dict[str, dict], model_dir: Path
+) -> list[dict]:
     base = measured.get("base", {})
     rows = []
     for row in plan:
         values = dict(measured.get(row.name, {"error": "not measured"}))
-        entry = {"name": row.name, "family": row.family, "slot": row.slot, "mix": row.mix, "max_loras": row.max_loras,
-                 "role": row.role, **values}
+        entry = {
+            "name": row.name,
+            "family": row.family,
+            "slot": row.slot,
+            "mix": row.mix,
+            "max_loras": row.max_loras,
+            "role": row.role,
+            **values,
+        }
         if row.family is not None:
             engine = engines.get(values.get("engine", ""), {})
             dtype = engine.get("model_dtype") or "bfloat16"
@@ -421,8 +464,9 @@ def _rows(plan: list[Configuration], measured: dict[str, dict], engines: dict[st
     return rows
 
 
-def demo_latency(run_dir: str | os.PathLike, out_dir: str | os.PathLike = "runs/demo/latency",
-                 model: str = "default", **overrides) -> dict:
+def demo_latency(
+    run_dir: str | os.PathLike, out_dir: str | os.PathLike = "runs/demo/latency", model: str = "default", **overrides
+) -> dict:
     """The short comparison ``make demo`` ends with: the base model, the run's adapter at r0 and its
     pruned export (smallest slot, and the r0 slot if that differs), with ``bench latency --quick``'s
     settings and measurement path (the same worker, dtype and thread binding), so its figures are the

@@ -106,7 +106,7 @@ def _measure(engine, spec: dict, measurement: dict) -> dict:
         raise RuntimeError("vLLM returned no per-request metrics (RequestOutput.metrics is None)")
     summary = summarize(timings, wall)
     summary["repeats"] = spec.get("repeats", 1)
-    summary["distinct_adapters"] = len(set(n for n in names if n is not None))
+    summary["distinct_adapters"] = len({n for n in names if n is not None})
     if missing:
         summary["requests_without_metrics"] = missing
     return summary

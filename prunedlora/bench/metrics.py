@@ -10,8 +10,8 @@ as TTFT, TPOT and E2EL, taken here without an HTTP server in between.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Sequence
 
 PERCENTILES = (50, 99)
 

@@ -25,8 +25,38 @@ from dataclasses import dataclass
 import numpy as np
 
 # Two-sided 95% quantiles of Student's t (df 1..30); beyond 30 the normal 1.96 is within 2%.
-_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
-         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+_T975 = (
+    12.706,
+    4.303,
+    3.182,
+    2.776,
+    2.571,
+    2.447,
+    2.365,
+    2.306,
+    2.262,
+    2.228,
+    2.201,
+    2.179,
+    2.160,
+    2.145,
+    2.131,
+    2.120,
+    2.110,
+    2.101,
+    2.093,
+    2.086,
+    2.080,
+    2.074,
+    2.069,
+    2.064,
+    2.060,
+    2.056,
+    2.052,
+    2.048,
+    2.045,
+    2.042,
+)
 
 
 def t_quantile_975(df: int) -> float:
@@ -48,8 +78,9 @@ class Interval:
         return self.low > 0 or self.high < 0
 
 
-def paired_bootstrap(diffs: Sequence[float], weights: Sequence[float] | None = None, resamples: int = 2000,
-                     seed: int = 0) -> Interval:
+def paired_bootstrap(
+    diffs: Sequence[float], weights: Sequence[float] | None = None, resamples: int = 2000, seed: int = 0
+) -> Interval:
     """``sum(d) / sum(w)`` and its 95% percentile-bootstrap interval, examples resampled with replacement."""
     d = np.asarray(diffs, dtype=np.float64)
     w = np.ones_like(d) if weights is None else np.asarray(weights, dtype=np.float64)
@@ -80,11 +111,12 @@ def example_values(result: dict, metric: str) -> tuple[dict[int, float], dict[in
     if per is None:
         raise KeyError(f"cell {result.get('method')} seed {result.get('seed')} has no per-example results")
     if metric == "accuracy":
-        return ({i: float(m > 0) for i, m in zip(per["index"], per["margin"])},
-                dict.fromkeys(per["index"], 1.0))
+        return ({i: float(m > 0) for i, m in zip(per["index"], per["margin"])}, dict.fromkeys(per["index"], 1.0))
     if metric in ("nll", "answer_nll"):
-        return ({i: -s for i, s in zip(per["index"], per["logprob_sum"])},
-                {i: float(n) for i, n in zip(per["index"], per["tokens"])})
+        return (
+            {i: -s for i, s in zip(per["index"], per["logprob_sum"])},
+            {i: float(n) for i, n in zip(per["index"], per["tokens"])},
+        )
     raise KeyError(f"no per-example form for metric {metric!r}")
 
 
@@ -105,25 +137,34 @@ def compare(method_cells: list[dict], reference_cells: list[dict], metric: str) 
         common = sorted(set(values) & set(ref_values))
         if not common:
             continue
-        boot = paired_bootstrap([values[i] - ref_values[i] for i in common], [weights[i] for i in common],
-                                seed=int(cell["seed"]))
-        seeds.append({"seed": cell["seed"], "examples": len(common), "diff": boot.mean, "low": boot.low,
-                      "high": boot.high})
+        boot = paired_bootstrap(
+            [values[i] - ref_values[i] for i in common], [weights[i] for i in common], seed=int(cell["seed"])
+        )
+        seeds.append(
+            {"seed": cell["seed"], "examples": len(common), "diff": boot.mean, "low": boot.low, "high": boot.high}
+        )
     if not seeds:
         return None
     over = seed_interval([s["diff"] for s in seeds])
-    return {"metric": metric, "seeds": seeds,
-            "mean": over.mean if over else seeds[0]["diff"],
-            "low": over.low if over else None, "high": over.high if over else None}
+    return {
+        "metric": metric,
+        "seeds": seeds,
+        "mean": over.mean if over else seeds[0]["diff"],
+        "low": over.low if over else None,
+        "high": over.high if over else None,
+    }
 
 
 def paired_markdown(results: list[dict], reference: str = "lora-target") -> str:
     """A markdown section: each method against ``reference`` per task and metric (paired)."""
     from prunedlora.bench.scoring import TASK_METRICS
 
-    lines = [f"### Paired differences against `{reference}` (method - {reference}; same examples, same seeds)", "",
-             "| task | metric | method | seeds | mean diff | 95% interval over seeds | per seed (paired bootstrap 95%) |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"### Paired differences against `{reference}` (method - {reference}; same examples, same seeds)",
+        "",
+        "| task | metric | method | seeds | mean diff | 95% interval over seeds | per seed (paired bootstrap 95%) |",
+        "|---|---|---|---|---|---|---|",
+    ]
     ok = [r for r in results if "error" not in r]
     for task in sorted({r["task"] for r in ok}):
         refs = [r for r in ok if r["task"] == task and r["method"] == reference]
@@ -137,8 +178,11 @@ def paired_markdown(results: list[dict], reference: str = "lora-target") -> str:
                 if found is None:
                     continue
                 interval = "-" if found["low"] is None else f"[{found['low']:+.4f}, {found['high']:+.4f}]"
-                per_seed = "; ".join(f"s{s['seed']}: {s['diff']:+.4f} [{s['low']:+.4f}, {s['high']:+.4f}]"
-                                     for s in found["seeds"])
-                lines.append(f"| {task} | {metric} ({better} is better) | {method} | {len(found['seeds'])} | "
-                             f"{found['mean']:+.4f} | {interval} | {per_seed} |")
+                per_seed = "; ".join(
+                    f"s{s['seed']}: {s['diff']:+.4f} [{s['low']:+.4f}, {s['high']:+.4f}]" for s in found["seeds"]
+                )
+                lines.append(
+                    f"| {task} | {metric} ({better} is better) | {method} | {len(found['seeds'])} | "
+                    f"{found['mean']:+.4f} | {interval} | {per_seed} |"
+                )
     return "\n".join(lines) + "\n"

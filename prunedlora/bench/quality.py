@@ -88,8 +88,15 @@ PRESETS: dict[str, dict[str, Any]] = {
     # max rank 16, compared paired against LoRA at the target rank.
     "full": {
         "tasks": list(QUALITY_TASKS),
-        "methods": ["base", "lora-target", "lora-r0", "pruned-obs-fisher-global", "pruned-obs-fisher-uniform",
-                    "pruned-magnitude-global", "adalora"],
+        "methods": [
+            "base",
+            "lora-target",
+            "lora-r0",
+            "pruned-obs-fisher-global",
+            "pruned-obs-fisher-uniform",
+            "pruned-magnitude-global",
+            "adalora",
+        ],
         "seeds": [0, 1, 2],
         "max_steps": None,
         "eval_examples": None,
@@ -149,8 +156,16 @@ class QualityBenchConfig:
             raise QualityBenchError(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
         if not self.tasks or not self.methods or not self.seeds:
             raise QualityBenchError("give at least one task, one method and one seed")
-        for name in ("max_steps", "batch_size", "train_examples", "eval_examples", "r0", "max_length", "max_rank",
-                     "dev_size"):
+        for name in (
+            "max_steps",
+            "batch_size",
+            "train_examples",
+            "eval_examples",
+            "r0",
+            "max_length",
+            "max_rank",
+            "dev_size",
+        ):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise QualityBenchError(f"--{name.replace('_', '-')} must be positive, got {value}")
@@ -216,8 +231,9 @@ def real_data_path(path: str | None) -> str | None:
     return str(shared_data_dir() / str(path)[len(SHARED_DATA) :].lstrip("/"))
 
 
-def cell_recipe(config: QualityBenchConfig, task: str, method: str, seed: int, model_dir: Path,
-                data_dir: str | None, run_dir: Path) -> dict[str, Any]:
+def cell_recipe(
+    config: QualityBenchConfig, task: str, method: str, seed: int, model_dir: Path, data_dir: str | None, run_dir: Path
+) -> dict[str, Any]:
     """The recipe dict (``recipe_from_dict`` format) of one cell, from the task's shipped recipe."""
     path = Path(config.recipes_dir) / f"smollm2-{task}.yaml"
     if not path.is_file():
@@ -276,8 +292,15 @@ def cell_recipe(config: QualityBenchConfig, task: str, method: str, seed: int, m
     return raw
 
 
-def make_cell(config: QualityBenchConfig, task: str, method: str, seed: int, model_dir: Path, data_dir: str | None,
-              cells_dir: Path) -> Cell:
+def make_cell(
+    config: QualityBenchConfig,
+    task: str,
+    method: str,
+    seed: int,
+    model_dir: Path,
+    data_dir: str | None,
+    cells_dir: Path,
+) -> Cell:
     """The cell with its configuration hash (its folder name ends in the hash)."""
     placeholder = Path("RUN_DIR")
     recipe = cell_recipe(config, task, method, seed, model_dir, data_dir, placeholder)
@@ -289,9 +312,12 @@ def make_cell(config: QualityBenchConfig, task: str, method: str, seed: int, mod
         "adalora": bool(METHODS[method].get("adalora")),
         "base": bool(METHODS[method].get("base")),
         "recipe": recipe,
-        "eval": {"max_examples": config.eval_examples, "max_new_tokens": config.gen_tokens,
-                 "max_length": int(recipe["data"].get("max_length", 512)),
-                 "exact_match_examples": config.exact_match_examples},
+        "eval": {
+            "max_examples": config.eval_examples,
+            "max_new_tokens": config.gen_tokens,
+            "max_length": int(recipe["data"].get("max_length", 512)),
+            "exact_match_examples": config.exact_match_examples,
+        },
     }
     spec = _canonical(spec)
     key = hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:12]
@@ -318,9 +344,12 @@ def plan_cells(config: QualityBenchConfig) -> list[Cell]:
     model_dir = resolve_model(config.model)
     data_dir = resolve_data_dir(config.data_dir)
     cells_dir = _cells_dir(config)
-    return [make_cell(config, task, method, seed, model_dir, data_dir, cells_dir)
-            for task in config.tasks for method in config.methods
-            for seed in (config.seeds[:1] if METHODS[method].get("base") else config.seeds)]  # base: no training, one cell
+    return [
+        make_cell(config, task, method, seed, model_dir, data_dir, cells_dir)
+        for task in config.tasks
+        for method in config.methods
+        for seed in (config.seeds[:1] if METHODS[method].get("base") else config.seeds)
+    ]  # base: no training, one cell
 
 
 def _cells_dir(config: QualityBenchConfig) -> Path:
@@ -331,8 +360,19 @@ def _cells_dir(config: QualityBenchConfig) -> Path:
 
 def cell_command(config: QualityBenchConfig, cell: Cell) -> str:
     """The exact ``prunedlora bench quality`` command that (re)runs this one cell."""
-    args = ["prunedlora", "bench", "quality", "--tasks", cell.task, "--methods", cell.method, "--seeds", str(cell.seed),
-            "--model", config.model]
+    args = [
+        "prunedlora",
+        "bench",
+        "quality",
+        "--tasks",
+        cell.task,
+        "--methods",
+        cell.method,
+        "--seeds",
+        str(cell.seed),
+        "--model",
+        config.model,
+    ]
     options = {
         "--max-steps": config.max_steps if config.max_steps is not None else "recipe",
         "--learning-rate": config.learning_rate,
@@ -375,8 +415,9 @@ def run_cell(cell: Cell, config: QualityBenchConfig) -> dict[str, Any]:
     if config.force and cell.dir.exists():
         shutil.rmtree(cell.dir)
     cell.dir.mkdir(parents=True, exist_ok=True)
-    (cell.dir / CELL_FILE).write_text(json.dumps({**cell.spec, "command": cell_command(config, cell)}, indent=2,
-                                                 default=str) + "\n")
+    (cell.dir / CELL_FILE).write_text(
+        json.dumps({**cell.spec, "command": cell_command(config, cell)}, indent=2, default=str) + "\n"
+    )
     runnable = copy.deepcopy(cell.spec["recipe"])
     runnable["data"]["path"] = real_data_path(runnable["data"].get("path"))
     recipe = recipe_from_dict(runnable)
@@ -411,10 +452,14 @@ def run_cell(cell: Cell, config: QualityBenchConfig) -> dict[str, Any]:
     )
     start = time.perf_counter()
     eval_spec = cell.spec["eval"]
-    settings = EvalSettings(max_examples=eval_spec["max_examples"], max_length=eval_spec["max_length"],
-                            batch_size=config.eval_batch_size, max_new_tokens=eval_spec["max_new_tokens"],
-                            exact_match_examples=eval_spec.get("exact_match_examples"),
-                            dev_size=runnable["data"].get("dev_size"))  # the carve training left out
+    settings = EvalSettings(
+        max_examples=eval_spec["max_examples"],
+        max_length=eval_spec["max_length"],
+        batch_size=config.eval_batch_size,
+        max_new_tokens=eval_spec["max_new_tokens"],
+        exact_match_examples=eval_spec.get("exact_match_examples"),
+        dev_size=runnable["data"].get("dev_size"),
+    )  # the carve training left out
     data_path = runnable["data"].get("path")
     metrics = score_adapter(resolve_model(recipe.model), adapter_dir, cell.task, data_path, settings, data_seed=0)
     result = {
@@ -473,11 +518,20 @@ def _train_lora(recipe, run_dir: Path) -> dict[str, Any]:
     if record_path.is_file():
         record = metadata.read_run_record(run_dir)
         if record.global_step >= recipe.training.max_steps:
-            return {"ranks": record.ranks, "global_step": record.global_step, "train_loss": None, "losses": [],
-                    "reused_run": True}
+            return {
+                "ranks": record.ranks,
+                "global_step": record.global_step,
+                "train_loss": None,
+                "losses": [],
+                "reused_run": True,
+            }
     result = train(recipe, resume="auto")
-    return {"ranks": result.ranks, "global_step": result.global_step, "train_loss": result.train_loss,
-            "losses": result.losses}
+    return {
+        "ranks": result.ranks,
+        "global_step": result.global_step,
+        "train_loss": result.train_loss,
+        "losses": result.losses,
+    }
 
 
 # -- the table ----------------------------------------------------------------------------------------
@@ -494,9 +548,13 @@ def aggregate(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
         groups.setdefault((result["task"], result["method"]), []).append(result)
     rows = []
     for (task, method), members in groups.items():
-        row: dict[str, Any] = {"task": task, "method": method, "seeds": sorted(m["seed"] for m in members),
-                               "average_rank": statistics.fmean(m["train"]["average_rank"] for m in members),
-                               "max_rank": max(m["train"]["max_rank"] for m in members)}
+        row: dict[str, Any] = {
+            "task": task,
+            "method": method,
+            "seeds": sorted(m["seed"] for m in members),
+            "average_rank": statistics.fmean(m["train"]["average_rank"] for m in members),
+            "max_rank": max(m["train"]["max_rank"] for m in members),
+        }
         for metric, better in TASK_METRICS[task]:
             values = [float(m["eval"][metric]) for m in members if metric in m["eval"]]
             if not values:
@@ -525,8 +583,10 @@ def run_quality_bench(config: QualityBenchConfig) -> dict[str, Any]:
     started = time.perf_counter()
     cells = plan_cells(config)
     say = (lambda text: print(text, flush=True)) if config.echo else (lambda text: None)
-    say(f"bench quality: {len(cells)} cells ({len(config.tasks)} task(s) x {len(config.methods)} method(s) x "
-        f"{len(config.seeds)} seed(s)) in {_cells_dir(config)}")
+    say(
+        f"bench quality: {len(cells)} cells ({len(config.tasks)} task(s) x {len(config.methods)} method(s) x "
+        f"{len(config.seeds)} seed(s)) in {_cells_dir(config)}"
+    )
     results = []
     for i, cell in enumerate(cells, start=1):
         cached = (cell.dir / RESULT_FILE).is_file() and not config.force
@@ -540,16 +600,28 @@ def run_quality_bench(config: QualityBenchConfig) -> dict[str, Any]:
         except Exception as err:  # record and go on: one bad cell must not cost the table
             message = str(err) if isinstance(err, PrunedLoraError) else f"{type(err).__name__}: {err}"
             say(f"    failed: {message}")
-            results.append({"task": cell.task, "method": cell.method, "seed": cell.seed, "key": cell.key,
-                            "dir": str(cell.dir), "command": cell_command(config, cell), "error": message,
-                            "traceback": traceback.format_exc(limit=8)})
+            results.append(
+                {
+                    "task": cell.task,
+                    "method": cell.method,
+                    "seed": cell.seed,
+                    "key": cell.key,
+                    "dir": str(cell.dir),
+                    "command": cell_command(config, cell),
+                    "error": message,
+                    "traceback": traceback.format_exc(limit=8),
+                }
+            )
         gc.collect()
     payload = {
         "bench": "quality",
         "model": str(cells[0].spec["recipe"]["model"]),
         "machine": machine_record(dtype=cells[0].spec["recipe"].get("training", {}).get("dtype", "float32")),
-        "settings": {k: (portable_path(v) if k.endswith("_dir") and v else v)
-                     for k, v in asdict(config).items() if k not in ("echo", "force")},
+        "settings": {
+            k: (portable_path(v) if k.endswith("_dir") and v else v)
+            for k, v in asdict(config).items()
+            if k not in ("echo", "force")
+        },
         "data_dir": resolve_data_dir(config.data_dir),
         "cells": [_home_relative(cell) for cell in results],
         "summary": aggregate(results),
@@ -579,4 +651,3 @@ def preset_config(name: str, **overrides: Any) -> QualityBenchConfig:
     values = dict(PRESETS[name])
     values.update(overrides)  # only what the caller set explicitly; None means "the recipe's" / "all"
     return QualityBenchConfig(**values)
-

@@ -43,8 +43,11 @@ def latency_markdown(payload: dict) -> str:
     """The latency table: absolute numbers, then the ratios against the base model (the headline)."""
     settings = payload["settings"]
     adapters = payload["adapters"]
-    source = "synthetic adapters (ranks of real runs, weights random; exported by `prunedlora export`)" if adapters[
-        "synthetic"] else "exported adapters of the given training runs"
+    source = (
+        "synthetic adapters (ranks of real runs, weights random; exported by `prunedlora export`)"
+        if adapters["synthetic"]
+        else "exported adapters of the given training runs"
+    )
     lines = [
         f"Machine: {machine_line(payload['machine'])}; vLLM {payload.get('vllm')}; model `{Path(payload['model']).name}`; "
         f"{settings['num_prompts']} prompts x {settings['prompt_tokens']} prompt tokens -> "
@@ -57,8 +60,9 @@ def latency_markdown(payload: dict) -> str:
     ]
     for row in payload["rows"]:
         if "error" in row:
-            lines.append(f"| {row['name']} | {row['slot'] or '-'} | {row['mix']} | error: {row['error'][:80]} "
-                         "| | | | | | | | |")
+            lines.append(
+                f"| {row['name']} | {row['slot'] or '-'} | {row['mix']} | error: {row['error'][:80]} | | | | | | | | |"
+            )
             continue
         memory = row.get("lora_slot_bytes")
         if memory is None:
@@ -96,12 +100,28 @@ def plot_latency(payload: dict, path: str | os.PathLike) -> Path:
     for family in families:
         points = sorted((r["slot"], r) for r in single if r["family"] == family)
         slots = [s for s, _ in points]
-        ax_latency.plot(slots, [r.get("tpot_p50_x_base") for _, r in points], marker=markers[family],
-                        color=colours[family], label=f"{family}: TPOT p50")
-        ax_latency.plot(slots, [r.get("e2e_p50_x_base") for _, r in points], marker=markers[family], linestyle="--",
-                        color=colours[family], label=f"{family}: E2E p50")
-        ax_tput.plot(slots, [r["output_tokens_per_s"] for _, r in points], marker=markers[family],
-                     color=colours[family], label=family)
+        ax_latency.plot(
+            slots,
+            [r.get("tpot_p50_x_base") for _, r in points],
+            marker=markers[family],
+            color=colours[family],
+            label=f"{family}: TPOT p50",
+        )
+        ax_latency.plot(
+            slots,
+            [r.get("e2e_p50_x_base") for _, r in points],
+            marker=markers[family],
+            linestyle="--",
+            color=colours[family],
+            label=f"{family}: E2E p50",
+        )
+        ax_tput.plot(
+            slots,
+            [r["output_tokens_per_s"] for _, r in points],
+            marker=markers[family],
+            color=colours[family],
+            label=family,
+        )
     slots = sorted({r["slot"] for r in single})
     for ax in (ax_latency, ax_tput):
         ax.set_xscale("log", base=2)
@@ -128,8 +148,9 @@ def plot_latency(payload: dict, path: str | os.PathLike) -> Path:
         ax_mix.plot(xs, [r.get("tpot_p50_x_base") for _, r in mixes], marker="o", label="TPOT p50 x base")
         ax_mix.plot(xs, [r.get("e2e_p50_x_base") for _, r in mixes], marker="s", label="E2E p50 x base")
         ax_mix.plot(xs, [r.get("throughput_x_base") for _, r in mixes], marker="^", label="tok/s x base")
-        ax_mix.set_title(f"{mixes[0][1]['family']} @ slot {mixes[0][1]['slot']}: distinct adapters per batch",
-                         fontsize=9)
+        ax_mix.set_title(
+            f"{mixes[0][1]['family']} @ slot {mixes[0][1]['slot']}: distinct adapters per batch", fontsize=9
+        )
         ax_mix.set_xscale("log", base=2)
         ax_mix.set_xticks(xs, labels=[str(x) for x in xs])
         ax_mix.minorticks_off()
@@ -179,14 +200,21 @@ def quality_markdown(payload: dict) -> str:
         "Mean ± sample standard deviation over seeds (n = seeds); arrows say which way is better.",
         "",
     ]
-    header = "| method | final rank: average (largest module) | " + " | ".join(
-        f"{_METRIC_LABELS.get((t, m), f'{t} {m}')} {'↑' if b == 'higher' else '↓'}" for t, m, b in columns) + " |"
+    header = (
+        "| method | final rank: average (largest module) | "
+        + " | ".join(f"{_METRIC_LABELS.get((t, m), f'{t} {m}')} {'↑' if b == 'higher' else '↓'}" for t, m, b in columns)
+        + " |"
+    )
     lines += [header, "|" + "---|" * (2 + len(columns))]
     summary = {(row["task"], row["method"]): row for row in payload["summary"]}
-    methods = [m for m in settings["methods"]]
+    methods = list(settings["methods"])
     for method in methods:
         ranks = [summary[(t, method)] for t in settings["tasks"] if (t, method) in summary]
-        rank_text = "-" if not ranks else f"{sum(r['average_rank'] for r in ranks) / len(ranks):.2f} ({max(r['max_rank'] for r in ranks)})"
+        rank_text = (
+            "-"
+            if not ranks
+            else f"{sum(r['average_rank'] for r in ranks) / len(ranks):.2f} ({max(r['max_rank'] for r in ranks)})"
+        )
         cells = [_cell_stat(summary.get((t, method), {}).get(m)) for t, m, _ in columns]
         lines.append(f"| {method} | {rank_text} | " + " | ".join(cells) + " |")
     if "lora-target" in methods:
@@ -197,19 +225,25 @@ def quality_markdown(payload: dict) -> str:
     if failed:
         lines += ["", f"{len(failed)} cell(s) failed:"]
         lines += [f"- {c['task']} {c['method']} seed {c['seed']}: {c['error']}" for c in failed]
-    lines += ["", "Cells (rerun one alone with its command; results are cached by configuration):", "",
-              "| task | method | seed | metrics | train s | eval s | command |", "|---|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "Cells (rerun one alone with its command; results are cached by configuration):",
+        "",
+        "| task | method | seed | metrics | train s | eval s | command |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for cell in payload["cells"]:
         if "error" in cell:
             metrics = "error"
             train_s = eval_s = "-"
         else:
-            metrics = ", ".join(f"{k} {v:.4g}" for k, v in cell["eval"].items()
-                                if isinstance(v, float))
+            metrics = ", ".join(f"{k} {v:.4g}" for k, v in cell["eval"].items() if isinstance(v, float))
             train_s = f"{cell['train'].get('seconds', 0):.0f}"
             eval_s = f"{cell.get('eval_seconds', 0):.0f}"
-        lines.append(f"| {cell['task']} | {cell['method']} | {cell['seed']} | {metrics} | {train_s} | {eval_s} "
-                     f"| `{cell['command']}` |")
+        lines.append(
+            f"| {cell['task']} | {cell['method']} | {cell['seed']} | {metrics} | {train_s} | {eval_s} "
+            f"| `{cell['command']}` |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -230,8 +264,16 @@ def plot_quality(payload: dict, path: str | os.PathLike) -> Path:
             values = [float(c["eval"][metric]) for c in by_cell.get((task, method), []) if metric in c["eval"]]
             means.append(sum(values) / len(values) if values else float("nan"))
             ax.scatter([i] * len(values), values, color="black", s=10, zorder=3)
-        colours = ["tab:orange" if m.startswith("pruned") else "tab:green" if m == "adalora"
-                   else "tab:gray" if m == "base" else "tab:blue" for m in methods]
+        colours = [
+            "tab:orange"
+            if m.startswith("pruned")
+            else "tab:green"
+            if m == "adalora"
+            else "tab:gray"
+            if m == "base"
+            else "tab:blue"
+            for m in methods
+        ]
         ax.bar(range(len(methods)), means, color=colours, alpha=0.7)
         ax.set_xticks(range(len(methods)), labels=methods, rotation=45, ha="right", fontsize=8)
         ax.set_title(f"{_METRIC_LABELS.get((task, metric), f'{task} {metric}')} ({better} is better)", fontsize=9)
@@ -241,6 +283,9 @@ def plot_quality(payload: dict, path: str | os.PathLike) -> Path:
             pad = (high - low) * 0.5 or abs(high) * 0.05 or 0.1
             ax.set_ylim(max(0.0, low - pad), high + pad)
         ax.grid(axis="y", alpha=0.3)
-    fig.suptitle(f"{Path(payload['model']).name}: bars = mean over seeds, dots = seeds (blue LoRA, orange "
-                 "PrunedLoRA, green AdaLoRA, grey base model)", fontsize=9)
+    fig.suptitle(
+        f"{Path(payload['model']).name}: bars = mean over seeds, dots = seeds (blue LoRA, orange "
+        "PrunedLoRA, green AdaLoRA, grey base model)",
+        fontsize=9,
+    )
     return save_figure(fig, path)

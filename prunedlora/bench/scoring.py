@@ -94,11 +94,20 @@ def load_tokenizer(model_dir: str | os.PathLike):
     return tokenizer
 
 
-def dev_examples(task: str, data_path: str | os.PathLike | None, settings: EvalSettings, seed: int = 0) -> list[Example]:
+def dev_examples(
+    task: str, data_path: str | os.PathLike | None, settings: EvalSettings, seed: int = 0
+) -> list[Example]:
     """The held-out split training never sees: the task's dev file, or the split carved from train by
     ``DataConfig`` (seeded by ``seed``, the data seed of the training runs, so the carve is theirs)."""
-    config = DataConfig(task=task, path=data_path, split="dev", max_examples=settings.max_examples, dev_size=settings.dev_size,
-                        max_length=settings.max_length, seed=seed)
+    config = DataConfig(
+        task=task,
+        path=data_path,
+        split="dev",
+        max_examples=settings.max_examples,
+        dev_size=settings.dev_size,
+        max_length=settings.max_length,
+        seed=seed,
+    )
     return load_examples(config)
 
 
@@ -120,8 +129,9 @@ def _pad(features: list[dict[str, list[int]]], pad_id: int) -> dict[str, torch.T
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-def logits_at(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, rows: torch.Tensor,
-              positions: torch.Tensor) -> torch.Tensor:
+def logits_at(
+    model, input_ids: torch.Tensor, attention_mask: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor
+) -> torch.Tensor:
     """Float logits at ``(rows[k], positions[k])`` only, shape (k, vocab).
 
     Runs the decoder, then the output projection on the selected hidden states. A model whose
@@ -137,7 +147,9 @@ def logits_at(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, rows
 
 
 @torch.no_grad()
-def token_logprob_sums(model, tokenizer, features: list[dict[str, list[int]]], batch_size: int) -> list[tuple[float, int]]:
+def token_logprob_sums(
+    model, tokenizer, features: list[dict[str, list[int]]], batch_size: int
+) -> list[tuple[float, int]]:
     """(sum of log p over the learned tokens, number of learned tokens) for each feature."""
     results = []
     for chunk in _batches(features, batch_size):
@@ -156,8 +168,11 @@ def example_nlls(model, tokenizer, examples: list[Example], settings: EvalSettin
     """(index in ``examples``, summed log-likelihood, learned tokens) of every example that fits."""
     from prunedlora.train.data import tokenize_example
 
-    fitted = [(i, f) for i, f in enumerate(tokenize_example(tokenizer, ex, settings.max_length) for ex in examples)
-              if f is not None]
+    fitted = [
+        (i, f)
+        for i, f in enumerate(tokenize_example(tokenizer, ex, settings.max_length) for ex in examples)
+        if f is not None
+    ]
     if not fitted:
         raise ScoringError(f"no example fits max_length={settings.max_length}; raise it")
     sums = token_logprob_sums(model, tokenizer, [f for _, f in fitted], settings.batch_size)
@@ -171,8 +186,9 @@ def mean_nll(model, tokenizer, examples: list[Example], settings: EvalSettings) 
 
 
 @torch.no_grad()
-def classification_margins(model, tokenizer, examples: list[Example], labels: tuple[str, ...],
-                           settings: EvalSettings) -> list[tuple[int, float]]:
+def classification_margins(
+    model, tokenizer, examples: list[Example], labels: tuple[str, ...], settings: EvalSettings
+) -> list[tuple[int, float]]:
     """(index in ``examples``, log p(gold) - max log p(other label)) for every example that fits.
 
     The candidates' token sequences (prompt, then each label as training renders it) share a prefix;
@@ -183,13 +199,15 @@ def classification_margins(model, tokenizer, examples: list[Example], labels: tu
 
     items = []  # (index, shared prefix ids, the candidates' tokens at the split, gold position)
     for index, example in enumerate(examples):
-        candidates = [tokenize_example(tokenizer, Example(example.prompt, label, label), settings.max_length)
-                      for label in labels]
+        candidates = [
+            tokenize_example(tokenizer, Example(example.prompt, label, label), settings.max_length) for label in labels
+        ]
         if any(c is None for c in candidates):
             continue
         ids = [c["input_ids"] for c in candidates]
-        split = next(k for k in range(min(map(len, ids)) + 1)
-                     if k == min(map(len, ids)) or len({seq[k] for seq in ids}) > 1)
+        split = next(
+            k for k in range(min(map(len, ids)) + 1) if k == min(map(len, ids)) or len({seq[k] for seq in ids}) > 1
+        )
         tokens = [seq[split] if split < len(seq) else None for seq in ids]
         if None in tokens or len(set(tokens)) != len(tokens):
             raise ScoringError(f"labels {labels} cannot be told apart at one token after the shared prefix")
@@ -209,7 +227,9 @@ def classification_margins(model, tokenizer, examples: list[Example], labels: tu
     return margins
 
 
-def classification_accuracy(model, tokenizer, examples: list[Example], labels: tuple[str, ...], settings: EvalSettings) -> float:
+def classification_accuracy(
+    model, tokenizer, examples: list[Example], labels: tuple[str, ...], settings: EvalSettings
+) -> float:
     """Share of examples whose gold label gets the highest log-likelihood among ``labels``."""
     margins = classification_margins(model, tokenizer, examples, labels, settings)
     return sum(m > 0 for _, m in margins) / len(margins)
@@ -225,9 +245,10 @@ def greedy_answers(model, tokenizer, prompts: list[str], settings: EvalSettings)
     try:
         for chunk in _batches(texts, settings.batch_size):
             batch = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False)
-            out = model.generate(**batch, max_new_tokens=settings.max_new_tokens, do_sample=False,
-                                 pad_token_id=tokenizer.pad_token_id)
-            answers.extend(tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True))
+            out = model.generate(
+                **batch, max_new_tokens=settings.max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
+            )
+            answers.extend(tokenizer.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True))
     finally:
         tokenizer.padding_side = side
     return answers
@@ -244,8 +265,9 @@ def exact_match(predictions: list[str], references: list[str]) -> float:
     return hits / len(references)
 
 
-def score_task(model, tokenizer, task: str, data_path: str | os.PathLike | None, settings: EvalSettings,
-               data_seed: int = 0) -> dict[str, float | int]:
+def score_task(
+    model, tokenizer, task: str, data_path: str | os.PathLike | None, settings: EvalSettings, data_seed: int = 0
+) -> dict[str, float | int]:
     """Every metric of ``task`` (see ``TASK_METRICS``) on its held-out split."""
     examples = dev_examples(task, data_path, settings, data_seed)
     result: dict = {"eval_examples": len(examples)}
@@ -256,8 +278,11 @@ def score_task(model, tokenizer, task: str, data_path: str | os.PathLike | None,
     elif task in ("gsm8k", "codealpaca"):
         nlls = example_nlls(model, tokenizer, examples, settings)
         result["answer_nll" if task == "gsm8k" else "nll"] = -sum(s for _, s, _ in nlls) / sum(n for _, _, n in nlls)
-        result["per_example"] = {"index": [i for i, _, _ in nlls], "logprob_sum": [s for _, s, _ in nlls],
-                                 "tokens": [n for _, _, n in nlls]}
+        result["per_example"] = {
+            "index": [i for i, _, _ in nlls],
+            "logprob_sum": [s for _, s, _ in nlls],
+            "tokens": [n for _, _, n in nlls],
+        }
         if task == "gsm8k" and settings.exact_match_examples != 0:
             # greedy decoding is the slow part: on the first ``exact_match_examples`` only (None: all)
             subset = examples[: settings.exact_match_examples] if settings.exact_match_examples else examples
@@ -273,9 +298,14 @@ def score_task(model, tokenizer, task: str, data_path: str | os.PathLike | None,
     return result
 
 
-def score_adapter(model_dir: str | os.PathLike, adapter_dir: str | os.PathLike | None, task: str,
-                  data_path: str | os.PathLike | None = None, settings: EvalSettings | None = None,
-                  data_seed: int = 0) -> dict[str, float | int]:
+def score_adapter(
+    model_dir: str | os.PathLike,
+    adapter_dir: str | os.PathLike | None,
+    task: str,
+    data_path: str | os.PathLike | None = None,
+    settings: EvalSettings | None = None,
+    data_seed: int = 0,
+) -> dict[str, float | int]:
     """Load the base model with the adapter merged and score it on ``task``'s held-out split."""
     settings = settings or EvalSettings()
     model = load_model(Path(model_dir), adapter_dir)

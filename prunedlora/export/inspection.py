@@ -113,7 +113,7 @@ def _ratio(before: int, after: int) -> str:
 
 def _inspect_exported(adapter_dir: Path, record: metadata.AdapterRecord) -> str:
     ranks: dict[str, int | str] = dict(record.ranks)
-    ranks.update({n: 0 for n in record.dropped_modules})
+    ranks.update(dict.fromkeys(record.dropped_modules, 0))
     ranks = dict(sorted(ranks.items()))
     avg_after = sum(record.ranks.values()) / max(len(ranks), 1)
     lines = [

@@ -87,7 +87,9 @@ class SourceAdapter:
 
 
 def is_run_dir(path: Path) -> bool:
-    return (path / metadata.RUN_RECORD_FILE).is_file() or (path / metadata.RUN_ADAPTER_DIR / ADAPTER_CONFIG_FILE).is_file()
+    return (path / metadata.RUN_RECORD_FILE).is_file() or (
+        path / metadata.RUN_ADAPTER_DIR / ADAPTER_CONFIG_FILE
+    ).is_file()
 
 
 def _read_config(adapter_dir: Path) -> dict[str, Any]:

@@ -13,9 +13,9 @@ real mistake (a wrong key, rank or scaling) still moves the logits by far more t
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 

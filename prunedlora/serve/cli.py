@@ -12,7 +12,11 @@ import argparse
 import os
 import signal
 import sys
-from typing import Mapping
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from prunedlora.serve.config import ServeConfig
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 
@@ -40,7 +44,9 @@ def register(subparsers) -> None:
     serve.add_argument("--max-lora-rank", type=int, help="force vLLM's LoRA slot rank (default: smallest that fits)")
     serve.add_argument("--max-loras", type=int, help="adapters one batch may mix (default: adapters, at most 4)")
     serve.add_argument("--max-cpu-loras", type=int, help="adapters kept in host memory (default: all of them)")
-    serve.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default: what vLLM here is built for")
+    serve.add_argument(
+        "--device", choices=("auto", "cpu", "cuda"), default="auto", help="default: what vLLM here is built for"
+    )
     serve.add_argument(
         "--dtype",
         default="auto",
@@ -65,7 +71,9 @@ def register(subparsers) -> None:
     add.add_argument("name")
     add.add_argument("path")
     add.add_argument("--url", default=DEFAULT_URL, help=f"the server (default: {DEFAULT_URL})")
-    add.add_argument("--max-lora-rank", type=int, help="the server's slot rank (default: what `prunedlora serve` recorded)")
+    add.add_argument(
+        "--max-lora-rank", type=int, help="the server's slot rank (default: what `prunedlora serve` recorded)"
+    )
     add.add_argument("--model", help="the server's base model folder (default: what the server lists)")
     add.set_defaults(handler=_adapters_add)
     remove = actions.add_parser("remove", help="unload an adapter from a running server")
@@ -152,8 +160,12 @@ def serve(config: ServeConfig, out=None) -> int:
     previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         server.start()
-        print(f"serving {server.served_model_name} and {len(server.adapters)} adapter(s) at {server.url}/v1 "
-              "(Ctrl-C stops)", file=out, flush=True)
+        print(
+            f"serving {server.served_model_name} and {len(server.adapters)} adapter(s) at {server.url}/v1 "
+            "(Ctrl-C stops)",
+            file=out,
+            flush=True,
+        )
         code = server.wait()
         print(f"vLLM exited with code {code}: {server.last_error()}", file=out)
         return code or 1

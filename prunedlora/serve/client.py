@@ -18,15 +18,22 @@ def _post(url: str, endpoint: str, payload: dict, timeout: float) -> dict:
     return body
 
 
-def complete(url: str, model: str, prompt: str, *, max_tokens: int = 64, temperature: float = 0.0, timeout: float = 300.0) -> str:
+def complete(
+    url: str, model: str, prompt: str, *, max_tokens: int = 64, temperature: float = 0.0, timeout: float = 300.0
+) -> str:
     """The text a model (the base's served name or an adapter name) continues ``prompt`` with."""
     body = _post(
-        url, "/v1/completions", {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": temperature}, timeout
+        url,
+        "/v1/completions",
+        {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": temperature},
+        timeout,
     )
     return body["choices"][0]["text"]
 
 
-def chat(url: str, model: str, message: str, *, max_tokens: int = 64, temperature: float = 0.0, timeout: float = 300.0) -> str:
+def chat(
+    url: str, model: str, message: str, *, max_tokens: int = 64, temperature: float = 0.0, timeout: float = 300.0
+) -> str:
     """A model's reply to one user message, through the model's chat template."""
     payload = {
         "model": model,

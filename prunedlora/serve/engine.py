@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from prunedlora.errors import PrunedLoraError
 from prunedlora.models import resolve_model
@@ -148,7 +149,9 @@ class OfflineEngine:
         loras = [self.lora_request(name) for _, name in requests]
         outputs = self.llm.generate(prompts, params, lora_request=loras, use_tqdm=use_tqdm)
         return [
-            Generation(prompt=prompt, adapter=name or None, text=out.outputs[0].text, token_ids=list(out.outputs[0].token_ids))
+            Generation(
+                prompt=prompt, adapter=name or None, text=out.outputs[0].text, token_ids=list(out.outputs[0].token_ids)
+            )
             for (prompt, name), out in zip(requests, outputs)
         ]
 
@@ -162,7 +165,7 @@ class OfflineEngine:
             except Exception:
                 pass
 
-    def __enter__(self) -> "OfflineEngine":
+    def __enter__(self) -> OfflineEngine:
         return self
 
     def __exit__(self, *exc) -> None:

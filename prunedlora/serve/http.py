@@ -9,7 +9,7 @@ import json
 import socket
 import urllib.error
 import urllib.request
-from typing import Mapping
+from collections.abc import Mapping
 
 from prunedlora.serve.config import ServeError
 

@@ -39,8 +39,7 @@ def _post(url: str, endpoint: str, payload: dict) -> str:
         raise RuntimeAdapterError(f"cannot reach {url}: {err}") from err
     if status == 404 and not isinstance(body, dict):
         raise RuntimeAdapterError(
-            f"{url} has no {endpoint}; start vLLM with VLLM_ALLOW_RUNTIME_LORA_UPDATING=True "
-            "(`prunedlora serve` does)"
+            f"{url} has no {endpoint}; start vLLM with VLLM_ALLOW_RUNTIME_LORA_UPDATING=True (`prunedlora serve` does)"
         )
     if status != 200:
         message = body.get("error", {}).get("message", body) if isinstance(body, dict) else body

@@ -146,7 +146,7 @@ class VllmServer:
         return env
 
     # -- running -------------------------------------------------------------------------------
-    def start(self) -> "VllmServer":
+    def start(self) -> VllmServer:
         """Start vLLM and return once it answers /health; raise ServeError (and clean up) if it cannot."""
         if self.process is not None:
             raise ServeError("this server was already started")
@@ -229,7 +229,7 @@ class VllmServer:
             self._tee.join(timeout=10)
         self._remove_record()
 
-    def __enter__(self) -> "VllmServer":
+    def __enter__(self) -> VllmServer:
         if self.process is None:
             self.start()
         return self

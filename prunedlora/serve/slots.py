@@ -8,8 +8,8 @@ the one setting worth choosing tightly: the smallest value vLLM allows that hold
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Mapping
 
 from prunedlora.errors import PrunedLoraError
 from prunedlora.serve.validate import AdapterInfo

@@ -125,7 +125,9 @@ def _check_config(config: dict, label: str) -> None:
             "`prunedlora export ADAPTER OUT_DIR --from-adalora`",
         )
     if peft_type not in SUPPORTED_PEFT_TYPES:
-        raise _fail(label, f"is a {peft_type} adapter; vLLM serves only LoRA ({', '.join(sorted(SUPPORTED_PEFT_TYPES))})")
+        raise _fail(
+            label, f"is a {peft_type} adapter; vLLM serves only LoRA ({', '.join(sorted(SUPPORTED_PEFT_TYPES))})"
+        )
     if config.get("use_dora"):
         raise _fail(
             label,
@@ -260,7 +262,10 @@ def validate_adapter(
                 if not torch.is_floating_point(tensor):
                     raise _fail(label, f"tensor {key} has dtype {tensor.dtype}; LoRA weights must be floating point")
                 if not bool(torch.isfinite(tensor).all()):
-                    raise _fail(label, f"tensor {key} holds NaN or infinite values; the training diverged, fix it and export again")
+                    raise _fail(
+                        label,
+                        f"tensor {key} holds NaN or infinite values; the training diverged, fix it and export again",
+                    )
     if not pairs:
         raise _fail(label, f"{weights} holds no LoRA tensors; the adapter is empty")
 
@@ -278,7 +283,9 @@ def validate_adapter(
                 "without it in target_modules",
             )
         if module not in base_shapes:
-            near = sorted({n.rsplit(".", 1)[-1] for n in base_shapes if n.rsplit(".", 1)[-1] not in EMBEDDING_MODULE_NAMES})
+            near = sorted(
+                {n.rsplit(".", 1)[-1] for n in base_shapes if n.rsplit(".", 1)[-1] not in EMBEDDING_MODULE_NAMES}
+            )
             raise _fail(
                 label,
                 f"targets {module}, which is not a linear layer of base model {base_dir} (its linear layers are "

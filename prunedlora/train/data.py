@@ -20,10 +20,11 @@ import json
 import logging
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from torch.utils.data import Dataset
 
@@ -394,11 +395,13 @@ def _render(tokenizer, prompt: str, response: str) -> _Rendered:
         raise ChatTemplateError(
             f"the chat template of {getattr(tokenizer, 'name_or_path', 'this tokenizer')!r} is not prefix-consistent: "
             f"the prompt rendered with add_generation_prompt=True differs from the start of the full "
-            f"conversation at token {at} ({prompt_text[-40:]!r} vs {full_text[len(prompt_text) - 40:len(prompt_text)]!r}); "
+            f"conversation at token {at} ({prompt_text[-40:]!r} vs {full_text[len(prompt_text) - 40 : len(prompt_text)]!r}); "
             "response-only labels need that prefix, so fix tokenizer.chat_template or use another model"
         )
     completion = full_ids[len(prompt_ids) :]
-    return _Rendered(full_ids, len(prompt_ids), _learned_length(tokenizer, full_text[len(prompt_text) :], response, completion))
+    return _Rendered(
+        full_ids, len(prompt_ids), _learned_length(tokenizer, full_text[len(prompt_text) :], response, completion)
+    )
 
 
 def _learned_length(tokenizer, completion_text: str, response: str, completion: list[int]) -> int:
@@ -514,7 +517,10 @@ def build_train_dataset(tokenizer, config: DataConfig, progress: bool | None = N
     if stats["dropped"]:
         logger.warning(
             "%s: dropped %d of %d examples whose prompt leaves no room for the response within %d tokens",
-            config.task, stats["dropped"], len(examples), config.max_length,
+            config.task,
+            stats["dropped"],
+            len(examples),
+            config.max_length,
         )
     return TokenizedDataset(features, stats, kept)
 
@@ -532,7 +538,10 @@ def make_collator(tokenizer, pad_to_multiple_of: int | None = None):
             raise DataError("the tokenizer has neither a pad nor an eos token; set tokenizer.pad_token")
         tokenizer.pad_token = tokenizer.eos_token
     return DataCollatorForSeq2Seq(
-        tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX, pad_to_multiple_of=pad_to_multiple_of,
+        tokenizer,
+        padding=True,
+        label_pad_token_id=IGNORE_INDEX,
+        pad_to_multiple_of=pad_to_multiple_of,
         return_tensors="pt",
     )
 

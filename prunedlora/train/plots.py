@@ -76,7 +76,9 @@ def plot_rank_heatmap(ranks: dict[str, int], path: str | os.PathLike, r0: int, t
     too_big = {name: rank for name, rank in ranks.items() if rank > r0}
     if too_big:
         name, rank = next(iter(too_big.items()))
-        raise PlotError(f"{len(too_big)} rank(s) exceed r0={r0} (e.g. {name}: {rank}); pass the r0 the run started from")
+        raise PlotError(
+            f"{len(too_big)} rank(s) exceed r0={r0} (e.g. {name}: {rank}); pass the r0 the run started from"
+        )
     values = np.ma.masked_invalid(np.array([[np.nan if v is None else v for v in row] for row in grid], dtype=float))
 
     height = min(max(2.5, 0.28 * len(rows) + 1.6), 40.0)
@@ -104,9 +106,7 @@ def plot_rank_heatmap(ranks: dict[str, int], path: str | os.PathLike, r0: int, t
     bar = fig.colorbar(image, ax=ax, fraction=0.08, pad=0.03)
     bar.set_label(f"rank (of r0={r0})")
     total = sum(ranks.values())
-    ax.set_title(
-        title or f"LoRA rank per module: average {total / len(ranks):.2f} of r0={r0}", fontsize=10, pad=10
-    )
+    ax.set_title(title or f"LoRA rank per module: average {total / len(ranks):.2f} of r0={r0}", fontsize=10, pad=10)
     return save_figure(fig, path)
 
 
@@ -130,8 +130,15 @@ def plot_rank_history(history: list[dict[str, Any]], path: str | os.PathLike, ti
 
     fig = new_figure(6.0, 3.6)
     ax = fig.add_subplot(1, 1, 1)
-    ax.fill_between(steps, [p[2] for p in points], [p[3] for p in points], step="post" if len(points) > 1 else None,
-                    alpha=0.2, color="tab:blue", label="min..max over modules")
+    ax.fill_between(
+        steps,
+        [p[2] for p in points],
+        [p[3] for p in points],
+        step="post" if len(points) > 1 else None,
+        alpha=0.2,
+        color="tab:blue",
+        label="min..max over modules",
+    )
     ax.plot(steps, [p[1] for p in points], marker="o", drawstyle="steps-post", color="tab:blue", label="average")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("rank")

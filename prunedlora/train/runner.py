@@ -123,8 +123,12 @@ def train(recipe: TrainRecipe, resume: bool | str = "auto", callbacks: list | No
 
     pruner = RankPruner(model, recipe.method)
     if not recipe.prune:  # plain LoRA at r0: the pruner only reports ranks, it never fires
-        pruner.schedule = type(pruner.schedule)(events=(), num_modules=len(pruner.modules), r0=recipe.method.r0,
-                                                final_total=len(pruner.modules) * recipe.method.r0)
+        pruner.schedule = type(pruner.schedule)(
+            events=(),
+            num_modules=len(pruner.modules),
+            r0=recipe.method.r0,
+            final_total=len(pruner.modules) * recipe.method.r0,
+        )
     args = training_arguments(
         opts,
         run_dir,
@@ -181,8 +185,12 @@ def write_run_dir(run_dir: Path, model, pruner: RankPruner, recipe: TrainRecipe,
         global_step=step,
     )
     metadata.write_run(run_dir, record, pruner.masks, model.save_pretrained, history=pruner.history)
-    plot_rank_heatmap(ranks, run_dir / metadata.RANKS_PLOT_FILE, r0=recipe.method.r0,
-                      title=f"final ranks (average {sum(ranks.values()) / len(ranks):.2f}, r0={recipe.method.r0})")
+    plot_rank_heatmap(
+        ranks,
+        run_dir / metadata.RANKS_PLOT_FILE,
+        r0=recipe.method.r0,
+        title=f"final ranks (average {sum(ranks.values()) / len(ranks):.2f}, r0={recipe.method.r0})",
+    )
 
 
 def format_rank_table(ranks: dict[str, int]) -> str:

@@ -16,14 +16,28 @@ from prunedlora.train.recipe import recipe_from_dict
 
 
 def _recipe(model, run_dir, steps=6, **method):
-    return recipe_from_dict({
-        "model": str(model),
-        "data": {"task": "sst2", "max_examples": 32, "max_length": 64},
-        "method": {"r0": 8, "lora_alpha": 16, "target_rank": 2, "prune_start_step": 1, "prune_end_step": 4,
-                   "prune_every": 1, **method},
-        "training": {"output_dir": str(run_dir), "max_steps": steps, "per_device_train_batch_size": 4,
-                     "learning_rate": 1e-2, "logging_steps": 1},
-    })
+    return recipe_from_dict(
+        {
+            "model": str(model),
+            "data": {"task": "sst2", "max_examples": 32, "max_length": 64},
+            "method": {
+                "r0": 8,
+                "lora_alpha": 16,
+                "target_rank": 2,
+                "prune_start_step": 1,
+                "prune_end_step": 4,
+                "prune_every": 1,
+                **method,
+            },
+            "training": {
+                "output_dir": str(run_dir),
+                "max_steps": steps,
+                "per_device_train_batch_size": 4,
+                "learning_rate": 1e-2,
+                "logging_steps": 1,
+            },
+        }
+    )
 
 
 def test_schedule_window_matches_the_pruning_events(tmp_path):
@@ -35,8 +49,10 @@ def test_schedule_window_matches_the_pruning_events(tmp_path):
 
 
 def test_ranks_from_pattern_reads_peft_keys():
-    pattern = {"model.layers.0.self_attn.q_proj.lora_E": [True, False, True],
-               "base_model.model.model.layers.1.mlp.up_proj.lora_E.default": [False, False, False]}
+    pattern = {
+        "model.layers.0.self_attn.q_proj.lora_E": [True, False, True],
+        "base_model.model.model.layers.1.mlp.up_proj.lora_E.default": [False, False, False],
+    }
     names = ["model.layers.0.self_attn.q_proj", "model.layers.1.mlp.up_proj", "model.layers.1.mlp.down_proj"]
     assert ranks_from_pattern(pattern, names, init_r=3) == {names[0]: 2, names[1]: 0, names[2]: 3}
     assert ranks_from_pattern(None, names[:1], init_r=4) == {names[0]: 4}
@@ -58,8 +74,16 @@ def test_adalora_reaches_the_budget_and_saves_what_it_trained(tiny_model_path, t
 
 
 def test_quality_cell_gives_adalora_the_recipe_budget(tiny_model_path, tmp_path):
-    config = QualityBenchConfig(model=str(tiny_model_path), tasks=["sst2"], methods=["adalora"], seeds=[0],
-                                max_steps=10, r0=8, target_rank=2, data_dir="vendored")
+    config = QualityBenchConfig(
+        model=str(tiny_model_path),
+        tasks=["sst2"],
+        methods=["adalora"],
+        seeds=[0],
+        max_steps=10,
+        r0=8,
+        target_rank=2,
+        data_dir="vendored",
+    )
     cell = make_cell(config, "sst2", "adalora", 0, Path(tiny_model_path), None, tmp_path)
     recipe = recipe_from_dict(copy.deepcopy(cell.spec["recipe"]))
     assert recipe.method.r0 == 8 and recipe.method.target_rank == 2 and cell.spec["adalora"]

@@ -3,7 +3,6 @@ exactly the intended ranks, in a form serve's validation (what vLLM would see) a
 
 from __future__ import annotations
 
-
 import pytest
 
 from prunedlora import metadata
@@ -73,9 +72,14 @@ def test_synthetic_families_validate_and_are_cached(tiny_model_path, tmp_path):
 def test_synthetic_global_family_uses_a_matching_real_pattern(tiny_model_path, tmp_path):
     modules = list(target_module_shapes(tiny_model_path))
     pattern = {m: (3 if i % 2 else 1) for i, m in enumerate(modules)}
-    adapters = synthetic_adapters(tiny_model_path, tmp_path / "ad", r0=8, target_rank=2, per_family=1,
-                                  patterns=[{"task": "sst2", "allocation": "global", "r0": 8, "ranks": pattern,
-                                             "source": "unit test"}])
+    adapters = synthetic_adapters(
+        tiny_model_path,
+        tmp_path / "ad",
+        r0=8,
+        target_rank=2,
+        per_family=1,
+        patterns=[{"task": "sst2", "allocation": "global", "r0": 8, "ranks": pattern, "source": "unit test"}],
+    )
     assert adapters.families["pruned-global"][0].ranks == pattern
     assert "real sst2 run" in adapters.families["pruned-global"][0].source
 
@@ -104,5 +108,3 @@ def test_bundled_patterns_are_real_runs_of_the_default_model(default_model_path)
         assert max(pattern["ranks"].values()) <= pattern["r0"]
         assert pattern["command"].startswith("prunedlora train")
         assert smallest_slot_rank(max(pattern["ranks"].values())) in (8, 16, 32, 64)
-
-

@@ -37,8 +37,21 @@ def test_bad_input_is_one_line(argv, message, capsys):
 
 
 def test_latency_refuses_a_folder_that_is_not_a_run(tmp_path, tiny_model_path, capsys):
-    code = main(["bench", "latency", "--model", str(tiny_model_path), "--run", str(tmp_path), "--work-dir",
-                 str(tmp_path / "work"), "--out", str(tmp_path / "out"), "--quiet"])
+    code = main(
+        [
+            "bench",
+            "latency",
+            "--model",
+            str(tiny_model_path),
+            "--run",
+            str(tmp_path),
+            "--work-dir",
+            str(tmp_path / "work"),
+            "--out",
+            str(tmp_path / "out"),
+            "--quiet",
+        ]
+    )
     assert code == 2 and "is not a finished `prunedlora train` run" in capsys.readouterr().err
 
 

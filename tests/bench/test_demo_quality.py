@@ -10,20 +10,35 @@ from prunedlora.bench.scoring import ScoringError
 
 
 def _classification(margins: list[float]) -> dict:
-    return {"eval_examples": len(margins), "accuracy": sum(m > 0 for m in margins) / len(margins),
-            "per_example": {"index": list(range(len(margins))), "margin": margins}}
+    return {
+        "eval_examples": len(margins),
+        "accuracy": sum(m > 0 for m in margins) / len(margins),
+        "per_example": {"index": list(range(len(margins))), "margin": margins},
+    }
 
 
 def _row(name: str, result: dict, rank: int) -> dict:
-    return {"name": name, "params": 1000 * rank, "bytes": 4000 * rank, "average_rank": float(rank), "max_rank": rank,
-            "modules": 1 if rank else 0, **result}
+    return {
+        "name": name,
+        "params": 1000 * rank,
+        "bytes": 4000 * rank,
+        "average_rank": float(rank),
+        "max_rank": rank,
+        "modules": 1 if rank else 0,
+        **result,
+    }
 
 
-def _payload(base: dict, r0: dict, export: dict, task: str = "sst2", metric: str = "accuracy",
-             better: str = "higher") -> dict:
+def _payload(
+    base: dict, r0: dict, export: dict, task: str = "sst2", metric: str = "accuracy", better: str = "higher"
+) -> dict:
     rows = [_row("base model", base, 0), _row("r0 training adapter", r0, 32), _row("pruned export", export, 8)]
-    return {"task": task, "eval_examples": base["eval_examples"], "rows": rows,
-            **compare(base, r0, export, metric, better)}
+    return {
+        "task": task,
+        "eval_examples": base["eval_examples"],
+        "rows": rows,
+        **compare(base, r0, export, metric, better),
+    }
 
 
 def test_an_export_right_on_far_more_examples_beats_the_base():
@@ -49,11 +64,22 @@ def test_a_difference_within_the_noise_does_not_beat_the_base_and_the_table_says
 
 def test_nll_beats_the_base_when_it_is_lower():
     tokens = [10] * 50
-    base = {"eval_examples": 50, "answer_nll": 1.0, "exact_match": 0.0,
-            "per_example": {"index": list(range(50)), "logprob_sum": [-10.0] * 50, "tokens": tokens}}
-    export = {"eval_examples": 50, "answer_nll": 0.8, "exact_match": 0.25,
-              "per_example": {"index": list(range(50)), "logprob_sum": [-8.0 - 0.01 * i for i in range(50)],
-                              "tokens": tokens}}
+    base = {
+        "eval_examples": 50,
+        "answer_nll": 1.0,
+        "exact_match": 0.0,
+        "per_example": {"index": list(range(50)), "logprob_sum": [-10.0] * 50, "tokens": tokens},
+    }
+    export = {
+        "eval_examples": 50,
+        "answer_nll": 0.8,
+        "exact_match": 0.25,
+        "per_example": {
+            "index": list(range(50)),
+            "logprob_sum": [-8.0 - 0.01 * i for i in range(50)],
+            "tokens": tokens,
+        },
+    }
     payload = _payload(base, export, export, task="gsm8k", metric="answer_nll", better="lower")
     assert payload["high"] < 0 and payload["beats_base"]
     worse = _payload(export, base, base, task="gsm8k", metric="answer_nll", better="lower")

@@ -21,10 +21,37 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def bench(vllm_tiny_model, tmp_path_factory):
     root = tmp_path_factory.mktemp("bench-latency")
-    code = main(["bench", "latency", "--model", str(vllm_tiny_model), "--r0", "8", "--target-rank", "2",
-                 "--prompts", "4", "--prompt-tokens", "16", "--output-tokens", "4", "--slots", "8", "--mixes", "1,2",
-                 "--adapters-per-family", "2", "--max-model-len", "128", "--work-dir", str(root / "work"),
-                 "--out", str(root / "out"), "--quiet"])
+    code = main(
+        [
+            "bench",
+            "latency",
+            "--model",
+            str(vllm_tiny_model),
+            "--r0",
+            "8",
+            "--target-rank",
+            "2",
+            "--prompts",
+            "4",
+            "--prompt-tokens",
+            "16",
+            "--output-tokens",
+            "4",
+            "--slots",
+            "8",
+            "--mixes",
+            "1,2",
+            "--adapters-per-family",
+            "2",
+            "--max-model-len",
+            "128",
+            "--work-dir",
+            str(root / "work"),
+            "--out",
+            str(root / "out"),
+            "--quiet",
+        ]
+    )
     return code, root, json.loads((root / "out" / "latency.json").read_text())
 
 
@@ -32,8 +59,14 @@ def test_every_configuration_is_measured(bench):
     code, root, payload = bench
     assert code == 0
     names = [row["name"] for row in payload["rows"]]
-    assert names == ["base", "r0 @ slot 8", "pruned-global @ slot 8", "pruned-uniform @ slot 8",
-                     "pruned-global @ slot 8 x1 (max_loras 2)", "pruned-global @ slot 8 x2 (max_loras 2)"]
+    assert names == [
+        "base",
+        "r0 @ slot 8",
+        "pruned-global @ slot 8",
+        "pruned-uniform @ slot 8",
+        "pruned-global @ slot 8 x1 (max_loras 2)",
+        "pruned-global @ slot 8 x2 (max_loras 2)",
+    ]
     for row in payload["rows"]:
         assert "error" not in row, row
         assert set(SUMMARY_FIELDS) <= set(row)
@@ -79,8 +112,9 @@ def test_demo_comparison_serves_a_runs_own_adapters(vllm_tiny_model, tmp_path, c
     from prunedlora.bench.latency import demo_latency
     from tests.export.conftest import make_fake_run
 
-    run = make_fake_run(vllm_tiny_model, tmp_path / "run", r0=32, masks_spec=lambda n, i, r0, g: torch.arange(r0) < 4,
-                        seed=1)
+    run = make_fake_run(
+        vllm_tiny_model, tmp_path / "run", r0=32, masks_spec=lambda n, i, r0, g: torch.arange(r0) < 4, seed=1
+    )
     payload = demo_latency(run, tmp_path / "out", model=str(vllm_tiny_model), num_prompts=2, output_tokens=3)
     rows = {row["name"]: row for row in payload["rows"]}
     assert list(rows) == ["base", "r0 @ slot 32", "pruned-global @ slot 8", "pruned-global @ slot 32"]

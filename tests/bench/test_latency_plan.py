@@ -22,11 +22,13 @@ def _family(name: str, ranks: list[dict[str, int]]) -> list[BenchAdapter]:
 
 
 def _adapters(global_max: int = 20) -> AdapterSet:
-    return AdapterSet(families={
-        "r0": _family("r0", [{"a": 32, "b": 32}]),
-        "pruned-global": _family("pruned-global", [{"a": global_max, "b": 1}, {"a": 6, "b": 10}]),
-        "pruned-uniform": _family("pruned-uniform", [{"a": 8, "b": 8}]),
-    })
+    return AdapterSet(
+        families={
+            "r0": _family("r0", [{"a": 32, "b": 32}]),
+            "pruned-global": _family("pruned-global", [{"a": global_max, "b": 1}, {"a": 6, "b": 10}]),
+            "pruned-uniform": _family("pruned-uniform", [{"a": 8, "b": 8}]),
+        }
+    )
 
 
 def _names(plan):
@@ -54,7 +56,10 @@ def test_plan_with_a_tight_global_family_measures_its_padding():
     rows = _names(plan)
     assert ("pruned-global", 16, 1, 1, "smallest") in rows and ("pruned-global", 32, 1, 1, "padded") in rows
     assert ("pruned-uniform", 16, 1, 1, "sweep") in rows
-    assert [r for r in rows if r[4] == "mix"] == [("pruned-global", 16, 1, 4, "mix"), ("pruned-global", 16, 4, 4, "mix")]
+    assert [r for r in rows if r[4] == "mix"] == [
+        ("pruned-global", 16, 1, 4, "mix"),
+        ("pruned-global", 16, 4, 4, "mix"),
+    ]
     # a slot below what a family needs is skipped, never planned
     assert all(not (family == "pruned-global" and slot == 8) for family, slot, *_ in rows)
 
@@ -68,10 +73,13 @@ def test_engine_specs_group_by_slot_and_max_loras(tmp_path):
     assert keys == [(False, None, None), (True, 32, 1), (True, 8, 1), (True, 32, 4)]
     slot32 = specs[1]
     assert [m["name"] for m in slot32["measurements"]] == [
-        "r0 @ slot 32", "pruned-global @ slot 32", "pruned-uniform @ slot 32"]
+        "r0 @ slot 32",
+        "pruned-global @ slot 32",
+        "pruned-uniform @ slot 32",
+    ]
     mix4 = specs[3]["measurements"][-1]["adapters"]
     assert len(mix4) == len(set(mix4)) == 4  # distinct names (and ids) even with 2 adapter folders
-    assert set(specs[3]["adapters"][n] for n in mix4) == {"/adapters/pruned-global-0", "/adapters/pruned-global-1"}
+    assert {specs[3]["adapters"][n] for n in mix4} == {"/adapters/pruned-global-0", "/adapters/pruned-global-1"}
     assert specs[0]["adapters"] == {} and specs[0]["measurements"][0]["adapters"] == []
 
 

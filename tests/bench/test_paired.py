@@ -36,8 +36,12 @@ def test_seed_interval_is_the_student_t_interval():
 
 
 def _cell(method, seed, margins, task="sst2"):
-    return {"task": task, "method": method, "seed": seed,
-            "eval": {"per_example": {"index": list(range(len(margins))), "margin": margins}}}
+    return {
+        "task": task,
+        "method": method,
+        "seed": seed,
+        "eval": {"per_example": {"index": list(range(len(margins))), "margin": margins}},
+    }
 
 
 def test_compare_pairs_examples_by_index_and_seeds_by_seed():
@@ -50,10 +54,18 @@ def test_compare_pairs_examples_by_index_and_seeds_by_seed():
 
 
 def test_nll_differences_are_token_weighted():
-    ref = {"task": "codealpaca", "method": "lora-target", "seed": 0,
-           "eval": {"per_example": {"index": [0, 1], "logprob_sum": [-10.0, -2.0], "tokens": [10, 2]}}}
-    other = {"task": "codealpaca", "method": "m", "seed": 0,
-             "eval": {"per_example": {"index": [0, 1], "logprob_sum": [-7.0, -3.0], "tokens": [10, 2]}}}
+    ref = {
+        "task": "codealpaca",
+        "method": "lora-target",
+        "seed": 0,
+        "eval": {"per_example": {"index": [0, 1], "logprob_sum": [-10.0, -2.0], "tokens": [10, 2]}},
+    }
+    other = {
+        "task": "codealpaca",
+        "method": "m",
+        "seed": 0,
+        "eval": {"per_example": {"index": [0, 1], "logprob_sum": [-7.0, -3.0], "tokens": [10, 2]}},
+    }
     found = compare([other], [ref], "nll")
     assert found["mean"] == pytest.approx((-3.0 + 1.0) / 12)  # lower NLL: a negative difference
     table = paired_markdown([ref, other])

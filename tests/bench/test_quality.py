@@ -27,20 +27,65 @@ from prunedlora.train.recipe import recipe_from_dict
 
 
 def _config(model, tmp_path, **kwargs):
-    values = dict(model=str(model), tasks=["sst2"], methods=["lora-target", "pruned-obs-global", "adalora"], seeds=[0],
-                  max_steps=5, r0=8, target_rank=2, train_examples=24, max_length=64, batch_size=4, eval_examples=6,
-                  gen_tokens=4, data_dir="vendored", cells_dir=str(tmp_path / "cells"), out_dir=str(tmp_path / "out"),
-                  echo=False)
+    values = dict(
+        model=str(model),
+        tasks=["sst2"],
+        methods=["lora-target", "pruned-obs-global", "adalora"],
+        seeds=[0],
+        max_steps=5,
+        r0=8,
+        target_rank=2,
+        train_examples=24,
+        max_length=64,
+        batch_size=4,
+        eval_examples=6,
+        gen_tokens=4,
+        data_dir="vendored",
+        cells_dir=str(tmp_path / "cells"),
+        out_dir=str(tmp_path / "out"),
+        echo=False,
+    )
     values.update(kwargs)
     return QualityBenchConfig(**values)
 
 
 def _cli_args(tmp_path, model, *extra):
-    return ["bench", "quality", "--model", str(model), "--tasks", "sst2", "--methods",
-            "base,lora-target,pruned-obs-global,adalora", "--seeds", "0", "--max-steps", "5", "--r0", "8", "--target-rank",
-            "2", "--train-examples", "24", "--max-length", "64", "--batch-size", "4", "--eval-examples", "6",
-            "--gen-tokens", "4", "--data-dir", "vendored", "--cells-dir", str(tmp_path / "cells"), "--out",
-            str(tmp_path / "out"), "--quiet", *extra]
+    return [
+        "bench",
+        "quality",
+        "--model",
+        str(model),
+        "--tasks",
+        "sst2",
+        "--methods",
+        "base,lora-target,pruned-obs-global,adalora",
+        "--seeds",
+        "0",
+        "--max-steps",
+        "5",
+        "--r0",
+        "8",
+        "--target-rank",
+        "2",
+        "--train-examples",
+        "24",
+        "--max-length",
+        "64",
+        "--batch-size",
+        "4",
+        "--eval-examples",
+        "6",
+        "--gen-tokens",
+        "4",
+        "--data-dir",
+        "vendored",
+        "--cells-dir",
+        str(tmp_path / "cells"),
+        "--out",
+        str(tmp_path / "out"),
+        "--quiet",
+        *extra,
+    ]
 
 
 def test_methods_share_everything_but_the_method(tiny_model_path, tmp_path):
@@ -55,15 +100,23 @@ def test_methods_share_everything_but_the_method(tiny_model_path, tmp_path):
     assert recipes["lora-target"]["prune"] is False and target["r0"] == 2
     assert target["lora_alpha"] / target["r0"] == recipes["lora-r0"]["method"]["lora_alpha"] / 8  # same scaling
     assert recipes["pruned-obs-uniform"]["method"]["allocation"] == "uniform"
-    assert {recipes[f"pruned-{c}-global"]["method"]["criterion"] for c in ("obs", "taylor", "activation", "magnitude")} \
-        == {"obs", "taylor", "activation", "magnitude"}
+    assert {
+        recipes[f"pruned-{c}-global"]["method"]["criterion"] for c in ("obs", "taylor", "activation", "magnitude")
+    } == {"obs", "taylor", "activation", "magnitude"}
     for raw in recipes.values():
         recipe_from_dict(copy.deepcopy(raw))  # every cell is a valid recipe
 
 
 def test_short_runs_scale_the_pruning_schedule(tiny_model_path, tmp_path):
-    raw = cell_recipe(_config(tiny_model_path, tmp_path, max_steps=30), "sst2", "pruned-obs-global", 0,
-                      Path(tiny_model_path), None, tmp_path)
+    raw = cell_recipe(
+        _config(tiny_model_path, tmp_path, max_steps=30),
+        "sst2",
+        "pruned-obs-global",
+        0,
+        Path(tiny_model_path),
+        None,
+        tmp_path,
+    )
     method = raw["method"]  # the recipe prunes from 20 to 100 every 10 of 150 steps
     assert (method["prune_start_step"], method["prune_end_step"], method["prune_every"]) == (4, 20, 2)
     check_schedule(recipe_from_dict(copy.deepcopy(raw)))
@@ -81,8 +134,11 @@ def test_cell_keys_follow_the_configuration(tiny_model_path, tmp_path):
     assert key() == key(eval_batch_size=3, out_dir="elsewhere")  # cannot change the result
     assert len({key(), key(max_steps=6), key(learning_rate=1e-3), key(eval_examples=7), key(target_rank=3)}) == 5
     config = _config(tiny_model_path, tmp_path)
-    cells = [make_cell(config, "sst2", m, s, Path(tiny_model_path), None, tmp_path)
-             for m in ("lora-target", "adalora") for s in (0, 1)]
+    cells = [
+        make_cell(config, "sst2", m, s, Path(tiny_model_path), None, tmp_path)
+        for m in ("lora-target", "adalora")
+        for s in (0, 1)
+    ]
     assert len({c.key for c in cells}) == 4
 
 
@@ -94,20 +150,32 @@ def test_cell_command_reruns_exactly_that_cell(tiny_model_path, tmp_path):
         args = build_parser().parse_args(argv[1:])
         from prunedlora.bench.cli import _QUALITY_KEYS
 
-        again = quality.preset_config(args.preset, echo=False,
-                                      **{k: getattr(args, k) for k in _QUALITY_KEYS if hasattr(args, k)})
+        again = quality.preset_config(
+            args.preset, echo=False, **{k: getattr(args, k) for k in _QUALITY_KEYS if hasattr(args, k)}
+        )
         [only] = plan_cells(again)
-        assert (only.task, only.method, only.seed, only.key, only.dir) == (cell.task, cell.method, cell.seed, cell.key,
-                                                                          cell.dir)
+        assert (only.task, only.method, only.seed, only.key, only.dir) == (
+            cell.task,
+            cell.method,
+            cell.seed,
+            cell.key,
+            cell.dir,
+        )
 
 
 def test_aggregate_gives_mean_and_spread_over_seeds():
     def cell(seed, accuracy, rank=2.0):
-        return {"task": "sst2", "method": "lora-target", "seed": seed, "eval": {"accuracy": accuracy},
-                "train": {"average_rank": rank, "max_rank": 2}}
+        return {
+            "task": "sst2",
+            "method": "lora-target",
+            "seed": seed,
+            "eval": {"accuracy": accuracy},
+            "train": {"average_rank": rank, "max_rank": 2},
+        }
 
-    [row] = aggregate([cell(0, 0.5), cell(1, 0.7), cell(2, 0.9), {"task": "sst2", "method": "x", "seed": 0,
-                                                                  "error": "boom"}])
+    [row] = aggregate(
+        [cell(0, 0.5), cell(1, 0.7), cell(2, 0.9), {"task": "sst2", "method": "x", "seed": 0, "error": "boom"}]
+    )
     stat = row["accuracy"]
     assert stat["mean"] == pytest.approx(0.7) and stat["std"] == pytest.approx(0.2) and stat["n"] == 3
     assert (stat["min"], stat["max"], stat["better"]) == (0.5, 0.9, "higher") and row["seeds"] == [0, 1, 2]
@@ -177,5 +245,9 @@ def test_quality_command_end_to_end_resumes_from_its_cache(tiny_model_path, tmp_
 
 def test_the_base_model_is_one_cell_whatever_the_seeds(tiny_model_path, tmp_path):
     cells = plan_cells(_config(tiny_model_path, tmp_path, methods=["base", "lora-target"], seeds=[0, 1, 2]))
-    assert [(c.method, c.seed) for c in cells] == [("base", 0), ("lora-target", 0), ("lora-target", 1),
-                                                  ("lora-target", 2)]
+    assert [(c.method, c.seed) for c in cells] == [
+        ("base", 0),
+        ("lora-target", 0),
+        ("lora-target", 1),
+        ("lora-target", 2),
+    ]

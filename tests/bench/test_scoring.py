@@ -123,7 +123,9 @@ def test_margins_are_the_gold_label_log_prob_lead_at_the_first_label_token(tiny,
 
     model, tokenizer = tiny
     _, examples = tokenizer_and_labels
-    margins = classification_margins(model, tokenizer, examples[:6], ("negative", "positive"), EvalSettings(batch_size=4))
+    margins = classification_margins(
+        model, tokenizer, examples[:6], ("negative", "positive"), EvalSettings(batch_size=4)
+    )
     assert [i for i, _ in margins] == list(range(6))
     for (index, margin), example in zip(margins, examples[:6]):
         lead = {}

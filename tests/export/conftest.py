@@ -8,8 +8,8 @@ masks and the run record via ``prunedlora.metadata``. Only training itself is mi
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Union
 
 import pytest
 import torch
@@ -19,7 +19,7 @@ from prunedlora.config import PrunedLoraConfig
 
 # A masks spec: "random" (mixed patterns, including a module that keeps everything and one pruned to
 # zero), "full" (nothing pruned), {module: bool mask}, or fn(module_name, index, r0, generator) -> mask.
-MasksSpec = Union[str, dict, Callable[[str, int, int, torch.Generator], torch.Tensor]]
+MasksSpec = str | dict | Callable[[str, int, int, torch.Generator], torch.Tensor]
 
 
 def _random_mask(index: int, r0: int, generator: torch.Generator) -> torch.Tensor:

@@ -62,7 +62,7 @@ def test_exported_adapter_matches_training_model(
     assert record.dropped_modules == sorted(n for n, m in masks_saved.items() if not m.any())
     assert record.r0 == r0 and record.source == "prunedlora"
     assert record.training["method"]["r0"] == r0
-    A_in = {n: t for n, t in load_file(str(run / "adapter" / "adapter_model.safetensors")).items()}
+    A_in = dict(load_file(str(run / "adapter" / "adapter_model.safetensors")).items())
     assert record.params_before == sum(t.numel() for t in A_in.values())
     assert record.params_after == sum(t.numel() for t in load_file(str(out / "adapter_model.safetensors")).values())
     assert record.bytes_after == (out / "adapter_model.safetensors").stat().st_size

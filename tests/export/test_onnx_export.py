@@ -66,7 +66,7 @@ def test_onnx_check_failure_leaves_nothing(fake_run, tmp_path, monkeypatch):
 
 
 # Run in the ONNX environment by the test below: onnxruntime on a model.onnx, nothing of the project's.
-_ORT_SCRIPT = r'''
+_ORT_SCRIPT = r"""
 import sys
 import numpy as np
 import onnxruntime as ort
@@ -89,9 +89,9 @@ for arg in session.get_inputs():
         sys.exit(f"unexpected ONNX input {arg.name}")
 logits = session.run(["logits"], feeds)[0]
 np.save(sys.argv[3], logits.astype(np.float32))
-'''
+"""
 
-_PERTURB_SCRIPT = r'''
+_PERTURB_SCRIPT = r"""
 import sys
 import numpy as np
 import onnx
@@ -108,7 +108,7 @@ for init in model.graph.initializer:
 else:
     sys.exit("no weight matrix found")
 onnx.save(model, sys.argv[2])
-'''
+"""
 
 
 def _onnxruntime_logits(python, model_file, ids, work):
@@ -121,8 +121,12 @@ def _onnxruntime_logits(python, model_file, ids, work):
     script = work / "ort_logits.py"
     script.write_text(_ORT_SCRIPT)
     np.save(work / "ids.npy", ids.numpy())
-    subprocess.run([str(python), "-I", str(script), str(model_file), str(work / "ids.npy"), str(work / "logits.npy")],
-                   check=True, capture_output=True, text=True)
+    subprocess.run(
+        [str(python), "-I", str(script), str(model_file), str(work / "ids.npy"), str(work / "logits.npy")],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     return torch.from_numpy(np.load(work / "logits.npy")).double()
 
 
@@ -158,8 +162,12 @@ def test_onnxruntime_run_by_the_test_matches_peft_and_rejects_a_perturbed_file(f
     perturbed = tmp_path / "perturbed.onnx"
     script = tmp_path / "perturb.py"
     script.write_text(_PERTURB_SCRIPT)
-    subprocess.run([str(python), "-I", str(script), str(out / "onnx" / "model.onnx"), str(perturbed),
-                    str(base.config.vocab_size)], check=True, capture_output=True, text=True)
+    subprocess.run(
+        [str(python), "-I", str(script), str(out / "onnx" / "model.onnx"), str(perturbed), str(base.config.vocab_size)],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     (tmp_path / "w2").mkdir()
     bad = _onnxruntime_logits(python, perturbed, ids, tmp_path / "w2")
     assert float((bad - expected).abs().max()) > ONNX_TOLERANCE

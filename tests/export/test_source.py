@@ -253,6 +253,7 @@ def test_adalora_with_svd_truncation_verifies_against_the_truncated_adalora_mode
     untruncated = load_file(str(tmp_path / "full" / "adapter_model.safetensors"))
     assert set(result.record.ranks) == set(full.record.ranks)
     for name in full.record.ranks:
+
         def delta(tensors):
             prefix = f"base_model.model.{name}"
             return tensors[f"{prefix}.lora_B.weight"].double() @ tensors[f"{prefix}.lora_A.weight"].double()

@@ -39,8 +39,15 @@ def _real_run(model_path: Path, run_dir: Path, method: dict, seed: int) -> Path:
             "model": str(model_path),
             "data": {"task": "sst2", "max_examples": 64, "max_length": 64},
             "method": {"prune_start_step": 1, "prune_end_step": 5, "prune_every": 2, **method},
-            "training": {"output_dir": str(run_dir), "max_steps": 6, "per_device_train_batch_size": 4,
-                         "learning_rate": 2e-3, "save_steps": 100, "logging_steps": 2, "seed": seed},
+            "training": {
+                "output_dir": str(run_dir),
+                "max_steps": 6,
+                "per_device_train_batch_size": 4,
+                "learning_rate": 2e-3,
+                "save_steps": 100,
+                "logging_steps": 2,
+                "seed": seed,
+            },
         }
     )
     train(recipe)
@@ -56,11 +63,23 @@ def source_runs(default_model_path, tmp_path_factory) -> list[Path]:
         # every linear layer, obs criterion, global allocation: variable ranks
         dict(r0=16, lora_alpha=32, target_modules=list(ALL_LINEAR), target_rank=4, allocation="global"),
         # rsLoRA on attention only, uniform allocation
-        dict(r0=8, lora_alpha=8, use_rslora=True, target_modules=["q_proj", "v_proj"], target_rank=3,
-             allocation="uniform"),
+        dict(
+            r0=8,
+            lora_alpha=8,
+            use_rslora=True,
+            target_modules=["q_proj", "v_proj"],
+            target_rank=3,
+            allocation="uniform",
+        ),
         # MLP and output projections at a large r0, taylor criterion, capped ranks
-        dict(r0=32, lora_alpha=16, target_modules=["o_proj", "up_proj", "down_proj"], target_rank=6,
-             max_rank=12, criterion="taylor"),
+        dict(
+            r0=32,
+            lora_alpha=16,
+            target_modules=["o_proj", "up_proj", "down_proj"],
+            target_rank=6,
+            max_rank=12,
+            criterion="taylor",
+        ),
     ]
     return [_real_run(default_model_path, root / f"run{i}", spec, seed=i) for i, spec in enumerate(specs)]
 

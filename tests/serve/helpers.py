@@ -99,8 +99,8 @@ def fold_scaling_like_export(adapter: Path) -> Path:
         r=r,
         lora_alpha=r,
         use_rslora=False,
-        rank_pattern={module: rank for module, rank in ranks.items()},
-        alpha_pattern={module: rank for module, rank in ranks.items()},
+        rank_pattern=dict(ranks.items()),
+        alpha_pattern=dict(ranks.items()),
     )
     (adapter / "adapter_config.json").write_text(json.dumps(config, indent=2))
     save_file(out, str(adapter / "adapter_model.safetensors"), metadata={"format": "pt"})

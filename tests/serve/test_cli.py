@@ -135,8 +135,9 @@ def _hf_chat_answer(base, adapter, question, max_tokens):
 
         model = PeftModel.from_pretrained(model, adapter)
     model.eval()
-    text = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
-                                         tokenize=False)
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": question}], add_generation_prompt=True, tokenize=False
+    )
     ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids
     generated, margin = [], float("inf")
     with torch.no_grad():
@@ -171,9 +172,11 @@ def test_serve_and_ask_answers_each_model_then_stops(vllm_tiny_model_path, two_a
     assert set(answers) == {vllm_tiny_model_path.name, "small", "wide"}
     # Each answer is what HF (+PEFT) answers greedily through the same chat template (float32 both).
     # Break: the wrong adapter for a name, or an adapter applied to the base's request -> red.
-    expected = {vllm_tiny_model_path.name: _hf_chat_answer(vllm_tiny_model_path, None, "Say hi.", 5),
-                "small": _hf_chat_answer(vllm_tiny_model_path, two_adapters["small"], "Name a color.", 5),
-                "wide": _hf_chat_answer(vllm_tiny_model_path, two_adapters["wide"], "Count to 3.", 5)}
+    expected = {
+        vllm_tiny_model_path.name: _hf_chat_answer(vllm_tiny_model_path, None, "Say hi.", 5),
+        "small": _hf_chat_answer(vllm_tiny_model_path, two_adapters["small"], "Name a color.", 5),
+        "wide": _hf_chat_answer(vllm_tiny_model_path, two_adapters["wide"], "Count to 3.", 5),
+    }
     assert min(margin for _, margin in expected.values()) > 1e-3  # no near tie that float noise could flip
     assert answers == {name: text for name, (text, _) in expected.items()}
     assert len(set(answers.values())) == 3  # the three models answer differently, so the check can tell them apart

@@ -26,7 +26,9 @@ def adapters(default_model_path, tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("engine-adapters")
     base = default_model_path
     return {
-        "plain": make_adapter(base, root / "plain", r=2, lora_alpha=4, target_modules=["q_proj", "o_proj"], seed=11, b_std=0.1),
+        "plain": make_adapter(
+            base, root / "plain", r=2, lora_alpha=4, target_modules=["q_proj", "o_proj"], seed=11, b_std=0.1
+        ),
         "pruned": fold_scaling_like_export(
             make_adapter(
                 base,
@@ -100,11 +102,7 @@ def test_close_stops_vllm_processes(engine):
 
     # vLLM's engine core and its worker run as child processes (multiprocessing's resource tracker,
     # also a child, lives as long as this process and is not vLLM's).
-    tree = [
-        p.pid
-        for p in psutil.Process().children(recursive=True)
-        if "resource_tracker" not in " ".join(p.cmdline())
-    ]
+    tree = [p.pid for p in psutil.Process().children(recursive=True) if "resource_tracker" not in " ".join(p.cmdline())]
     assert len(tree) >= 2
     engine.close()
     deadline = time.monotonic() + 30

@@ -108,9 +108,20 @@ def test_the_serve_record_gives_the_slot_and_an_adapter_above_it_is_refused(vllm
     wide = make_adapter(vllm_tiny_model_path, tmp_path / "wide", r=16, target_modules=["q_proj"])
     with FakeVllm("/not/used/when/a/record/exists") as server:
         port = int(server.url.rsplit(":", 1)[1])
-        write_serve_record("127.0.0.1", port, ServeRecord(
-            url=server.url, model=str(vllm_tiny_model_path), served_model_name="base", max_lora_rank=8,
-            max_loras=1, max_cpu_loras=1, pid=os.getpid(), log_file=str(tmp_path / "log")))
+        write_serve_record(
+            "127.0.0.1",
+            port,
+            ServeRecord(
+                url=server.url,
+                model=str(vllm_tiny_model_path),
+                served_model_name="base",
+                max_lora_rank=8,
+                max_loras=1,
+                max_cpu_loras=1,
+                pid=os.getpid(),
+                log_file=str(tmp_path / "log"),
+            ),
+        )
         with pytest.raises(AdapterValidationError, match=r"needs rank 16 .*above"):
             add_adapter("wide", wide, server.url)
     assert server.loads == []

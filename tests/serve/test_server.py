@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 
 from prunedlora.cli import main as cli_main
-from prunedlora.serve.runtime import RuntimeAdapterError, add_adapter, list_adapters, remove_adapter
 from prunedlora.serve.config import ServeConfig
 from prunedlora.serve.http import http_json
 from prunedlora.serve.record import serve_record_path
+from prunedlora.serve.runtime import RuntimeAdapterError, add_adapter, list_adapters, remove_adapter
 from prunedlora.serve.server import VllmServer
 from prunedlora.serve.validate import AdapterValidationError
 from tests.serve.helpers import alive, fold_scaling_like_export, hf_greedy, make_adapter
@@ -162,9 +162,15 @@ def test_adapter_written_by_prunedlora_export(server, base, tmp_path):
     """The export stage's real output (anchored per-module patterns, scaling folded into B, an
     AdapterRecord) is validated, added at runtime and answers like HF+PEFT."""
     from prunedlora.export import exporter as export  # an import error is a failure, not a skip
+
     source = make_adapter(
-        base, tmp_path / "src", r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"],
-        rank_pattern={"v_proj": 3}, seed=9,
+        base,
+        tmp_path / "src",
+        r=8,
+        lora_alpha=16,
+        target_modules=["q_proj", "v_proj", "down_proj"],
+        rank_pattern={"v_proj": 3},
+        seed=9,
     )
     out = export.export_adapter(source, tmp_path / "exported", base_model=str(base)).out_dir
     expected, _ = hf_greedy(base, out, PROMPTS[:2], MAX_TOKENS)

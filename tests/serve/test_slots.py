@@ -86,7 +86,10 @@ def test_forced_values_are_kept_and_marked():
 
 def test_forced_slot_smaller_than_an_adapter_names_it():
     adapters = {"ok": adapter("ok", [4]), "wide": adapter("wide", [2, 20])}
-    with pytest.raises(SlotError, match=r"--max-lora-rank 16 is smaller than adapter 'wide' model\.layers\.1\.self_attn\.q_proj rank 20.*--max-lora-rank 32"):
+    with pytest.raises(
+        SlotError,
+        match=r"--max-lora-rank 16 is smaller than adapter 'wide' model\.layers\.1\.self_attn\.q_proj rank 20.*--max-lora-rank 32",
+    ):
         plan_slots(adapters, max_lora_rank=16)
 
 

@@ -91,10 +91,12 @@ def test_rank_and_alpha_patterns(base, tmp_path):
 def test_export_style_adapter_with_record(base, tmp_path):
     adapter = make_adapter(base, tmp_path / "e", r=6, lora_alpha=12, target_modules=ALL, rank_pattern={"v_proj": 3})
     fold_scaling_like_export(adapter)
-    ranks = {m: 6 for m in validate_adapter(adapter, base).ranks}
+    ranks = dict.fromkeys(validate_adapter(adapter, base).ranks, 6)
     write_adapter_record(
         adapter,
-        AdapterRecord(base_model=str(base), r0=8, ranks=ranks, params_before=1, params_after=1, bytes_before=1, bytes_after=1),
+        AdapterRecord(
+            base_model=str(base), r0=8, ranks=ranks, params_before=1, params_after=1, bytes_before=1, bytes_after=1
+        ),
     )
     info = validate_adapter(adapter, base)
     assert all(m.scaling == pytest.approx(1.0) for m in info.modules.values())

@@ -28,8 +28,14 @@ from prunedlora.train.data import (
     vendored_data_path,
 )
 
-VENDORED_ROWS = {("gsm8k", "train"): 400, ("codealpaca", "train"): 400, ("sst2", "train"): 600,
-                 ("sst2", "dev"): 200, ("rte", "train"): 300, ("rte", "dev"): 100}
+VENDORED_ROWS = {
+    ("gsm8k", "train"): 400,
+    ("codealpaca", "train"): 400,
+    ("sst2", "train"): 600,
+    ("sst2", "dev"): 200,
+    ("rte", "train"): 300,
+    ("rte", "dev"): 100,
+}
 needs_shared = pytest.mark.skipif(not shared_data_dir().is_dir(), reason="../shared/data is not present")
 
 
@@ -120,10 +126,17 @@ def test_classification_readers_map_labels():
 
 
 @needs_shared
-@pytest.mark.parametrize("task,split,count", [
-    ("gsm8k", None, 7473), ("codealpaca", None, 2015), ("sst2", "train", 67349), ("sst2", "dev", 872),
-    ("rte", "train", 2490), ("rte", "dev", 277),
-])
+@pytest.mark.parametrize(
+    "task,split,count",
+    [
+        ("gsm8k", None, 7473),
+        ("codealpaca", None, 2015),
+        ("sst2", "train", 67349),
+        ("sst2", "dev", 872),
+        ("rte", "train", 2490),
+        ("rte", "dev", 277),
+    ],
+)
 def test_shared_data_reads_and_vendored_slice_is_its_head(task, split, count):
     if split is None:
         full = _all(task, shared_data_path(task))
@@ -240,7 +253,7 @@ def test_long_prompt_is_cut_from_its_start_keeping_the_response(tokenizer):
     assert _learned(cut) == _learned(full)  # the whole response and end-of-turn survive
     user = tokenizer.decode(cut["input_ids"]).split("<|im_start|>user\n", 1)[1].split("<|im_end|>", 1)[0]
     assert user.startswith("... ") and len(user) < len(ex.prompt)
-    assert ex.prompt.endswith(user[len("... "):])  # the end of the prompt (the question) is kept
+    assert ex.prompt.endswith(user[len("... ") :])  # the end of the prompt (the question) is kept
 
 
 def test_long_response_is_cut_at_the_end_and_short_prompts_dropped(tokenizer):
@@ -285,16 +298,19 @@ def test_dataset_and_collator_pad_labels_with_ignore_index(tokenizer):
 # -- scoring helper --------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("text,expected", [
-    ("She sold 48+24 = 72 clips.\n#### 72", "72"),
-    ("#### 1,080", "1080"),
-    ("so 3 + 4 = 7 and #### -5 apples, not 9", "-5"),
-    ("The answer is $1,234.50.", "1234.5"),
-    ("First 12, then 18.00.", "18"),
-    ("Answer: 3, 4 and 5", "5"),
-    ("no number here", None),
-    ("4 apples, so\n#### none", None),
-])
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        ("She sold 48+24 = 72 clips.\n#### 72", "72"),
+        ("#### 1,080", "1080"),
+        ("so 3 + 4 = 7 and #### -5 apples, not 9", "-5"),
+        ("The answer is $1,234.50.", "1234.5"),
+        ("First 12, then 18.00.", "18"),
+        ("Answer: 3, 4 and 5", "5"),
+        ("no number here", None),
+        ("4 apples, so\n#### none", None),
+    ],
+)
 def test_final_number(text, expected):
     assert final_number(text) == expected
 
@@ -318,12 +334,15 @@ def test_missing_file_says_where_the_data_lives(tmp_path):
     assert str(missing) in message and str(shared_data_dir()) in message and "vendored" in message
 
 
-@pytest.mark.parametrize("task,name,content,found", [
-    ("sst2", "x.tsv", "text\tlabel\nfine movie\t1\n", "found text, label"),
-    ("rte", "x.tsv", "premise\thypothesis\tlabel\na\tb\tentailment\n", "found premise, hypothesis, label"),
-    ("gsm8k", "x.jsonl", '{"question": "q", "solution": "#### 1"}\n', "found question, solution"),
-    ("codealpaca", "x.json", '[{"prompt": "p", "completion": "c"}]', "found prompt, completion"),
-])
+@pytest.mark.parametrize(
+    "task,name,content,found",
+    [
+        ("sst2", "x.tsv", "text\tlabel\nfine movie\t1\n", "found text, label"),
+        ("rte", "x.tsv", "premise\thypothesis\tlabel\na\tb\tentailment\n", "found premise, hypothesis, label"),
+        ("gsm8k", "x.jsonl", '{"question": "q", "solution": "#### 1"}\n', "found question, solution"),
+        ("codealpaca", "x.json", '[{"prompt": "p", "completion": "c"}]', "found prompt, completion"),
+    ],
+)
 def test_wrong_columns_list_the_columns_found(tmp_path, task, name, content, found):
     path = tmp_path / name
     path.write_text(content)

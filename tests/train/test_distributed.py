@@ -12,8 +12,20 @@ import torch
 def _torchrun(model_dir, run_dir, dump, mode="full", port=29533):
     dump.mkdir(exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
-           str(Path(__file__).with_name("ddp_worker.py")), str(model_dir), str(run_dir), str(dump), mode]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(port),
+        str(Path(__file__).with_name("ddp_worker.py")),
+        str(model_dir),
+        str(run_dir),
+        str(dump),
+        mode,
+    ]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
 
 

@@ -63,14 +63,17 @@ def test_heatmap_of_a_single_module(tmp_path):
     assert _is_png(plot_rank_heatmap({"lm_head": 4}, tmp_path / "one.png", r0=8))
 
 
-@pytest.mark.parametrize("ranks,message", [
-    ({}, "empty"),
-    ({"model.layers.0.self_attn.q_proj": -1}, "non-negative integer"),
-    ({"model.layers.0.self_attn.q_proj": 2.5}, "non-negative integer"),
-    ({"": 3}, "not a dotted module path"),
-    ({"model.layers.0.self_attn.q_proj": 40}, "exceed r0=32"),
-    ({"encoder.layers.0.q_proj": 3, "decoder.layers.0.q_proj": 4}, "same heatmap cell"),
-])
+@pytest.mark.parametrize(
+    "ranks,message",
+    [
+        ({}, "empty"),
+        ({"model.layers.0.self_attn.q_proj": -1}, "non-negative integer"),
+        ({"model.layers.0.self_attn.q_proj": 2.5}, "non-negative integer"),
+        ({"": 3}, "not a dotted module path"),
+        ({"model.layers.0.self_attn.q_proj": 40}, "exceed r0=32"),
+        ({"encoder.layers.0.q_proj": 3, "decoder.layers.0.q_proj": 4}, "same heatmap cell"),
+    ],
+)
 def test_heatmap_rejects_bad_ranks(tmp_path, ranks, message):
     out = tmp_path / "bad.png"
     with pytest.raises(PlotError, match=message):
@@ -83,12 +86,15 @@ def test_heatmap_rejects_bad_r0(tmp_path):
         plot_rank_heatmap({"model.layers.0.mlp.up_proj": 1}, tmp_path / "x.png", r0=0)
 
 
-@pytest.mark.parametrize("history,message", [
-    ([], "empty"),
-    ([{"ranks": {"a.0.q_proj": 1}}], "needs 'step' and 'ranks', found ranks"),
-    ([{"step": 5, "ranks": {}}], "step 5"),
-    (["step 5"], "needs 'step' and 'ranks'"),
-])
+@pytest.mark.parametrize(
+    "history,message",
+    [
+        ([], "empty"),
+        ([{"ranks": {"a.0.q_proj": 1}}], "needs 'step' and 'ranks', found ranks"),
+        ([{"step": 5, "ranks": {}}], "step 5"),
+        (["step 5"], "needs 'step' and 'ranks'"),
+    ],
+)
 def test_history_rejects_bad_events(tmp_path, history, message):
     with pytest.raises(PlotError, match=message):
         plot_rank_history(history, tmp_path / "bad.png")

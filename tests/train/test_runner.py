@@ -24,11 +24,26 @@ def tiny_recipe(model_dir, run_dir, **method):
         {
             "model": str(model_dir),
             "data": {"task": "sst2", "max_examples": 96, "max_length": 64},
-            "method": {"r0": 8, "lora_alpha": 16, "target_rank": 3, "target_modules": ["q_proj", "v_proj", "down_proj"],
-                       "prune_start_step": 1, "prune_end_step": 6, "prune_every": 2, **method},
-            "training": {"output_dir": str(run_dir), "max_steps": 9, "per_device_train_batch_size": 4,
-                         "gradient_accumulation_steps": 2, "learning_rate": 5e-3, "save_steps": 4,
-                         "save_total_limit": None, "logging_steps": 1},
+            "method": {
+                "r0": 8,
+                "lora_alpha": 16,
+                "target_rank": 3,
+                "target_modules": ["q_proj", "v_proj", "down_proj"],
+                "prune_start_step": 1,
+                "prune_end_step": 6,
+                "prune_every": 2,
+                **method,
+            },
+            "training": {
+                "output_dir": str(run_dir),
+                "max_steps": 9,
+                "per_device_train_batch_size": 4,
+                "gradient_accumulation_steps": 2,
+                "learning_rate": 5e-3,
+                "save_steps": 4,
+                "save_total_limit": None,
+                "logging_steps": 1,
+            },
         }
     )
 
@@ -107,8 +122,14 @@ def trained(tiny_model_path, tmp_path_factory):
 
 def test_run_dir_holds_adapter_masks_history_and_plot(trained):
     run, result = trained.run, trained.result
-    for name in ("adapter/adapter_config.json", "adapter/adapter_model.safetensors", "masks.safetensors",
-                 "rank_history.json", "prunedlora_run.json", "ranks.png"):
+    for name in (
+        "adapter/adapter_config.json",
+        "adapter/adapter_model.safetensors",
+        "masks.safetensors",
+        "rank_history.json",
+        "prunedlora_run.json",
+        "ranks.png",
+    ):
         assert (run / name).is_file(), name
     masks = metadata.load_masks(run / "masks.safetensors")
     record = metadata.read_run_record(run)
@@ -181,7 +202,8 @@ def test_gradient_checkpointing_trains_the_same_run(trained, tiny_model_path, tm
     assert keep.model.is_gradient_checkpointing
     assert result.ranks == trained.result.ranks
     assert metadata.read_rank_history(tmp_path / "gc" / "rank_history.json") == metadata.read_rank_history(
-        trained.run / "rank_history.json")
+        trained.run / "rank_history.json"
+    )
     a, b = _adapter(trained.run), _adapter(tmp_path / "gc")
     for key in a:
         torch.testing.assert_close(b[key], a[key], atol=1e-5, rtol=0)
@@ -271,10 +293,22 @@ def test_short_real_run_on_smollm2_lowers_loss_and_hits_target(default_model_pat
         {
             "model": str(default_model_path),
             "data": {"task": "sst2", "max_examples": 256, "max_length": 80},
-            "method": {"r0": 16, "lora_alpha": 32, "target_rank": 4, "prune_start_step": 3, "prune_end_step": 15,
-                       "prune_every": 3},
-            "training": {"output_dir": str(tmp_path / "real"), "max_steps": 20, "per_device_train_batch_size": 8,
-                         "learning_rate": 3e-4, "logging_steps": 2, "save_steps": 100},
+            "method": {
+                "r0": 16,
+                "lora_alpha": 32,
+                "target_rank": 4,
+                "prune_start_step": 3,
+                "prune_end_step": 15,
+                "prune_every": 3,
+            },
+            "training": {
+                "output_dir": str(tmp_path / "real"),
+                "max_steps": 20,
+                "per_device_train_batch_size": 8,
+                "learning_rate": 3e-4,
+                "logging_steps": 2,
+                "save_steps": 100,
+            },
         }
     )
     result = train(recipe)
