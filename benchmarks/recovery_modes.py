@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import torch
+from oneshot import batches_of, dev_loss, train_steps
 
 RESULTS = Path(__file__).parent / "results" / "recovery_modes.json"
 
@@ -46,44 +47,23 @@ def main() -> None:
     train_set = build_train_dataset(tokenizer, DataConfig(task="sst2", max_examples=1024, max_length=96))
     dev_set = build_train_dataset(tokenizer, DataConfig(task="sst2", split="dev", max_examples=128, max_length=96))
     collate = make_collator(tokenizer)
-    batches = [
-        collate([train_set[i] for i in range(s, s + args.batch)])
-        for s in range(0, len(train_set) - args.batch + 1, args.batch)
-    ]
-    dev_batches = [
-        collate([dev_set[i] for i in range(s, min(s + 32, len(dev_set)))]) for s in range(0, len(dev_set), 32)
-    ]
+    batches = batches_of(collate, train_set, args.batch)
+    dev_batches = batches_of(collate, dev_set, 32, drop_last=False)
 
     base_config = PrunedLoraConfig(r0=32, lora_alpha=64, target_rank=8, prune_start_step=0, prune_end_step=0)
     model = build_peft_model(model_dir, base_config)
     params = [p for p in model.parameters() if p.requires_grad]
 
-    def dev_loss(m) -> float:
-        m.eval()
-        with torch.no_grad():
-            total = sum(m(**b).loss.item() * len(b["input_ids"]) for b in dev_batches)
-        m.train()
-        return total / len(dev_set)
-
-    def steps(m, opt, start, count, pruner=None):
-        for k in range(count):
-            batch = batches[(start + k) % len(batches)]
-            m(**batch).loss.backward()
-            torch.nn.utils.clip_grad_norm_([p for p in m.parameters() if p.requires_grad], 1.0)
-            if pruner is not None:
-                pruner.mask_gradients()
-            opt.step()
-            if pruner is not None:
-                pruner.after_optimizer_step()
-            opt.zero_grad()
-
     optimizer = torch.optim.AdamW(params, lr=2e-4)
     t0 = time.time()
-    steps(model, optimizer, 0, args.warm_steps)
-    print(f"warm-up {args.warm_steps} steps in {time.time() - t0:.0f}s; dev loss {dev_loss(model):.4f}", flush=True)
+    train_steps(model, optimizer, batches, 0, args.warm_steps)
+    print(
+        f"warm-up {args.warm_steps} steps in {time.time() - t0:.0f}s; dev loss {dev_loss(model, dev_batches):.4f}",
+        flush=True,
+    )
     trained = copy.deepcopy(model.state_dict())
     trained_opt = copy.deepcopy(optimizer.state_dict())
-    results = {"unpruned_r0": dev_loss(model), "cells": []}
+    results = {"unpruned_r0": dev_loss(model, dev_batches), "cells": []}
 
     # (criterion, recovery, hessian_damping): the damping only matters where a recovery update is applied
     # or the score is "obs"; larger damping pulls the compensation towards plain zeroing.
@@ -114,9 +94,9 @@ def main() -> None:
         final = pruner.schedule.events[-1]
         pruner.prune(PruningEvent(0, final.total, final.per_module, final.cap), optimizer)
         optimizer.zero_grad()
-        right_after = dev_loss(model)
-        steps(model, optimizer, args.warm_steps + 1, args.after_steps, pruner)
-        after = dev_loss(model)
+        right_after = dev_loss(model, dev_batches)
+        train_steps(model, optimizer, batches, args.warm_steps + 1, args.after_steps, pruner)
+        after = dev_loss(model, dev_batches)
         cell = {
             "criterion": criterion,
             "recovery": recovery,

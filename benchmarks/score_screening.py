@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 import torch
+from oneshot import batches_of, dev_loss, train_steps
 
 RESULTS = Path(__file__).parent / "results" / "score_screening.json"
 # (criterion, recovery): recovery "compensate" where the score comes with a Hessian of the right scale.
@@ -82,9 +83,7 @@ def main() -> None:
             max_length=96,
         ),
     )
-    dev_batches = [
-        collate([dev_set[i] for i in range(s, min(s + 32, len(dev_set)))]) for s in range(0, len(dev_set), 32)
-    ]
+    dev_batches = batches_of(collate, dev_set, 32, drop_last=False)
     config_kwargs = {
         "r0": 32,
         "lora_alpha": 64,
@@ -93,13 +92,6 @@ def main() -> None:
         "prune_start_step": 0,
         "prune_end_step": 0,
     }
-
-    def dev_loss(m) -> float:
-        m.eval()
-        with torch.no_grad():
-            total = sum(m(**b).loss.item() * len(b["input_ids"]) for b in dev_batches)
-        m.train()
-        return total / len(dev_set)
 
     for seed in args.seeds:
         if str(seed) in results["seeds"]:
@@ -114,28 +106,14 @@ def main() -> None:
         )
         order = list(range(len(train_set)))
         random.Random(seed).shuffle(order)  # each seed: its own LoRA init and its own data order
-        batches = [
-            collate([train_set[i] for i in order[s : s + args.batch]])
-            for s in range(0, len(order) - args.batch + 1, args.batch)
-        ]
+        batches = batches_of(collate, train_set, args.batch, order)
         model = build_peft_model(model_dir, PrunedLoraConfig(**config_kwargs))
         params = [p for p in model.parameters() if p.requires_grad]
 
-        def steps(start, count, pruner=None, optimizer=None):
-            for k in range(count):
-                model(**batches[(start + k) % len(batches)]).loss.backward()
-                torch.nn.utils.clip_grad_norm_(params, 1.0)
-                if pruner is not None:
-                    pruner.mask_gradients()
-                optimizer.step()
-                if pruner is not None:
-                    pruner.after_optimizer_step()
-                optimizer.zero_grad()
-
         optimizer = torch.optim.AdamW(params, lr=2e-4)
         t0 = time.time()
-        steps(0, args.warm_steps, optimizer=optimizer)
-        unpruned = dev_loss(model)
+        train_steps(model, optimizer, batches, 0, args.warm_steps)
+        unpruned = dev_loss(model, dev_batches)
         print(
             f"seed {seed}: warm-up {args.warm_steps} steps in {time.time() - t0:.0f}s; dev loss {unpruned:.4f}",
             flush=True,
@@ -155,13 +133,13 @@ def main() -> None:
             final = pruner.schedule.events[-1]
             pruner.prune(PruningEvent(0, final.total, final.per_module, final.cap), optimizer)
             optimizer.zero_grad()
-            right_after = dev_loss(model)
-            steps(args.warm_steps + args.calib_steps, args.after_steps, pruner, optimizer)
+            right_after = dev_loss(model, dev_batches)
+            train_steps(model, optimizer, batches, args.warm_steps + args.calib_steps, args.after_steps, pruner)
             cell = {
                 "criterion": criterion,
                 "recovery": recovery,
                 "dev_loss_after_prune": right_after,
-                "dev_loss_after_steps": dev_loss(model),
+                "dev_loss_after_steps": dev_loss(model, dev_batches),
                 "average_rank": pruner.average_rank,
                 "max_rank": max(pruner.ranks().values()),
             }

@@ -17,21 +17,12 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
 
-def build_tiny_llama(path: Path, seed: int = 0, tokenizer_from: Path | None = None, **config_overrides) -> Path:
-    """A 2-layer random Llama (hidden 64) saved as a Hugging Face folder, with the default tokenizer;
-    ``config_overrides`` replace LlamaConfig fields (vLLM's CPU attention needs other head sizes)."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+def tiny_llama_config(**overrides):
+    """The tiny Llama every mechanics test builds on: 2 layers, hidden 64, grouped-query attention (4 query
+    heads over 2 KV heads); ``overrides`` replace LlamaConfig fields (in-memory tests use a smaller vocab)."""
+    from transformers import LlamaConfig
 
-    tok_dir = tokenizer_from
-    if tok_dir is None:
-        from prunedlora.models import default_model_dir
-
-        tok_dir = default_model_dir(progress=False)
-    tokenizer = AutoTokenizer.from_pretrained(tok_dir)
-    torch.manual_seed(seed)
     fields = dict(
-        vocab_size=len(tokenizer),
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=2,
@@ -40,11 +31,32 @@ def build_tiny_llama(path: Path, seed: int = 0, tokenizer_from: Path | None = No
         head_dim=16,
         max_position_embeddings=512,
         tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
     )
-    config = LlamaConfig(**{**fields, **config_overrides})
+    return LlamaConfig(**{**fields, **overrides})
+
+
+def build_tiny_llama(path: Path, seed: int = 0, tokenizer_from: Path | None = None, **config_overrides) -> Path:
+    """A 2-layer random Llama (hidden 64) saved as a Hugging Face folder, with the default tokenizer;
+    ``config_overrides`` replace LlamaConfig fields (vLLM's CPU attention needs other head sizes)."""
+    import torch
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    tok_dir = tokenizer_from
+    if tok_dir is None:
+        from prunedlora.models import default_model_dir
+
+        tok_dir = default_model_dir(progress=False)
+    tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+    torch.manual_seed(seed)
+    config = tiny_llama_config(
+        **{
+            "vocab_size": len(tokenizer),
+            "bos_token_id": tokenizer.bos_token_id,
+            "eos_token_id": tokenizer.eos_token_id,
+            "pad_token_id": tokenizer.pad_token_id,
+            **config_overrides,
+        }
+    )
     model = LlamaForCausalLM(config)
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)

@@ -5,24 +5,24 @@ import copy
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from prunedlora.config import ConfigError, PrunedLoraConfig
 from prunedlora.pruner import RankPruner, find_lora_modules
+from tests.conftest import tiny_llama_config
 
 VOCAB = 64
 
 
 def tiny_peft(r0=8, seed=0, targets=("q_proj", "v_proj", "down_proj")):
     torch.manual_seed(seed)
-    config = LlamaConfig(
+    config = tiny_llama_config(
         vocab_size=VOCAB,
         hidden_size=32,
         intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        head_dim=8,
         max_position_embeddings=64,
+        tie_word_embeddings=False,
     )
     base = LlamaForCausalLM(config)
     model = get_peft_model(base, LoraConfig(r=r0, lora_alpha=2 * r0, target_modules=list(targets)))
