@@ -38,7 +38,8 @@ def main() -> None:
     from prunedlora.models import resolve_model
     from prunedlora.pruner import RankPruner
     from prunedlora.schedule import PruningEvent
-    from prunedlora.train.data import DataConfig, build_train_dataset, make_collator
+    from prunedlora.tasks import DataConfig
+    from prunedlora.train.data import build_train_dataset, make_collator
     from prunedlora.train.runner import build_peft_model
 
     torch.manual_seed(0)

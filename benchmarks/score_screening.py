@@ -62,7 +62,8 @@ def main() -> None:
     from prunedlora.models import resolve_model
     from prunedlora.pruner import RankPruner
     from prunedlora.schedule import PruningEvent
-    from prunedlora.train.data import DataConfig, build_train_dataset, make_collator, shared_data_dir
+    from prunedlora.tasks import DataConfig, shared_data_dir
+    from prunedlora.train.data import build_train_dataset, make_collator
     from prunedlora.train.runner import build_peft_model
 
     out = Path(args.out)

@@ -154,7 +154,7 @@ def _section_fields():
     from dataclasses import fields
 
     from prunedlora.config import PrunedLoraConfig
-    from prunedlora.train.data import DataConfig
+    from prunedlora.tasks import DataConfig
     from prunedlora.train.recipe import TrainingOptions
 
     for section, cls in (("method", PrunedLoraConfig), ("training", TrainingOptions), ("data", DataConfig)):

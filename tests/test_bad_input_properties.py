@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 from prunedlora.config import ConfigError, PrunedLoraConfig
 from prunedlora.errors import PrunedLoraError
-from prunedlora.train.data import DataConfig
+from prunedlora.tasks import DataConfig
 from prunedlora.train.recipe import TrainingOptions, load_recipe, recipe_from_dict
 
 PROPERTY = settings(

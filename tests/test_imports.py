@@ -23,6 +23,7 @@ FORBIDDEN = {
 # the core: tensors, configs and files only; it imports no stage
 CORE = (
     "allocation",
+    "answers",
     "config",
     "criteria",
     "errors",
@@ -33,6 +34,7 @@ CORE = (
     "pruner",
     "schedule",
     "staging",
+    "tasks",
     "vllm_compat",
 )
 

@@ -204,7 +204,8 @@ def bench_prompts(model_dir: str | os.PathLike, num_prompts: int, prompt_tokens:
     slices. The engines run without prefix caching, so every prompt is prefilled in full."""
     from transformers import AutoTokenizer
 
-    from prunedlora.train.data import DataConfig, chat_prompt, load_examples
+    from prunedlora.tasks import DataConfig, load_examples
+    from prunedlora.train.data import chat_prompt
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     pools = [iter(load_examples(DataConfig(task=task))) for task in ("gsm8k", "codealpaca", "sst2")]

@@ -53,7 +53,7 @@ import yaml
 from prunedlora.cpu import machine_record
 from prunedlora.errors import PrunedLoraError
 
-QUALITY_TASKS = ("gsm8k", "codealpaca", "sst2")  # the tasks the table covers (train.data.TASKS also has rte)
+QUALITY_TASKS = ("gsm8k", "codealpaca", "sst2")  # the tasks the table covers (tasks.TASKS also has rte)
 METHODS: dict[str, dict[str, Any]] = {
     "base": {"base": True, "prune": False},
     "lora-target": {"prune": False, "r0": "target"},
@@ -206,7 +206,7 @@ def _scale_schedule(method: dict[str, Any], from_steps: int, to_steps: int) -> d
 
 
 def shared_data_dir() -> Path:
-    from prunedlora.train.data import shared_data_dir as shared
+    from prunedlora.tasks import shared_data_dir as shared
 
     return shared()
 

@@ -31,8 +31,10 @@ from pathlib import Path
 
 import torch
 
+from prunedlora.answers import final_number
 from prunedlora.errors import PrunedLoraError
-from prunedlora.train.data import IGNORE_INDEX, LABELS, DataConfig, Example, chat_prompt, final_number, load_examples
+from prunedlora.tasks import LABELS, DataConfig, Example, load_examples
+from prunedlora.train.data import IGNORE_INDEX, chat_prompt
 
 # What each task reports, and which way is better (for tables and plots).
 TASK_METRICS: dict[str, tuple[tuple[str, str], ...]] = {

@@ -18,7 +18,7 @@ import yaml
 from prunedlora.config import ConfigError, PrunedLoraConfig
 from prunedlora.errors import PrunedLoraError
 from prunedlora.fieldtypes import check_field_types
-from prunedlora.train.data import TASKS, DataConfig
+from prunedlora.tasks import TASKS, DataConfig
 
 
 @dataclass

@@ -18,7 +18,8 @@ from prunedlora.bench.scoring import (
     mean_nll,
     score_task,
 )
-from prunedlora.train.data import Example, make_collator, tokenize_example
+from prunedlora.tasks import Example
+from prunedlora.train.data import make_collator, tokenize_example
 
 
 @pytest.fixture(scope="module")

@@ -6,26 +6,28 @@ import json
 
 import pytest
 
+from prunedlora.answers import final_number
 from prunedlora.errors import PrunedLoraError
-from prunedlora.train.data import (
+from prunedlora.tasks import (
     DEFAULT_DEV_SIZE,
-    IGNORE_INDEX,
     LABELS,
     TASKS,
-    ChatTemplateError,
     DataConfig,
     DataError,
     Example,
-    build_train_dataset,
-    chat_prompt,
-    final_number,
     load_examples,
-    make_collator,
     shared_data_dir,
     shared_data_path,
     split_dev,
-    tokenize_example,
     vendored_data_path,
+)
+from prunedlora.train.data import (
+    IGNORE_INDEX,
+    ChatTemplateError,
+    build_train_dataset,
+    chat_prompt,
+    make_collator,
+    tokenize_example,
 )
 
 VENDORED_ROWS = {
