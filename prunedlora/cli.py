@@ -17,6 +17,7 @@ _STAGE_CLIS = (
     "prunedlora.export.cli",
     "prunedlora.serve.cli",
     "prunedlora.bench.cli",
+    "prunedlora.salr.cli",
     "prunedlora.demo",
 )
 

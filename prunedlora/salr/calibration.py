@@ -1,0 +1,75 @@
+"""Wanda's calibration pass: the L2 norm of every input feature of every target linear layer.
+
+One forward pass of the dense model over a few fixed-length token windows; a forward hook on each
+target module adds up x_j^2 over all tokens, so ||X_j||_2 = sqrt(sum). The default text is the
+CodeAlpaca slice shipped with the package (no task SALR is evaluated on, so no evaluation text leaks
+into the mask); pass a plain text file to calibrate on something else.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from prunedlora.salr.errors import SalrError
+
+
+def default_calibration_text() -> str:
+    from prunedlora.tasks import vendored_data_path
+
+    records = json.loads(vendored_data_path("codealpaca").read_text())
+    return "\n\n".join(f"{r['instruction']}\n{r.get('input', '')}\n{r['output']}" for r in records)
+
+
+def read_calibration_text(path: str | os.PathLike | None) -> str:
+    if path is None:
+        return default_calibration_text()
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as err:
+        raise SalrError(f"calibration file {path} is unreadable as text: {err}") from err
+    if not text.strip():
+        raise SalrError(f"calibration file {path} is empty")
+    return text
+
+
+def calibration_batch(tokenizer, text: str, samples: int, length: int) -> torch.Tensor:
+    """``samples`` consecutive windows of ``length`` tokens from the start of ``text`` (fewer when the
+    text is short), so the same text always gives the same batch."""
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"][0]
+    windows = min(samples, len(ids) // length)
+    if windows < 1:
+        raise SalrError(f"the calibration text has {len(ids)} tokens, fewer than one window of {length}")
+    return ids[: windows * length].reshape(windows, length)
+
+
+@torch.no_grad()
+def input_norms(
+    model, module_names: list[str], input_ids: torch.Tensor, batch_size: int = 4
+) -> dict[str, torch.Tensor]:
+    """Module name -> ||X_j||_2 over every calibration token, for each input feature j."""
+    modules = dict(model.named_modules())
+    sums: dict[str, torch.Tensor] = {}
+    handles = []
+
+    def hook(name):
+        def accumulate(module, args):
+            x = args[0].detach().float().reshape(-1, args[0].shape[-1])
+            sums[name] = sums.get(name, 0) + (x * x).sum(dim=0)
+
+        return accumulate
+
+    for name in module_names:
+        handles.append(modules[name].register_forward_pre_hook(hook(name)))
+    try:
+        model.eval()
+        for start in range(0, input_ids.shape[0], batch_size):
+            model(input_ids=input_ids[start : start + batch_size])
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {name: sums[name].sqrt() for name in module_names}
