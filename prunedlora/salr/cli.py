@@ -33,6 +33,17 @@ def register(subparsers) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
     parser.set_defaults(handler=_sparsify)
 
+    dense = subparsers.add_parser(
+        "materialise",
+        help="write a compressed sparse store (from sparsify) out as a dense Hugging Face folder",
+        description="Check a compressed store (manifest, size, SHA-256) and write its model densely, zeros "
+        "included, with save_pretrained: a plain folder that PEFT, vLLM and `prunedlora serve` load.",
+    )
+    dense.add_argument("store", metavar="STORE_DIR", help="a compressed store (OUT_DIR/compressed of sparsify)")
+    dense.add_argument("out_dir", metavar="OUT_DIR", help="where to write the dense model")
+    dense.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
+    dense.set_defaults(handler=_materialise)
+
 
 def _sparsify(args: argparse.Namespace) -> int:
     from prunedlora.salr.pipeline import sparsify
@@ -49,4 +60,12 @@ def _sparsify(args: argparse.Namespace) -> int:
     )
     result = sparsify(args.model, args.out_dir, config, calibration=args.calibration, overwrite=args.overwrite)
     print(result.summary())
+    return 0
+
+
+def _materialise(args: argparse.Namespace) -> int:
+    from prunedlora.salr.materialise import materialise_store
+
+    out = materialise_store(args.store, args.out_dir, overwrite=args.overwrite)
+    print(f"materialised {args.store} densely into {out}")
     return 0

@@ -99,3 +99,22 @@ def materialise(
     model.save_pretrained(out_dir)
     copy_side_files(store_dir, out_dir, skip=(MANIFEST_FILE,))
     return out_dir
+
+
+def materialise_store(store_dir: str | os.PathLike, out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
+    """``prunedlora materialise``: a compressed store to a dense Hugging Face folder, built beside
+    ``out_dir`` and renamed into place; the store is checked whole before anything is written."""
+    from prunedlora.salr.storage import check_store
+    from prunedlora.staging import staged_directory
+
+    store_dir, out_dir = Path(store_dir), Path(out_dir)
+    if out_dir.resolve() == store_dir.resolve():
+        raise SalrError(f"OUT_DIR {out_dir} is the store itself; choose another folder")
+    if out_dir.exists() and (not out_dir.is_dir() or (any(out_dir.iterdir()) and not overwrite)):
+        raise SalrError(f"{out_dir} exists and is not an empty folder; pass --overwrite to replace it")
+    check_store(store_dir)
+    if not (store_dir / "config.json").is_file():
+        raise SalrError(f"{store_dir} has no config.json; a store needs its model's config to be materialised")
+    with staged_directory(out_dir) as stage:
+        materialise(store_dir, stage)
+    return out_dir

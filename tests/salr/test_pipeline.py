@@ -1,0 +1,108 @@
+import json
+
+import pytest
+import torch
+
+from prunedlora.salr import SalrError, SparsifyConfig, sparsify
+from prunedlora.salr.mask import keep_mask
+from prunedlora.salr.materialise import read_model_tensors
+from prunedlora.salr.pipeline import ADAPTER_DIR, BASE_DIR, RECORD_FILE, STORE_DIR
+from prunedlora.salr.residual import residual_factors
+from prunedlora.salr.storage import load_store
+
+PROBE = [[1, 15, 300, 42, 7, 9000, 12, 5]]
+
+
+def expected_weights(model_dir, config):
+    """M*W0 + E_r for every target, computed from the source weights without the pipeline."""
+    tensors = read_model_tensors(model_dir)
+    out = {}
+    for name, w in tensors.items():
+        if name.endswith(".weight") and w.ndim == 2 and name.split(".")[-2] in config.target_modules:
+            keep = keep_mask(w, config.sparsity, config.pattern)
+            f = residual_factors(torch.where(keep, torch.zeros(()), w), config.residual_rank)
+            out[name] = (torch.where(keep, w, torch.zeros(())), f.B @ f.A)
+    return tensors, out
+
+
+def test_every_target_loses_exactly_half_and_the_record_says_so(tiny_salr):
+    record = json.loads((tiny_salr.out_dir / RECORD_FILE).read_text())
+    assert len(record["modules"]) == 14  # 2 layers x 7 projections
+    for name, module in record["modules"].items():
+        assert module["zeros"] * 2 == module["numel"], name
+        assert 0 < module["residual_relative_error"] < 1
+    assert record["bytes"]["compressed_file"] < record["bytes"]["materialised_base_file"]
+    assert tiny_salr.store.sparse_ratio > 1.7  # 1.88x less the row offsets, large on tiny weights
+
+
+def test_the_materialised_base_is_a_plain_folder_holding_the_store_bit_for_bit(tiny_salr):
+    base = tiny_salr.out_dir / BASE_DIR
+    config = json.loads((base / "config.json").read_text())
+    assert not {"quantization_config", "sparsity_config", "compression_config"} & set(config)
+    assert (base / "tokenizer.json").is_file()
+    stored, written = load_store(tiny_salr.out_dir / STORE_DIR), read_model_tensors(base)
+    assert set(written) <= set(stored)
+    for name, tensor in written.items():
+        assert torch.equal(tensor, stored[name]), name
+
+
+def test_base_plus_adapter_under_peft_is_the_dense_sparse_model_plus_residual(tiny_salr, tiny_model_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    tensors, expected = expected_weights(tiny_model_path, tiny_salr.config)
+    dense = AutoModelForCausalLM.from_pretrained(tiny_model_path)
+    state = dense.state_dict()
+    for name, (sparse, residual) in expected.items():
+        state[name] = sparse + residual
+    dense.load_state_dict(state)
+    base = AutoModelForCausalLM.from_pretrained(tiny_salr.out_dir / BASE_DIR)
+    for name, (sparse, _) in expected.items():
+        assert torch.equal(base.state_dict()[name], sparse), name
+    peft = PeftModel.from_pretrained(base, tiny_salr.out_dir / ADAPTER_DIR)
+    ids = torch.tensor(PROBE)
+    with torch.no_grad():
+        assert torch.allclose(peft(input_ids=ids).logits, dense(input_ids=ids).logits, atol=1e-5, rtol=0)
+    adapter_config = json.loads((tiny_salr.out_dir / ADAPTER_DIR / "adapter_config.json").read_text())
+    assert adapter_config["r"] == 8
+    assert adapter_config["base_model_name_or_path"] == str((tiny_salr.out_dir / BASE_DIR).resolve())
+
+
+def test_the_existing_export_takes_the_adapter_over_the_materialised_base(tiny_salr, tmp_path):
+    from prunedlora.export import export_adapter
+
+    result = export_adapter(
+        tiny_salr.out_dir / ADAPTER_DIR, tmp_path / "exported", base_model=str(tiny_salr.out_dir / BASE_DIR)
+    )
+    assert result.max_logit_diff is not None and result.max_logit_diff < 1e-4
+
+
+def test_two_four_with_wanda_and_no_residual(tmp_path, tiny_model_path):
+    config = SparsifyConfig(
+        pattern="2:4", mask="wanda", residual_rank=0, task_rank=4, calibration_samples=2, calibration_length=32
+    )
+    result = sparsify(tiny_model_path, tmp_path / "out", config)
+    base = read_model_tensors(tmp_path / "out" / BASE_DIR)
+    weight = base["model.layers.1.mlp.gate_proj.weight"]
+    assert torch.equal(
+        (weight != 0).reshape(weight.shape[0], -1, 4).sum(-1), torch.full((weight.shape[0], weight.shape[1] // 4), 2)
+    )
+    assert all(m.residual_relative_error == 1.0 for m in result.modules.values())
+    # wanda compares within rows, so every row loses exactly half
+    assert torch.equal((weight == 0).sum(1), torch.full((weight.shape[0],), weight.shape[1] // 2))
+
+
+def test_refusals_leave_nothing_behind(tmp_path, tiny_model_path):
+    out = tmp_path / "out"
+    with pytest.raises(SalrError, match="exceeds the smaller side"):
+        sparsify(tiny_model_path, out, SparsifyConfig(residual_rank=33))
+    with pytest.raises(SalrError, match="no linear module"):
+        sparsify(tiny_model_path, out, SparsifyConfig(target_modules=["qkv"]))
+    assert list(tmp_path.iterdir()) == []
+    out.mkdir()
+    (out / "keep.txt").write_text("old")
+    with pytest.raises(SalrError, match="--overwrite"):
+        sparsify(tiny_model_path, out, SparsifyConfig(residual_rank=2))
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    with pytest.raises(SalrError, match="overlaps the model"):
+        sparsify(tiny_model_path, tiny_model_path / "salr", SparsifyConfig(residual_rank=2))

@@ -1,0 +1,108 @@
+import math
+
+import pytest
+import torch
+
+from prunedlora.salr.mask import keep_mask
+from prunedlora.salr.residual import ResidualFreeze, error_bound_sq, fold_residual, lora_layers, residual_factors
+
+
+def pruning_residual(weight, sparsity=0.5, pattern="unstructured"):
+    keep = keep_mask(weight, sparsity, pattern)
+    return torch.where(keep, torch.zeros(()), weight)
+
+
+def check_bound(E, rank):
+    f = residual_factors(E, rank)
+    direct = float((E.double() - f.B.double() @ f.A.double()).square().sum())
+    assert f.error_sq == pytest.approx(direct, rel=1e-4, abs=1e-9)
+    assert f.total_sq == pytest.approx(float(E.double().square().sum()), rel=1e-9)
+    assert f.error_sq <= error_bound_sq(f.total_sq, rank, tuple(E.shape)) * (1 + 1e-9)
+    return f
+
+
+@pytest.mark.parametrize("rank", [0, 1, 8, 32])
+def test_the_eckart_young_bound_holds_on_random_residuals(rank):
+    torch.manual_seed(rank)
+    check_bound(pruning_residual(torch.randn(48, 96)), rank)
+
+
+@pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
+def test_the_eckart_young_bound_holds_on_real_weights(real_weights, pattern):
+    for weight in real_weights.values():
+        E = pruning_residual(weight, pattern=pattern)
+        errors = [check_bound(E, rank).error_sq for rank in (8, 16, 64)]
+        assert errors[0] > errors[1] > errors[2]  # more rank, less error
+
+
+def test_factors_are_balanced_and_reproduce_the_truncation():
+    torch.manual_seed(3)
+    E = torch.randn(40, 24)
+    f = residual_factors(E, 5)
+    U, S, Vh = torch.linalg.svd(E.double(), full_matrices=False)
+    assert torch.allclose((f.B @ f.A).double(), U[:, :5] @ torch.diag(S[:5]) @ Vh[:5], atol=1e-5)
+    assert torch.allclose(f.B.norm(dim=0), f.A.norm(dim=1), rtol=1e-4)
+
+
+def test_a_rank_beyond_the_weight_is_refused():
+    from prunedlora.salr import SalrError
+
+    with pytest.raises(SalrError, match="does not fit"):
+        residual_factors(torch.randn(4, 6), 5)
+
+
+def peft_tiny(rank=6, alpha=12.0, rslora=False):
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM
+
+    from tests.conftest import tiny_llama_config
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(tiny_llama_config(vocab_size=128))
+    config = LoraConfig(r=rank, lora_alpha=alpha, use_rslora=rslora, target_modules=["q_proj", "down_proj"])
+    return get_peft_model(model, config)
+
+
+@pytest.mark.parametrize("rslora", [False, True])
+def test_the_folded_components_give_exactly_the_residual_under_peft_scaling(rslora):
+    model = peft_tiny(rslora=rslora)
+    layers = lora_layers(model)
+    torch.manual_seed(5)
+    factors = {
+        name: residual_factors(torch.randn(layer.out_features, layer.in_features), 3) for name, layer in layers.items()
+    }
+    fold_residual(model, factors)
+    for name, layer in layers.items():
+        A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+        s = layer.scaling["default"]
+        assert s == pytest.approx(12.0 / (math.sqrt(6) if rslora else 6))
+        assert torch.allclose(s * B[:, :3] @ A[:3], factors[name].B @ factors[name].A, atol=1e-6)
+        assert not B[:, 3:].any()  # the task components as PEFT made them: B = 0
+        assert torch.allclose(layer.get_delta_weight("default"), factors[name].B @ factors[name].A, atol=1e-6)
+
+
+def test_a_frozen_residual_survives_adamw_with_weight_decay_while_the_task_part_learns():
+    model = peft_tiny()
+    layers = lora_layers(model)
+    fold_residual(
+        model, {n: residual_factors(torch.randn(l.out_features, l.in_features), 3) for n, l in layers.items()}
+    )
+    before = {
+        n: (l.lora_A["default"].weight.detach().clone(), l.lora_B["default"].weight.detach().clone())
+        for n, l in layers.items()
+    }
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1)
+    freeze = ResidualFreeze(model, 3, optimizer)
+    ids = torch.randint(0, 128, (2, 12))
+    for _ in range(3):
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    for name, layer in layers.items():
+        A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+        assert torch.equal(A[:3], before[name][0][:3]) and torch.equal(B[:, :3], before[name][1][:, :3])
+        assert not torch.equal(A[3:], before[name][0][3:]) and B[:, 3:].any()
+    freeze.remove()
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert any(layer.lora_A["default"].weight.grad[:3].any() for layer in layers.values())
