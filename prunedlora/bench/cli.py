@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 
+from prunedlora.serve.lora_ops import DEFAULT_LORA_OPS, LORA_OPS_MODES
+
 
 def _int_list(text: str) -> list[int]:
     try:
@@ -107,6 +109,12 @@ def _register_latency(kinds) -> None:
         help="seconds one engine may take before it is stopped (default 900)",
     )
     p.add_argument(
+        "--lora-ops",
+        choices=LORA_OPS_MODES,
+        default=DEFAULT_LORA_OPS,
+        help="LoRA compute in vLLM's CPU workers: rank-aware (default) or stock (vLLM's own ops)",
+    )
+    p.add_argument(
         "--quick",
         action="store_true",
         help="a first look in a few minutes: base, r0 and each pruned family in its smallest and the r0 slot, "
@@ -144,6 +152,7 @@ def _latency(args) -> int:
         kv_cache_gib=args.kv_cache_gib,
         engine_timeout_s=args.engine_timeout_s,
         echo=not args.quiet,
+        lora_ops=args.lora_ops,
     )
     payload = run_latency_bench(config)
     print(open(payload["files"]["markdown"]).read())

@@ -33,6 +33,7 @@ from prunedlora.bench.adapters import AdapterSet, adapter_set_summary, adapters_
 from prunedlora.cpu import CpuChoice, machine_record
 from prunedlora.errors import PrunedLoraError
 from prunedlora.modelfacts import PROJECTIONS, base_weight_shapes
+from prunedlora.serve.lora_ops import DEFAULT_LORA_OPS, LORA_OPS_MODES
 from prunedlora.vllm_compat import ALLOWED_MAX_LORA_RANKS, smallest_slot_rank
 
 DEFAULT_RESULTS_DIR = Path("benchmarks/results")
@@ -84,6 +85,7 @@ class LatencyBenchConfig:
     kv_cache_gib: float | None = None
     engine_timeout_s: float = 900.0
     echo: bool = True
+    lora_ops: str = DEFAULT_LORA_OPS
 
     @classmethod
     def quick(cls, **overrides) -> LatencyBenchConfig:
@@ -101,6 +103,8 @@ class LatencyBenchConfig:
             raise LatencyBenchError(
                 f"--slots {bad} are not slot ranks vLLM allows; use some of {', '.join(map(str, ALLOWED_MAX_LORA_RANKS))}"
             )
+        if self.lora_ops not in LORA_OPS_MODES:
+            raise LatencyBenchError(f"--lora-ops must be one of {', '.join(LORA_OPS_MODES)}, got {self.lora_ops!r}")
         if any(m < 1 for m in self.mixes):
             raise LatencyBenchError(f"--mixes must be positive, got {self.mixes}")
         if self.prompt_tokens + self.output_tokens > self.max_model_len:
@@ -260,7 +264,7 @@ def _engine_specs(
                 "max_num_seqs": max(config.num_prompts, 1),
             }
             if row.family is not None:
-                engine.update(max_lora_rank=row.slot, max_loras=row.max_loras)
+                engine.update(max_lora_rank=row.slot, max_loras=row.max_loras, lora_ops=config.lora_ops)
             spec = specs[row.engine_key] = {
                 "model": str(model_dir),
                 "engine": engine,

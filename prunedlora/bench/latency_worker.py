@@ -59,6 +59,7 @@ def _engine(spec: dict):
 
         return _Base()
     from prunedlora.serve.engine import OfflineEngine
+    from prunedlora.serve.lora_ops import DEFAULT_LORA_OPS
 
     kv_bytes = common.pop("kv_cache_memory_bytes", None)
     return OfflineEngine(
@@ -68,6 +69,7 @@ def _engine(spec: dict):
         max_lora_rank=settings["max_lora_rank"],
         max_loras=settings["max_loras"],
         max_cpu_loras=max(settings["max_loras"], len(spec["adapters"])),
+        lora_ops=settings.get("lora_ops", DEFAULT_LORA_OPS),
         **common,
     )
 

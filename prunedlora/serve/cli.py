@@ -15,6 +15,8 @@ import sys
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
+from prunedlora.serve.lora_ops import DEFAULT_LORA_OPS, LORA_OPS_MODES
+
 if TYPE_CHECKING:
     from prunedlora.serve.config import ServeConfig
 
@@ -58,6 +60,13 @@ def register(subparsers) -> None:
     serve.add_argument(
         "--kv-cache-gib", type=float, help="KV cache size in GiB (default: vLLM's on a GPU, 4 on the CPU)"
     )
+    serve.add_argument(
+        "--lora-ops",
+        choices=LORA_OPS_MODES,
+        default=DEFAULT_LORA_OPS,
+        help="LoRA compute in vLLM's CPU workers: rank-aware (each adapter at its own rank per module; default) "
+        "or stock (vLLM's own ops, for comparison)",
+    )
     serve.add_argument("--served-model-name", help="name of the base model in requests (default: its folder name)")
     serve.add_argument("--log-file", help="vLLM's log (default: ~/.cache/prunedlora/serve/vllm-HOST-PORT.log)")
     serve.add_argument("--quiet", action="store_true", help="write vLLM's log only to the file, not the console")
@@ -86,7 +95,7 @@ def register(subparsers) -> None:
 
 
 def _serve(args) -> int:
-    from prunedlora.serve.config import ServeConfig, adapters_from_specs
+    from prunedlora.serve.config import ServeConfig, adapters_from_specs, lora_ops_env
     from prunedlora.serve.server import VllmServer
 
     extra = list(args.vllm_args)
@@ -110,6 +119,7 @@ def _serve(args) -> int:
         log_file=args.log_file,
         echo=not args.quiet,
         extra_args=extra,
+        lora_ops=args.lora_ops,
     )
     if args.dry_run:
         server = VllmServer(config)
@@ -118,6 +128,7 @@ def _serve(args) -> int:
         if server.cpu_choice is not None:
             print(server.cpu_choice.line())
             env = {k: v for k, v in server.cpu_choice.apply({}).items() if k not in os.environ}
+        env.update(lora_ops_env(config.lora_ops))
         print("$ " + " ".join([*(f"{k}={v}" for k, v in env.items()), *server.command()]))
         return 0
     return serve(config)

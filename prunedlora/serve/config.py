@@ -14,6 +14,7 @@ from pathlib import Path
 
 from prunedlora.cpu import CpuChoice, decide, read_cpu_info
 from prunedlora.errors import PrunedLoraError
+from prunedlora.serve.lora_ops import DEFAULT_LORA_OPS, LORA_OPS_ENV, LORA_OPS_MODES
 from prunedlora.vllm_compat import ADAPTER_CONFIG_FILE
 
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
@@ -34,7 +35,9 @@ class ServeConfig:
     vLLM's default (CUDA graphs) elsewhere. ``kv_cache_gib`` None means vLLM's default on a GPU and
     4 GiB on the CPU, where vLLM's default reserves 92% of the machine's memory and refuses to start
     when other processes use more than the rest (unless ``VLLM_CPU_KVCACHE_SPACE`` is set). ``port`` 0
-    picks a free port.
+    picks a free port. ``lora_ops`` is the LoRA compute in vLLM's CPU workers: ``rank-aware`` (each
+    adapter at its own rank per module, ``serve.lora_ops``) or ``stock`` (vLLM's own ops, for
+    comparison); vLLM on CUDA keeps its own kernels either way.
     """
 
     model: str | os.PathLike = "default"
@@ -56,6 +59,10 @@ class ServeConfig:
     echo: bool = True
     startup_timeout_s: float = 900.0
     extra_args: list[str] = field(default_factory=list)
+    lora_ops: str = DEFAULT_LORA_OPS
+
+    def __post_init__(self) -> None:
+        check_lora_ops(self.lora_ops)
 
 
 def discover_adapters(adapters_dir: str | os.PathLike) -> dict[str, Path]:
@@ -72,6 +79,17 @@ def discover_adapters(adapters_dir: str | os.PathLike) -> dict[str, Path]:
 def check_adapter_name(name: str) -> None:
     if not name or any(c.isspace() for c in name) or "=" in name or "/" in name:
         raise ServeError(f"adapter name {name!r} must be non-empty, without spaces, '=' or '/'")
+
+
+def check_lora_ops(lora_ops: str) -> None:
+    if lora_ops not in LORA_OPS_MODES:
+        raise ServeError(f"--lora-ops must be one of {', '.join(LORA_OPS_MODES)}, got {lora_ops!r}")
+
+
+def lora_ops_env(lora_ops: str) -> dict[str, str]:
+    """The variable that carries the ``--lora-ops`` choice into vLLM's worker processes."""
+    check_lora_ops(lora_ops)
+    return {LORA_OPS_ENV: lora_ops}
 
 
 def resolve_device(device: str) -> str:

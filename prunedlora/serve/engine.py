@@ -14,7 +14,14 @@ from typing import Any
 
 from prunedlora.errors import PrunedLoraError
 from prunedlora.models import resolve_model
-from prunedlora.serve.config import DEFAULT_CPU_KV_CACHE_GIB, check_adapter_name, cpu_choice, resolve_device
+from prunedlora.serve.config import (
+    DEFAULT_CPU_KV_CACHE_GIB,
+    check_adapter_name,
+    cpu_choice,
+    lora_ops_env,
+    resolve_device,
+)
+from prunedlora.serve.lora_ops import DEFAULT_LORA_OPS
 from prunedlora.serve.slots import SlotPlan, plan_slots
 from prunedlora.serve.validate import AdapterInfo, validate_adapter
 from prunedlora.serve.vllm_fixes import WORKER_EXTENSION
@@ -41,7 +48,8 @@ class OfflineEngine:
     later with :meth:`add_adapter` must fit that slot. ``kv_cache_gib`` defaults as in ``ServeConfig``
     (4 GiB on the CPU). On the CPU, dtype ``auto`` and vLLM's thread binding are chosen from the CPU
     (``prunedlora.cpu``; your ``VLLM_CPU_*`` variables win) and printed in one line to stderr unless
-    ``echo`` is off. ``llm_kwargs`` go to ``vllm.LLM`` unchanged.
+    ``echo`` is off. ``lora_ops`` is the LoRA compute in vLLM's CPU workers, ``rank-aware`` (default)
+    or ``stock`` (vLLM's own; see ``ServeConfig``). ``llm_kwargs`` go to ``vllm.LLM`` unchanged.
     """
 
     def __init__(
@@ -58,8 +66,11 @@ class OfflineEngine:
         device: str = "auto",
         kv_cache_gib: float | None = None,
         echo: bool = True,
+        lora_ops: str = DEFAULT_LORA_OPS,
         **llm_kwargs: Any,
     ):
+        self.lora_ops = lora_ops
+        ops_env = lora_ops_env(lora_ops)
         self.model_dir = resolve_model(str(model))
         self.device = resolve_device(device)
         self.adapters: dict[str, AdapterInfo] = {}
@@ -98,13 +109,18 @@ class OfflineEngine:
             kwargs["kv_cache_memory_bytes"] = int(kv_cache_gib * 2**30)
         kwargs.update(llm_kwargs)
         # vLLM reads its variables when the engine starts; set only for that, so they stay the user's own
+        # (the LoRA ops choice is this engine's argument, so it wins over the environment's)
         added = {k: v for k, v in (self.cpu_choice.env if self.cpu_choice else {}).items() if k not in os.environ}
-        os.environ.update(added)
+        saved = {k: os.environ.get(k) for k in [*added, *ops_env]}
+        os.environ.update({**added, **ops_env})
         try:
             self.llm = LLM(**kwargs)
         finally:
-            for key in added:
-                os.environ.pop(key, None)
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
 
     def add_adapter(self, name: str, path: str | os.PathLike) -> AdapterInfo:
         """Validate an adapter against this engine's base and slot and make it available by name."""

@@ -33,6 +33,7 @@ from prunedlora.serve.config import (
     check_adapter_name,
     cpu_choice,
     discover_adapters,
+    lora_ops_env,
     resolve_device,
     tensor_parallel_size,
 )
@@ -139,6 +140,7 @@ class VllmServer:
         env = dict(os.environ)
         env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
         env.setdefault("PYTHONUNBUFFERED", "1")
+        env.update(lora_ops_env(self.config.lora_ops))
         if self.device == "cpu":
             env["VLLM_TARGET_DEVICE"] = "cpu"
         if self.cpu_choice is not None:

@@ -8,9 +8,13 @@ applied (upstream: vllm-project/vllm PRs #48421 and #49656, open at the time of 
 
 ``serve`` passes :data:`WORKER_EXTENSION` as vLLM's ``worker_extension_cls``, vLLM's own hook for code
 that must run in its worker processes: the worker imports ``prunedlora.serve.vllm_worker`` before it
-builds the model, and that import calls :func:`apply` (importing this module changes nothing).
-``apply`` first runs the installed ops on a two-token example and replaces them only if a -1 token
-comes out changed, so a vLLM that fixed the bug is left alone.
+builds the model, and that import calls ``serve.lora_ops.install``, which calls :func:`apply`
+(importing this module changes nothing). ``apply`` first runs the installed ops on a two-token example
+and replaces them only if a -1 token comes out changed, so a vLLM that fixed the bug is left alone.
+
+The rank-aware ops (``serve.lora_ops``, the default) never gather slot -1, so they do not need this;
+it is what ``--lora-ops stock`` runs, what they fall back to, and what vLLM's wrapper still uses for
+the one entry point they leave to it (``apply_lora_full_linear``).
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
-"""Imported by vLLM inside its worker processes (``worker_extension_cls``); applies ``vllm_fixes``."""
+"""Imported by vLLM inside its worker processes (``worker_extension_cls``): installs prunedlora's LoRA
+compute (``serve.lora_ops.install``: the rank-aware ops, or vLLM's own with ``vllm_fixes``)."""
 
-from prunedlora.serve.vllm_fixes import apply
+from prunedlora.serve.lora_ops.install import install
 
-apply()
+install()
 
 
 class PrunedLoraWorkerExtension:

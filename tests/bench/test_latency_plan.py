@@ -81,6 +81,9 @@ def test_engine_specs_group_by_slot_and_max_loras(tmp_path):
     assert len(mix4) == len(set(mix4)) == 4  # distinct names (and ids) even with 2 adapter folders
     assert {specs[3]["adapters"][n] for n in mix4} == {"/adapters/pruned-global-0", "/adapters/pruned-global-1"}
     assert specs[0]["adapters"] == {} and specs[0]["measurements"][0]["adapters"] == []
+    assert {s["engine"].get("lora_ops") for s in specs[1:]} == {"rank-aware"}  # the default LoRA ops
+    stock = _engine_specs(plan, adapters, LatencyBenchConfig(mixes=[1], lora_ops="stock"), tmp_path, [[1]])
+    assert {s["engine"].get("lora_ops") for s in stock[1:]} == {"stock"}
 
 
 def test_slot_memory_formula_on_the_tiny_model(tiny_model_path):
@@ -112,6 +115,7 @@ def test_prompts_have_the_exact_length(tiny_model_path):
         ({"num_prompts": 0}, "--num-prompts must be at least 1"),
         ({"prompt_tokens": 500, "output_tokens": 32}, "exceed --max-model-len"),
         ({"mixes": [0]}, "positive"),
+        ({"lora_ops": "fast"}, "--lora-ops must be one of rank-aware, stock"),
     ],
 )
 def test_config_errors_say_what_to_change(kwargs, message):

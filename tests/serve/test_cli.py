@@ -38,6 +38,9 @@ def test_dry_run_prints_choice_and_command(vllm_tiny_model_path, two_adapters, c
     assert "--worker-extension-cls prunedlora.serve.vllm_worker.PrunedLoraWorkerExtension" in command
     assert "\ncpu: " in out and " -> dtype " in out and "threads: " in out  # the CPU choice, one line
     assert "--dtype auto" not in command  # resolved from the CPU
+    assert "PRUNEDLORA_LORA_OPS=rank-aware " in command  # the LoRA ops the workers install (default)
+    assert cli_main([*args, "--lora-ops", "stock"]) == 0
+    assert "PRUNEDLORA_LORA_OPS=stock " in capsys.readouterr().out
 
 
 def test_adapters_dir(vllm_tiny_model_path, two_adapters, capsys):

@@ -133,3 +133,14 @@ def test_last_error_prefers_the_root_cause(vllm_tiny_model_path):
         ]
     )
     assert server.last_error() == "ValueError: Available memory on node 0 is less than desired"
+
+
+def test_lora_ops_reach_vllms_workers_through_the_environment(vllm_tiny_model_path):
+    """--lora-ops: rank-aware by default, stock on request; the workers read PRUNEDLORA_LORA_OPS."""
+    from prunedlora.serve.lora_ops import LORA_OPS_ENV
+
+    assert VllmServer(ServeConfig(model=vllm_tiny_model_path)).environment()[LORA_OPS_ENV] == "rank-aware"
+    stock = VllmServer(ServeConfig(model=vllm_tiny_model_path, lora_ops="stock"))
+    assert stock.environment()[LORA_OPS_ENV] == "stock"
+    with pytest.raises(ServeError, match="--lora-ops must be one of rank-aware, stock, got 'fast'"):
+        ServeConfig(model=vllm_tiny_model_path, lora_ops="fast")

@@ -1,0 +1,207 @@
+"""Grouped LoRA kernels in plain torch: one matmul per adapter slot in the batch, at its live rank.
+
+vLLM's CPU ops gather every token's padded slot weights (``weights[indices]``, a (tokens, out, slot
+rank) copy per projection) and einsum over them; the cost grows with tokens x slot rank, and a token
+without an adapter (index -1) silently gets the last slot (see ``serve/vllm_fixes.py``). Here the
+tokens are grouped by slot once per batch (:func:`group_by_slot`), and each group is one matmul with
+its slot's weights sliced to the slot's live rank (``weights``); tokens of index -1 are in no group,
+so their outputs are untouched, and a slot with nothing live for a module costs nothing there.
+The only Python work is per slot present in the batch, never per token.
+
+Semantics follow vLLM's ops (``vllm/lora/ops/torch_ops/lora_ops.py``, vLLM 0.32), including the
+dtypes they compute in: a shrink computes in its output's dtype, an expand in its output's dtype.
+Outputs equal vLLM's up to float rounding (different summation order), except that rows of index -1
+are zero after a shrink and untouched by an expand, as vLLM's GPU kernels and its CPU ops with
+``vllm_fixes`` have it. The six functions at the end have vLLM's op signatures, as drop-ins.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from prunedlora.serve.lora_ops.weights import PackedSlot, SlotWeights
+
+Rows = slice | torch.Tensor
+
+
+@dataclass(frozen=True)
+class SlotGroup:
+    """The tokens of one adapter slot: a slice where they are contiguous (no copy), else their indices."""
+
+    slot: int
+    rows: Rows
+
+
+def group_by_slot(indices: torch.Tensor) -> tuple[SlotGroup, ...]:
+    """Tokens grouped by their slot index; index -1 (no adapter) is left out."""
+    if indices.numel() == 0:
+        return ()
+    groups = []
+    for slot in torch.unique(indices).tolist():
+        if slot < 0:
+            continue
+        rows = (indices == slot).nonzero().flatten()
+        first, last = int(rows[0]), int(rows[-1])
+        contiguous = last - first + 1 == rows.numel()
+        groups.append(SlotGroup(slot, slice(first, last + 1) if contiguous else rows))
+    return tuple(groups)
+
+
+def _write(out: torch.Tensor, rows: Rows, cols: slice, value: torch.Tensor, add: bool) -> None:
+    if isinstance(rows, slice):
+        target = out[rows, cols]
+        target.add_(value) if add else target.copy_(value)
+    elif add:
+        out[rows, cols] += value
+    else:
+        out[rows, cols] = value
+
+
+def shrink(
+    out: torch.Tensor,
+    x: torch.Tensor,
+    slot_a: Sequence[torch.Tensor | None],
+    width: int,
+    scale: float,
+    groups: Sequence[SlotGroup],
+) -> None:
+    """``out[t, :width] = scale * A_s x_t`` for each token t of slot s; every other entry of
+    ``out[:, :width]`` is zero (``slot_a[s]``: A's live rows (rank, in), None for nothing live)."""
+    out[:, :width].zero_()
+    for group in groups:
+        a = slot_a[group.slot]
+        if a is None:
+            continue
+        z = x[group.rows].to(out.dtype) @ a.to(out.dtype).t()
+        _write(out, group.rows, slice(0, a.shape[0]), z if scale == 1.0 else z * scale, add=False)
+
+
+def expand(
+    out: torch.Tensor,
+    z: torch.Tensor,
+    slot_b: Sequence[torch.Tensor | None],
+    groups: Sequence[SlotGroup],
+    offset: int,
+    size: int,
+    add_inputs: bool = True,
+) -> None:
+    """``out[t, offset:offset+size] (+)= B_s[:size] z_t[:rank]`` for each token t of slot s; rows of
+    tokens without an adapter are untouched (``slot_b[s]``: B's live columns (out, rank), None for
+    nothing live: such a slot adds nothing, or writes its zeros when ``add_inputs`` is off)."""
+    for group in groups:
+        b = slot_b[group.slot]
+        if b is None:
+            if not add_inputs:
+                out[group.rows, offset : offset + size] = 0
+            continue
+        delta = z[group.rows, : b.shape[1]].to(out.dtype) @ b[:size].to(out.dtype).t()
+        _write(out, group.rows, slice(offset, offset + size), delta, add=add_inputs)
+
+
+def linear(
+    out: torch.Tensor,
+    x: torch.Tensor,
+    slots: Sequence[PackedSlot | None],
+    scale: float,
+    output_slices: Sequence[int],
+    groups: Sequence[SlotGroup],
+    shrink_dtype: torch.dtype = torch.float32,
+) -> None:
+    """``out[t, slice i] += B_s,i (scale * A_s,i x_t)`` for every slice of a (packed) layer, per slot:
+    one gather of the slot's inputs and one shrink matmul across all slices, then one expand matmul
+    per live slice. The shrink computes in ``shrink_dtype`` (float32, as vLLM's CPU buffer) and the
+    expand in ``out``'s dtype, as vLLM's ops do."""
+    for group in groups:
+        slot = slots[group.slot]
+        if slot is None:
+            continue
+        z = x[group.rows].to(shrink_dtype) @ slot.a.t()
+        if scale != 1.0:
+            z = z * scale
+        z = z.to(out.dtype)
+        offset = 0
+        for b, (lo, hi), size in zip(slot.b, slot.bounds, output_slices):
+            if b is not None:
+                _write(out, group.rows, slice(offset, offset + size), z[:, lo:hi] @ b[:size].t(), add=True)
+            offset += size
+
+
+# vLLM's op signatures (vllm/lora/ops/torch_ops/lora_ops.py), as drop-ins. Each call groups its
+# indices and reads the live ranks (cached per weight tensor); the punica wrapper groups once a batch.
+_WEIGHTS = SlotWeights()
+
+
+def bgmv_shrink(inputs, lora_a_weights, output_tensor, lora_indices_tensor, scaling: float = 1.0):
+    slot_a = _WEIGHTS.rows(lora_a_weights, output_tensor.dtype)
+    groups = group_by_slot(lora_indices_tensor)
+    shrink(output_tensor, inputs, slot_a, lora_a_weights.shape[-2], scaling, groups)
+
+
+def bgmv_expand(inputs, lora_b_weights, output_tensor, lora_indices_tensor, add_inputs: bool = True):
+    size = min(lora_b_weights.shape[-2], output_tensor.shape[1])
+    slot_b = _WEIGHTS.cols(lora_b_weights, output_tensor.dtype)
+    expand(output_tensor, inputs, slot_b, group_by_slot(lora_indices_tensor), 0, size, add_inputs)
+
+
+def bgmv_expand_slice(
+    inputs, lora_b_weights, output_tensor, lora_indices_tensor, slice_offset: int, slice_size: int, add_inputs=True
+):
+    slot_b = _WEIGHTS.cols(lora_b_weights, output_tensor.dtype)
+    groups = group_by_slot(lora_indices_tensor)
+    expand(output_tensor, inputs, slot_b, groups, slice_offset, slice_size, add_inputs)
+
+
+def _per_token(lora_indices_tensor: torch.Tensor, seq_len_tensor: torch.Tensor) -> torch.Tensor:
+    return torch.repeat_interleave(lora_indices_tensor, seq_len_tensor)
+
+
+def sgmv_shrink(
+    inputs,
+    lora_a_weights,
+    output_tensor,
+    b_seq_start_loc,
+    seq_len_tensor,
+    lora_indices_tensor,
+    batches,
+    max_seq_length,
+    token_nums,
+    scaling,
+):
+    bgmv_shrink(inputs, lora_a_weights, output_tensor, _per_token(lora_indices_tensor, seq_len_tensor), scaling)
+
+
+def sgmv_expand(
+    inputs,
+    lora_b_weights,
+    output_tensor,
+    b_seq_start_loc,
+    seq_len_tensor,
+    lora_indices_tensor,
+    batches,
+    max_seq_length,
+    token_nums,
+    add_inputs=False,
+):
+    indices = _per_token(lora_indices_tensor, seq_len_tensor)
+    bgmv_expand(inputs, lora_b_weights, output_tensor, indices, add_inputs)
+
+
+def sgmv_expand_slice(
+    inputs,
+    lora_b_weights,
+    output_tensor,
+    b_seq_start_loc,
+    seq_len_tensor,
+    lora_indices_tensor,
+    batches,
+    max_seq_length,
+    token_nums,
+    slice_offset,
+    slice_size,
+    add_inputs=False,
+):
+    indices = _per_token(lora_indices_tensor, seq_len_tensor)
+    bgmv_expand_slice(inputs, lora_b_weights, output_tensor, indices, slice_offset, slice_size, add_inputs)
