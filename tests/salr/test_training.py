@@ -4,6 +4,7 @@ import torch
 from prunedlora.salr import SalrError
 from prunedlora.salr.residual import lora_layers
 from prunedlora.salr.training import FrozenResidualCallback, load_for_training
+from tests.salr.helpers import train_two_steps
 
 
 def components(model, r):
@@ -11,27 +12,6 @@ def components(model, r):
         n: (l.lora_A["default"].weight[:r].detach().clone(), l.lora_B["default"].weight[:, :r].detach().clone())
         for n, l in lora_layers(model).items()
     }
-
-
-def train_two_steps(model, callbacks, tmp_path):
-    from transformers import Trainer, TrainingArguments
-
-    torch.manual_seed(0)
-    ids = torch.randint(0, 1000, (4, 16))
-    data = [{"input_ids": row, "labels": row} for row in ids]
-    args = TrainingArguments(
-        output_dir=str(tmp_path / "t"),
-        max_steps=2,
-        per_device_train_batch_size=2,
-        learning_rate=1e-2,
-        weight_decay=0.1,
-        report_to=[],
-        use_cpu=True,
-        save_strategy="no",
-        logging_steps=1,
-    )
-    collate = lambda rows: {k: torch.stack([r[k] for r in rows]) for k in rows[0]}  # noqa: E731
-    Trainer(model=model, args=args, train_dataset=data, data_collator=collate, callbacks=callbacks).train()
 
 
 @pytest.mark.parametrize("mode", ["frozen", "trainable"])
