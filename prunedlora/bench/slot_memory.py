@@ -1,7 +1,8 @@
 """The latency bench's vLLM worker extension (``worker_extension_cls``, imported inside vLLM's workers).
 
-It subclasses serve's extension, so importing it also applies serve's CPU LoRA fix (requests without
-an adapter must not get one), and adds one method the bench calls through ``LLM.collective_rpc``:
+It subclasses serve's extension, so importing it also installs serve's LoRA ops (``serve.lora_ops``:
+rank-aware, or vLLM's own with the fix that requests without an adapter get none, as the engine's
+``lora_ops`` says), and adds one method the bench calls through ``LLM.collective_rpc``:
 the bytes vLLM really reserved for LoRA slots, read from the stacked slot tensors of every LoRA layer
 (``lora_a_stacked`` / ``lora_b_stacked`` in vllm/lora/layers/).
 """

@@ -67,11 +67,30 @@ def rank_aware_ready() -> bool:
     return _state["check"] == ""
 
 
+def model_is_compiled() -> bool:
+    """Whether vLLM compiles the model it is building (torch.compile / Dynamo).
+
+    The rank-aware wrapper groups tokens in Python between steps, which a single Dynamo trace would
+    bake into the graph; so it is for eager models only. vLLM 0.32's CPU platform turns compilation
+    off whenever LoRA is enabled, so this is a guard for a vLLM that stops doing so.
+    """
+    try:
+        from vllm.config import CompilationMode, get_current_vllm_config_or_none
+    except ImportError:
+        return False
+    config = get_current_vllm_config_or_none()
+    return config is not None and config.compilation_config.mode != CompilationMode.NONE
+
+
 def wrapper_for(mode: str, stock_wrapper: str) -> str:
-    """The punica wrapper qualname for ``mode``: the rank-aware one when asked and checked, else vLLM's."""
-    if mode == RANK_AWARE and rank_aware_ready():
-        return RANK_AWARE_WRAPPER
-    return stock_wrapper
+    """The punica wrapper qualname for ``mode``: the rank-aware one when asked, checked and the model
+    runs eagerly, else vLLM's."""
+    if mode != RANK_AWARE:
+        return stock_wrapper
+    if model_is_compiled():
+        logger.warning("prunedlora: vLLM compiles this model; rank-aware LoRA ops run eagerly only, using vLLM's own")
+        return stock_wrapper
+    return RANK_AWARE_WRAPPER if rank_aware_ready() else stock_wrapper
 
 
 def install() -> str:

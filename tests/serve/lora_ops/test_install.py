@@ -108,3 +108,19 @@ def test_other_platforms_keep_vllms_kernels(fresh):
     fresh.setattr(platform_cls, "is_cpu", lambda self=None: False)
     assert install_mod.install() == "not-cpu"
     assert inspect.getattr_static(platform_cls, "get_punica_wrapper") is before
+
+
+@cpu_only
+def test_a_compiled_model_keeps_vllms_ops(fresh, caplog):
+    """A single Dynamo trace would freeze the Python-side grouping; vLLM's own ops serve compiled models."""
+    from vllm.config import CompilationMode, VllmConfig, set_current_vllm_config
+
+    install_mod.install()
+    config = VllmConfig()
+    config.compilation_config.mode = CompilationMode.DYNAMO_TRACE_ONCE
+    with set_current_vllm_config(config), caplog.at_level(logging.WARNING, logger="vllm.prunedlora"):
+        assert current_platform.get_punica_wrapper() == STOCK_WRAPPER
+    assert "compiles this model" in caplog.text
+    config.compilation_config.mode = CompilationMode.NONE
+    with set_current_vllm_config(config):
+        assert current_platform.get_punica_wrapper() == install_mod.RANK_AWARE_WRAPPER
