@@ -54,21 +54,23 @@ def error_bound_sq(total_sq: float, rank: int, shape: tuple[int, int]) -> float:
 def residual_factors(residual: torch.Tensor, rank: int) -> ResidualFactors:
     """The rank-``rank`` truncated SVD of ``residual`` as balanced factors B = U sqrt(S), A = sqrt(S) V^T.
 
-    Computed in float64 (exact to well below the weights' own precision), returned in the residual's
-    dtype; the error is the spectrum's tail, sum_{i>r} s_i^2.
+    Computed in float64 (exact to well below the weights' own precision), returned in float32 or the
+    residual's wider dtype (a LoRA trains in float32 even over a bfloat16 base, as PEFT keeps it); the
+    error is the spectrum's tail, sum_{i>r} s_i^2.
     """
+    dtype = torch.promote_types(residual.dtype, torch.float32)
     if residual.ndim != 2:
         raise SalrError(f"a residual must be a 2-D weight, got shape {tuple(residual.shape)}")
     if not 0 <= rank <= min(residual.shape):
         raise SalrError(f"residual rank {rank} does not fit a {residual.shape[0]}x{residual.shape[1]} weight")
     if rank == 0:  # nothing to repair with: the whole residual is the error
         total = float(residual.double().square().sum())
-        empty = residual.new_zeros((residual.shape[0], 0)), residual.new_zeros((0, residual.shape[1]))
+        empty = torch.zeros((residual.shape[0], 0), dtype=dtype), torch.zeros((0, residual.shape[1]), dtype=dtype)
         return ResidualFactors(B=empty[0], A=empty[1], error_sq=total, total_sq=total)
     U, S, Vh = torch.linalg.svd(residual.double(), full_matrices=False)
     root = S[:rank].sqrt()
-    B = (U[:, :rank] * root).to(residual.dtype)
-    A = (root.unsqueeze(1) * Vh[:rank]).to(residual.dtype)
+    B = (U[:, :rank] * root).to(dtype)
+    A = (root.unsqueeze(1) * Vh[:rank]).to(dtype)
     return ResidualFactors(B=B, A=A, error_sq=float((S[rank:] ** 2).sum()), total_sq=float((S**2).sum()))
 
 

@@ -106,3 +106,20 @@ def test_refusals_leave_nothing_behind(tmp_path, tiny_model_path):
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
     with pytest.raises(SalrError, match="overlaps the model"):
         sparsify(tiny_model_path, tiny_model_path / "salr", SparsifyConfig(residual_rank=2))
+
+
+def test_a_bfloat16_model_stays_bfloat16_and_its_residual_is_folded_in_float32(tmp_path, tiny_model_path):
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    from prunedlora.salr.materialise import copy_side_files
+
+    source = tmp_path / "bf16"
+    AutoModelForCausalLM.from_pretrained(tiny_model_path, dtype=torch.bfloat16).save_pretrained(source)
+    copy_side_files(tiny_model_path, source)
+    result = sparsify(source, tmp_path / "out", SparsifyConfig(residual_rank=2, task_rank=2))
+    assert {t.dtype for t in load_store(tmp_path / "out" / STORE_DIR).values()} == {torch.bfloat16}
+    assert {t.dtype for t in read_model_tensors(tmp_path / "out" / BASE_DIR).values()} == {torch.bfloat16}
+    with safe_open(str(tmp_path / "out" / ADAPTER_DIR / "adapter_model.safetensors"), "pt") as handle:
+        assert {handle.get_tensor(k).dtype for k in handle.keys()} == {torch.float32}
+    assert result.max_fold_error < 1e-6
