@@ -9,7 +9,8 @@ sliced to the rank that adapter really has. Layout, one job a file (as vLLM's ``
   per-slot weight slices, cached until vLLM writes the slot again;
 - ``kernels``: the grouped torch kernels, and drop-ins for vLLM's six ``bgmv``/``sgmv`` ops;
 - ``punica_cpu``: a subclass of vLLM's ``PunicaWrapperCPU`` that uses them (imports vLLM);
-- ``install``: choosing it in vLLM's workers, behind a start-up check against vLLM's own ops.
+- ``install``: choosing it in vLLM's workers, behind a start-up check against vLLM's own ops
+  (``check``: the check's small batch).
 
 Only the names below are light (no torch, no vLLM): the configs and the CLI read them.
 """
