@@ -78,3 +78,20 @@ def test_a_damaged_store_is_one_line_and_an_old_output_stays(capsys, tmp_path, s
     refused(capsys, ["materialise", str(store), str(old), "--overwrite"], "materialise")
     assert [p.name for p in old.iterdir()] == ["config.json"]
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+@pytest.mark.parametrize(
+    "extra, match",
+    [
+        (["--pattern", "2:4", "--sparsity", "0.4"], "use sparsity 0.5"),
+        (["--residual-rank", "0", "--task-rank", "0"], "positive sum"),
+        (["--mask", "wanda", "--calibration", "EMPTY"], "is empty"),
+        (["--target-modules", "qkv"], "no linear module named qkv"),
+    ],
+)
+def test_other_bad_settings_are_one_line_and_write_nothing(capsys, tmp_path, tiny_model_path, extra, match):
+    (tmp_path / "empty.txt").write_text("")
+    extra = [str(tmp_path / "empty.txt") if e == "EMPTY" else e for e in extra]
+    err = refused(capsys, ["sparsify", str(tiny_model_path), str(tmp_path / "out"), *extra], "sparsify")
+    assert match in err
+    assert [p.name for p in tmp_path.iterdir()] == ["empty.txt"]
