@@ -29,7 +29,11 @@ def register(subparsers) -> None:
     parser.add_argument(
         "--target-modules", nargs="+", default=defaults.target_modules, metavar="NAME", help="projections to prune"
     )
+    parser.add_argument("--use-rslora", action="store_true", help="PEFT's rsLoRA scaling (alpha / sqrt(rank))")
     parser.add_argument("--calibration", default=None, metavar="TEXT_FILE", help="wanda: calibration text")
+    parser.add_argument("--calibration-samples", type=int, default=defaults.calibration_samples, metavar="N")
+    parser.add_argument("--calibration-length", type=int, default=defaults.calibration_length, metavar="TOKENS")
+    parser.add_argument("--seed", type=int, default=defaults.seed, help="seed of the task components' init")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
     parser.set_defaults(handler=_sparsify)
 
@@ -57,6 +61,10 @@ def _sparsify(args: argparse.Namespace) -> int:
         lora_alpha=args.lora_alpha,
         residual=args.residual,
         target_modules=args.target_modules,
+        use_rslora=args.use_rslora,
+        calibration_samples=args.calibration_samples,
+        calibration_length=args.calibration_length,
+        seed=args.seed,
     )
     result = sparsify(args.model, args.out_dir, config, calibration=args.calibration, overwrite=args.overwrite)
     print(result.summary())

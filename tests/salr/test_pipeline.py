@@ -68,13 +68,15 @@ def test_base_plus_adapter_under_peft_is_the_dense_sparse_model_plus_residual(ti
     assert adapter_config["base_model_name_or_path"] == str((tiny_salr.out_dir / BASE_DIR).resolve())
 
 
-def test_the_existing_export_takes_the_adapter_over_the_materialised_base(tiny_salr, tmp_path):
+def test_the_existing_export_and_serve_take_the_adapter_over_the_materialised_base(tiny_salr, tmp_path):
+    from prunedlora.cli import main
     from prunedlora.export import export_adapter
 
-    result = export_adapter(
-        tiny_salr.out_dir / ADAPTER_DIR, tmp_path / "exported", base_model=str(tiny_salr.out_dir / BASE_DIR)
-    )
+    base = tiny_salr.out_dir / BASE_DIR
+    result = export_adapter(tiny_salr.out_dir / ADAPTER_DIR, tmp_path / "exported" / "salr", base_model=str(base))
     assert result.max_logit_diff is not None and result.max_logit_diff < 1e-4
+    # serve validates the exported adapter against the materialised base and plans its slots (no vLLM start)
+    assert main(["serve", "--model", str(base), "--adapters-dir", str(tmp_path / "exported"), "--dry-run"]) == 0
 
 
 def test_two_four_with_wanda_and_no_residual(tmp_path, tiny_model_path):
