@@ -463,12 +463,7 @@ def run_cell(cell: Cell, config: QualityBenchConfig) -> dict[str, Any]:
     data_path = runnable["data"].get("path")
     metrics = score_adapter(resolve_model(recipe.model), adapter_dir, cell.task, data_path, settings, data_seed=0)
     result = {
-        "task": cell.task,
-        "method": cell.method,
-        "seed": cell.seed,
-        "key": cell.key,
-        "dir": str(cell.dir),
-        "command": cell_command(config, cell),
+        **_cell_record(config, cell),
         "train": train,
         "eval": metrics,
         "eval_seconds": time.perf_counter() - start,
@@ -482,6 +477,18 @@ def run_cell(cell: Cell, config: QualityBenchConfig) -> dict[str, Any]:
     portable["spec"] = json.loads(json.dumps(cell.spec, default=str).replace(str(cell.dir), "CELL_DIR"))
     write_json_atomic(committed, portable)
     return result
+
+
+def _cell_record(config: QualityBenchConfig, cell: Cell) -> dict[str, Any]:
+    """What every result of a cell starts with, finished or failed: which cell, where, how to rerun it."""
+    return {
+        "task": cell.task,
+        "method": cell.method,
+        "seed": cell.seed,
+        "key": cell.key,
+        "dir": str(cell.dir),
+        "command": cell_command(config, cell),
+    }
 
 
 def committed_cell_path(config: QualityBenchConfig, cell: Cell) -> Path:
@@ -602,12 +609,7 @@ def run_quality_bench(config: QualityBenchConfig) -> dict[str, Any]:
             say(f"    failed: {message}")
             results.append(
                 {
-                    "task": cell.task,
-                    "method": cell.method,
-                    "seed": cell.seed,
-                    "key": cell.key,
-                    "dir": str(cell.dir),
-                    "command": cell_command(config, cell),
+                    **_cell_record(config, cell),
                     "error": message,
                     "traceback": traceback.format_exc(limit=8),
                 }
