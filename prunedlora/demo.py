@@ -3,9 +3,10 @@
 Train two small pruned adapters on two tasks with different pruning settings, export them as compact
 PEFT adapters, score the base model, each r0 training adapter and its export on the task's held-out
 split (with a warning if an adapter does not beat the base model), serve both with the base model from
-one vLLM server, ask each one question, and end with a short latency comparison. Each stage reads the
-previous stage's files, as a user would run them by hand; a finished stage is reused when the demo
-runs again (delete runs/demo to start over).
+one vLLM server, ask each one question, and end with a short latency comparison (base model, r0
+adapter and pruned export, each adapter with vLLM's stock LoRA ops and with the rank-aware ones, their
+ratios to the base model side by side). Each stage reads the previous stage's files, as a user would
+run them by hand; a finished stage is reused when the demo runs again (delete runs/demo to start over).
 """
 
 from __future__ import annotations
@@ -156,7 +157,7 @@ def run_demo(root: str | Path = "runs/demo") -> dict[str, Path]:
     serve_and_ask(config, questions)
     outputs["server log"] = log_file
 
-    _banner("6/6 latency: base model vs the SST-2 adapter at r0 vs its pruned export")
+    _banner("6/6 latency: base model vs the SST-2 adapter at r0 vs its pruned export, stock vs rank-aware LoRA ops")
     payload = demo_latency(runs[DEMO_TASKS[0].name], root / "latency")
     outputs["latency table"] = Path(payload["files"]["markdown"])
     outputs["latency plot"] = Path(payload["files"]["plot"])

@@ -9,7 +9,10 @@ bench adapter is therefore an exported adapter, and the JSON says where its rank
 
 Families: ``r0`` (every module at r0, the plain LoRA a user would otherwise train), ``pruned-global``
 (PrunedLoRA's default allocation: ranks differ per module, the widest module sets the slot) and
-``pruned-uniform`` (every module at the target rank, the tightest slot).
+``pruned-uniform`` (every module at the target rank, the tightest slot). ``mixed-rank``
+(:func:`mixed_rank_adapters`) is one synthetic adapter per rank (every module at that rank, e.g. 4, 8
+and 16), batched together in the slot of the largest: with vLLM's stock ops each pays the slot, with
+the rank-aware ops (``serve.lora_ops``) each should pay its own rank.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from prunedlora.modelfacts import (
 )
 
 FAMILIES = ("r0", "pruned-global", "pruned-uniform")
+MIXED_RANK_FAMILY = "mixed-rank"
 # Per-module ranks of real PrunedLoRA runs on the default model, shipped so that the default latency
 # bench needs no training (see rank_patterns.json for the commands that produced them).
 BUNDLED_PATTERNS = Path(__file__).with_name("rank_patterns.json")
@@ -269,26 +273,91 @@ def synthetic_adapters(
             else:
                 ranks = random_global_pattern(modules, r0, target_rank, seed=i)
                 source = f"synthetic, random heterogeneous ranks averaging {target_rank} (no real run for this model)"
-            name = f"{family}-{i}"
-            spec = {
-                "model": str(model_dir.resolve()),
-                "ranks": ranks,
-                "r0": r0,
-                "alpha": lora_alpha,
-                "seed": i,
-                "format": 1,
-            }
-            run_dir = work_dir / "runs" / name
-            out = work_dir / name
-            marker = out / _SPEC_FILE
-            if not (marker.is_file() and json.loads(marker.read_text()).get("hash") == _spec_hash(spec)):
-                if run_dir.exists():
-                    shutil.rmtree(run_dir)
-                write_synthetic_run(model_dir, run_dir, ranks, r0=r0, lora_alpha=lora_alpha, seed=i, source=source)
-                _export_cached(run_dir, out, spec)
-                shutil.rmtree(run_dir, ignore_errors=True)  # the r0-sized run is only the export's input
-            result.families[family].append(BenchAdapter(name, family, out, _exported_ranks(out), source))
+            result.families[family].append(
+                _synthetic_adapter(
+                    model_dir,
+                    work_dir,
+                    f"{family}-{i}",
+                    family,
+                    ranks,
+                    r0=r0,
+                    lora_alpha=lora_alpha,
+                    seed=i,
+                    source=source,
+                )
+            )
     return result
+
+
+def _synthetic_adapter(
+    model_dir: Path,
+    work_dir: Path,
+    name: str,
+    family: str,
+    ranks: dict[str, int],
+    *,
+    r0: int,
+    lora_alpha: float,
+    seed: int,
+    source: str,
+) -> BenchAdapter:
+    """A synthetic run with ``ranks`` written and exported to ``work_dir / name``, reused while the
+    folder holds the export of the same spec."""
+    spec = {
+        "model": str(model_dir.resolve()),
+        "ranks": ranks,
+        "r0": r0,
+        "alpha": lora_alpha,
+        "seed": seed,
+        "format": 1,
+    }
+    run_dir = work_dir / "runs" / name
+    out = work_dir / name
+    marker = out / _SPEC_FILE
+    if not (marker.is_file() and json.loads(marker.read_text()).get("hash") == _spec_hash(spec)):
+        if run_dir.exists():
+            shutil.rmtree(run_dir)
+        write_synthetic_run(model_dir, run_dir, ranks, r0=r0, lora_alpha=lora_alpha, seed=seed, source=source)
+        _export_cached(run_dir, out, spec)
+        shutil.rmtree(run_dir, ignore_errors=True)  # the r0-sized run is only the export's input
+    return BenchAdapter(name, family, out, _exported_ranks(out), source)
+
+
+def mixed_rank_adapters(
+    model_dir: str | os.PathLike,
+    work_dir: str | os.PathLike,
+    ranks=(4, 8, 16),
+    *,
+    r0: int = 32,
+    lora_alpha: float = 64.0,
+    target_modules=PROJECTIONS,
+) -> list[BenchAdapter]:
+    """The ``mixed-rank`` family: one exported synthetic adapter per rank in ``ranks``, every module at
+    that rank (named ``mixed-rank-r<rank>``), built and cached as :func:`synthetic_adapters` builds
+    its own (a run in train's format with max(r0, rank) components, through the real export).
+
+    The bench batches them together in the slot of the largest rank, to show what each one costs
+    there: its own rank (rank-aware ops) or the slot (vLLM's stock ops).
+    """
+    model_dir, work_dir = Path(model_dir), Path(work_dir)
+    ranks = [int(r) for r in ranks]
+    if len(ranks) < 2 or len(set(ranks)) != len(ranks) or min(ranks) < 1:
+        raise BenchAdapterError(f"mixed ranks must be at least two distinct positive ranks, got {ranks}")
+    modules = list(target_module_shapes(model_dir, target_modules))
+    return [
+        _synthetic_adapter(
+            model_dir,
+            work_dir,
+            f"{MIXED_RANK_FAMILY}-r{rank}",
+            MIXED_RANK_FAMILY,
+            dict.fromkeys(modules, rank),
+            r0=max(r0, rank),
+            lora_alpha=lora_alpha,
+            seed=1000 + rank,
+            source=f"synthetic, every module at rank {rank} (mixed-rank batch)",
+        )
+        for rank in ranks
+    ]
 
 
 def adapters_from_runs(run_dirs: list[str | os.PathLike], work_dir: str | os.PathLike) -> AdapterSet:
@@ -347,8 +416,10 @@ __all__ = [
     "BenchAdapter",
     "BenchAdapterError",
     "FAMILIES",
+    "MIXED_RANK_FAMILY",
     "adapters_from_runs",
     "load_bundled_patterns",
+    "mixed_rank_adapters",
     "random_global_pattern",
     "synthetic_adapters",
     "target_module_shapes",

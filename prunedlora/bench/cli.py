@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import argparse
 
-from prunedlora.serve.lora_ops import DEFAULT_LORA_OPS, LORA_OPS_MODES
+from prunedlora.serve.lora_ops import LORA_OPS_MODES
+
+# bench latency's --lora-ops (latency.BENCH_LORA_OPS, kept here so --help imports nothing heavy)
+LATENCY_LORA_OPS = (*LORA_OPS_MODES, "both")
 
 
 def _int_list(text: str) -> list[int]:
@@ -16,6 +19,10 @@ def _int_list(text: str) -> list[int]:
         return [int(part) for part in text.replace(",", " ").split()]
     except ValueError as err:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from err
+
+
+def _int_list_or_none(text: str) -> list[int]:
+    return [] if text.strip().lower() in ("", "none") else _int_list(text)
 
 
 def _str_list(text: str) -> list[str]:
@@ -49,11 +56,14 @@ def register(subparsers) -> None:
 def _register_latency(kinds) -> None:
     p = kinds.add_parser(
         "latency",
-        help="vLLM latency and throughput: base model, r0 adapters, pruned adapters in tight and padded slots, mixes",
+        help="vLLM latency and throughput: base model, r0 adapters, pruned adapters in tight and padded slots, mixes, "
+        "a mixed-rank batch; vLLM's stock LoRA ops against the rank-aware ones",
         description="Measure, in one run on the same prompts, the base model alone, adapters at r0 in the r0 slot, "
-        "pruned adapters in the smallest slot that holds them and in the r0 slot, a slot-rank sweep, and mixes of "
-        "distinct adapters per batch. Each slot setting is its own vLLM engine in its own process. Writes "
-        "latency.json, latency.md and latency.png to --out. Default: about 10 minutes on a 2-core CPU.",
+        "pruned adapters in the smallest slot that holds them and in the r0 slot, a slot-rank sweep, mixes of "
+        "distinct adapters per batch, and adapters of different ranks (--mixed-ranks) batched together in one slot, "
+        "each adapter configuration with vLLM's stock LoRA ops and with the rank-aware ones (--lora-ops both). Each "
+        "slot setting and LoRA ops mode is its own vLLM engine in its own process (the default: 13 engines). Writes "
+        "latency.json, latency.md and latency.png to --out. Default: roughly 15 minutes on a 2-core CPU.",
     )
     p.add_argument("--model", default="default", help="base model folder, or 'default' (SmolLM2-135M-Instruct)")
     p.add_argument("--out", default="benchmarks/results", help="where the JSON, table and plot go")
@@ -83,6 +93,13 @@ def _register_latency(kinds) -> None:
     )
     p.add_argument("--mixes", type=_int_list, default=[1, 4, 16], help="distinct adapters per batch (default 1,4,16)")
     p.add_argument(
+        "--mixed-ranks",
+        type=_int_list_or_none,
+        default=[4, 8, 16],
+        help="ranks of the mixed-rank batch: one synthetic adapter per rank, batched together in the slot of the "
+        "largest, each adapter's share reported, and each alone in the same engine (default 4,8,16; 'none': skip)",
+    )
+    p.add_argument(
         "--mix-family",
         default="pruned-global",
         choices=("r0", "pruned-global", "pruned-uniform"),
@@ -110,22 +127,30 @@ def _register_latency(kinds) -> None:
     )
     p.add_argument(
         "--lora-ops",
-        choices=LORA_OPS_MODES,
-        default=DEFAULT_LORA_OPS,
-        help="LoRA compute in vLLM's CPU workers: rank-aware (default) or stock (vLLM's own ops)",
+        choices=LATENCY_LORA_OPS,
+        default="both",
+        help="LoRA compute in vLLM's CPU workers: both (default: every adapter configuration with vLLM's own "
+        "ops, then with the rank-aware ones, each in its own engine, ratios side by side), stock or rank-aware",
     )
     p.add_argument(
         "--quick",
         action="store_true",
         help="a first look in a few minutes: base, r0 and each pruned family in its smallest and the r0 slot, "
-        "8 prompts -> 16 tokens, no sweep or mixes (the demo's latency stage); options set otherwise win",
+        "8 prompts -> 16 tokens, no sweep, mixes or mixed-rank batch (the demo's latency stage); options set "
+        "otherwise win",
     )
     p.add_argument("--quiet", action="store_true", help="print only the result")
     p.set_defaults(handler=_latency)
 
 
 def _latency(args) -> int:
-    from prunedlora.bench.latency import QUICK_SETTINGS, LatencyBenchConfig, format_headline, run_latency_bench
+    from prunedlora.bench.latency import (
+        QUICK_SETTINGS,
+        LatencyBenchConfig,
+        format_comparison,
+        format_headline,
+        run_latency_bench,
+    )
 
     if args.quick:  # the quick settings where an option is at its default (the CLI's are the config's)
         defaults = LatencyBenchConfig()
@@ -153,10 +178,14 @@ def _latency(args) -> int:
         engine_timeout_s=args.engine_timeout_s,
         echo=not args.quiet,
         lora_ops=args.lora_ops,
+        mixed_ranks=args.mixed_ranks,
     )
     payload = run_latency_bench(config)
     print(open(payload["files"]["markdown"]).read())
     print(format_headline(payload))
+    comparison = format_comparison(payload)
+    if comparison:
+        print(comparison)
     for key, path in payload["files"].items():
         print(f"{key:>8}: {path}")
     print(f"elapsed: {payload['elapsed_s']:.0f} s")

@@ -1,17 +1,26 @@
-"""``prunedlora bench latency``: what a pruned adapter's smaller LoRA slot buys when vLLM serves it.
+"""``prunedlora bench latency``: what a pruned adapter's smaller rank buys when vLLM serves it, with
+vLLM's stock LoRA ops and with prunedlora's rank-aware ones, side by side.
 
-vLLM pads every adapter to the engine's ``max_lora_rank`` (the slot) and computes with the padded
-slot, so the question is what the slot costs. On the same prompts, in one run, this measures:
+vLLM pads every adapter to the engine's ``max_lora_rank`` (the slot); its stock CPU ops compute with
+the padded slot, the rank-aware ops (``serve.lora_ops``) with each module's live rank. On the same
+prompts, in one run, this measures:
 
 - the base model alone (an engine without LoRA): the reference every ratio is taken against;
 - adapters at r0 in the r0 slot: the plain LoRA a user would otherwise train;
 - each pruned family in the smallest slot that holds it, and in the r0 slot (the cost of padding);
 - the uniform-rank pruned adapter in a sweep of slots (the curve of cost against slot rank);
-- mixes of 1, 4 and 16 distinct pruned adapters in one batch, in one engine with max_loras = 16.
+- mixes of 1, 4 and 16 distinct pruned adapters in one batch, in one engine with max_loras = 16;
+- a mixed-rank batch: adapters of ranks 4, 8 and 16 (``adapters.mixed_rank_adapters``) together in
+  the 16-slot, with each adapter's own TTFT/TPOT/E2E in that batch, and each alone in the same engine.
 
-Every engine setting (slot rank, max_loras) is a fresh vLLM engine in its own process
-(``latency_worker``); configurations that share the settings share the engine. The numbers are
-vLLM's per-request statistics over its offline ``LLM.generate`` path (see ``metrics``). Memory
+Every adapter configuration is measured once per LoRA ops mode (``lora_ops``: ``both``, the default,
+is stock then rank-aware; ``stock`` or ``rank-aware`` alone). Every engine setting (slot rank,
+max_loras, LoRA ops) is a fresh vLLM engine in its own process (``latency_worker``); configurations
+that share the settings share the engine, and the base model's engine, which has no LoRA, runs once.
+Each row of the results names its ``configuration`` (the same in both modes) and its ``lora_ops``
+(asked) and ``lora_ops_in_use`` (what vLLM's workers really ran, read back from the engine: the
+rank-aware ops fall back to vLLM's own if their start-up check fails, and CUDA keeps vLLM's kernels).
+The numbers are vLLM's per-request statistics over its offline ``LLM.generate`` path (see ``metrics``). Memory
 reserved for LoRA slots is read from vLLM's slot tensors and checked against the closed form
 ``max_loras x max_lora_rank x dtype bytes x (sum over LoRA-wrapped layers of in + out)``, where
 vLLM wraps every decoder projection plus the embedding and the logits (vocab + hidden each),
@@ -26,21 +35,34 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from prunedlora.bench.adapters import AdapterSet, adapter_set_summary, adapters_from_runs, synthetic_adapters
+from prunedlora.bench.adapters import (
+    MIXED_RANK_FAMILY,
+    AdapterSet,
+    adapter_set_summary,
+    adapters_from_runs,
+    mixed_rank_adapters,
+    synthetic_adapters,
+)
 from prunedlora.cpu import CpuChoice, machine_record
 from prunedlora.errors import PrunedLoraError
 from prunedlora.modelfacts import PROJECTIONS, base_weight_shapes
-from prunedlora.serve.lora_ops import DEFAULT_LORA_OPS, LORA_OPS_MODES
+from prunedlora.serve.lora_ops import LORA_OPS_MODES, RANK_AWARE, STOCK
 from prunedlora.vllm_compat import ALLOWED_MAX_LORA_RANKS, smallest_slot_rank
 
 DEFAULT_RESULTS_DIR = Path("benchmarks/results")
 RESULT_FILES = {"json": "latency.json", "markdown": "latency.md", "plot": "latency.png"}
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+# ``--lora-ops both`` (the bench's default): every adapter configuration with vLLM's stock ops, then
+# with the rank-aware ones, each in its own engine, against the same base model run.
+BOTH_LORA_OPS = "both"
+BENCH_LORA_OPS = (*LORA_OPS_MODES, BOTH_LORA_OPS)
+DEFAULT_BENCH_LORA_OPS = BOTH_LORA_OPS
 # ``bench latency --quick`` and the demo's latency stage: the base model, r0 and each pruned family in
-# its smallest slot and the r0 slot, on fewer prompts and tokens (a few minutes on 2 cores).
+# its smallest slot and the r0 slot, in both LoRA ops modes, on fewer prompts and tokens, without the
+# sweep, the mixes and the mixed-rank batch.
 QUICK_SETTINGS = {
     "num_prompts": 8,
     "prompt_tokens": 32,
@@ -48,7 +70,13 @@ QUICK_SETTINGS = {
     "sweep_slots": [],
     "mixes": [1],
     "adapters_per_family": 1,
+    "mixed_ranks": [],
 }
+
+
+def lora_ops_modes(lora_ops: str) -> tuple[str, ...]:
+    """The LoRA ops modes a ``--lora-ops`` value measures, in run order (``both``: stock, rank-aware)."""
+    return (STOCK, RANK_AWARE) if lora_ops == BOTH_LORA_OPS else (lora_ops,)
 
 
 class LatencyBenchError(PrunedLoraError):
@@ -62,8 +90,10 @@ class LatencyBenchConfig:
     ``runs`` are finished ``prunedlora train`` runs whose exported adapters are served; empty means
     synthetic adapters with the ranks of real runs (see ``adapters``): ``adapters_per_family`` of the
     mixed family (a mix of more cycles through them under distinct ids), one of each other family.
-    ``work_dir`` holds the bench adapters and each engine's spec, result and log (default: the
-    prunedlora cache).
+    ``mixed_ranks`` are the ranks of the mixed-rank batch (synthetic adapters, one per rank, served
+    together in the slot of the largest; empty: none). ``lora_ops`` is ``both`` (stock and
+    rank-aware, each configuration in each), ``stock`` or ``rank-aware``. ``work_dir`` holds the
+    bench adapters and each engine's spec, result and log (default: the prunedlora cache).
     """
 
     model: str = "default"
@@ -85,7 +115,8 @@ class LatencyBenchConfig:
     kv_cache_gib: float | None = None
     engine_timeout_s: float = 900.0
     echo: bool = True
-    lora_ops: str = DEFAULT_LORA_OPS
+    lora_ops: str = DEFAULT_BENCH_LORA_OPS
+    mixed_ranks: list[int] = field(default_factory=lambda: [4, 8, 16])
 
     @classmethod
     def quick(cls, **overrides) -> LatencyBenchConfig:
@@ -103,8 +134,17 @@ class LatencyBenchConfig:
             raise LatencyBenchError(
                 f"--slots {bad} are not slot ranks vLLM allows; use some of {', '.join(map(str, ALLOWED_MAX_LORA_RANKS))}"
             )
-        if self.lora_ops not in LORA_OPS_MODES:
-            raise LatencyBenchError(f"--lora-ops must be one of {', '.join(LORA_OPS_MODES)}, got {self.lora_ops!r}")
+        if self.lora_ops not in BENCH_LORA_OPS:
+            raise LatencyBenchError(f"--lora-ops must be one of {', '.join(BENCH_LORA_OPS)}, got {self.lora_ops!r}")
+        ranks = list(self.mixed_ranks)
+        if ranks and (len(ranks) < 2 or len(set(ranks)) != len(ranks) or min(ranks) < 1):
+            raise LatencyBenchError(
+                f"--mixed-ranks must be at least two distinct positive ranks (or none), got {ranks}"
+            )
+        if ranks and max(ranks) > ALLOWED_MAX_LORA_RANKS[-1]:
+            raise LatencyBenchError(
+                f"--mixed-ranks {max(ranks)} exceeds vLLM's largest slot {ALLOWED_MAX_LORA_RANKS[-1]}"
+            )
         if any(m < 1 for m in self.mixes):
             raise LatencyBenchError(f"--mixes must be positive, got {self.mixes}")
         if self.prompt_tokens + self.output_tokens > self.max_model_len:
@@ -116,18 +156,30 @@ class LatencyBenchConfig:
 
 @dataclass
 class Configuration:
-    """One measured row: a family of adapters (None: the base model) in a slot, N distinct per batch."""
+    """One measured row: a family of adapters (None: the base model) in a slot, N distinct per batch,
+    with one LoRA ops mode.
+
+    ``members`` picks the family's adapters by index (empty: the first ``mix``, cycling); ``lora_ops``
+    is None until :func:`with_lora_ops` gives an adapter row its mode; ``configuration`` is the name
+    without the mode, shared by a configuration's stock and rank-aware rows.
+    """
 
     name: str
     family: str | None
     slot: int | None
     mix: int
     max_loras: int | None
-    role: str  # base, r0, smallest, padded, sweep, mix
+    role: str  # base, r0, smallest, padded, sweep, mix, mixed-rank, mixed-rank-alone
+    members: tuple[int, ...] = ()
+    lora_ops: str | None = None
+    configuration: str = ""
+
+    def __post_init__(self) -> None:
+        self.configuration = self.configuration or self.name
 
     @property
     def engine_key(self) -> tuple:
-        return ("base",) if self.family is None else (self.slot, self.max_loras)
+        return ("base",) if self.family is None else (self.slot, self.max_loras, self.lora_ops)
 
 
 # -- the plan -----------------------------------------------------------------------------------------
@@ -139,7 +191,11 @@ def family_slot(adapters: AdapterSet, family: str) -> int:
 
 
 def plan_configurations(adapters: AdapterSet, config: LatencyBenchConfig) -> list[Configuration]:
-    """The rows to measure, deduplicated (the same family, slot and mix is measured once)."""
+    """The configurations to measure, deduplicated (the same family, slot and mix is measured once),
+    without their LoRA ops mode (see :func:`plan_measurements`).
+
+    With a ``mixed-rank`` family in ``adapters``: each of its adapters alone, then all of them in one
+    batch, in one engine with the slot of the largest and max_loras = the number of them."""
     r0_slot = family_slot(adapters, "r0") if "r0" in adapters.families else smallest_slot_rank(config.r0)
     plan: list[Configuration] = [Configuration("base", None, None, 1, None, "base")]
     seen: set[tuple] = set()
@@ -156,7 +212,7 @@ def plan_configurations(adapters: AdapterSet, config: LatencyBenchConfig) -> lis
 
     add("r0", r0_slot, 1, 1, "r0")
     for family in adapters.families:
-        if family != "r0":
+        if family not in ("r0", MIXED_RANK_FAMILY):
             add(family, family_slot(adapters, family), 1, 1, "smallest")
             add(family, r0_slot, 1, 1, "padded")
     sweep_family = "pruned-uniform" if "pruned-uniform" in adapters.families else config.mix_family
@@ -167,12 +223,66 @@ def plan_configurations(adapters: AdapterSet, config: LatencyBenchConfig) -> lis
         family = (
             config.mix_family
             if config.mix_family in adapters.families
-            else next(f for f in adapters.families if f != "r0")
+            else next(f for f in adapters.families if f not in ("r0", MIXED_RANK_FAMILY))
         )
         top = max(mixes)
         for mix in mixes:
             add(family, family_slot(adapters, family), mix, top, "mix")
+    plan += _mixed_rank_configurations(adapters)
     return plan
+
+
+def _mixed_rank_configurations(adapters: AdapterSet) -> list[Configuration]:
+    members = adapters.families.get(MIXED_RANK_FAMILY) or []
+    if len(members) < 2:
+        return []
+    slot, n = family_slot(adapters, MIXED_RANK_FAMILY), len(members)
+    rows = [
+        Configuration(
+            f"{MIXED_RANK_FAMILY} rank {a.max_rank} alone @ slot {slot} (max_loras {n})",
+            MIXED_RANK_FAMILY,
+            slot,
+            1,
+            n,
+            "mixed-rank-alone",
+            members=(i,),
+        )
+        for i, a in enumerate(members)
+    ]
+    ranks = "+".join(str(a.max_rank) for a in members)
+    rows.append(
+        Configuration(
+            f"{MIXED_RANK_FAMILY} {ranks} @ slot {slot} x{n} (max_loras {n})",
+            MIXED_RANK_FAMILY,
+            slot,
+            n,
+            n,
+            "mixed-rank",
+            members=tuple(range(n)),
+        )
+    )
+    return rows
+
+
+def with_lora_ops(plan: list[Configuration], lora_ops: str) -> list[Configuration]:
+    """Each adapter row once per mode of ``lora_ops`` (``both``: stock, then rank-aware, next to each
+    other, so the two engines of a setting run one after the other); with two modes the name ends in
+    `` [stock]`` or `` [rank-aware]``. The base row, and rows that have a mode already, stay as they are."""
+    modes = lora_ops_modes(lora_ops)
+    rows: list[Configuration] = []
+    for row in plan:
+        if row.family is None or row.lora_ops is not None:
+            rows.append(row)
+            continue
+        for mode in modes:
+            name = row.name if len(modes) == 1 else f"{row.name} [{mode}]"
+            rows.append(replace(row, name=name, lora_ops=mode, configuration=row.configuration))
+    return rows
+
+
+def plan_measurements(adapters: AdapterSet, config: LatencyBenchConfig) -> list[Configuration]:
+    """What a run measures: :func:`plan_configurations` in each of ``config.lora_ops``'s modes."""
+    return with_lora_ops(plan_configurations(adapters, config), config.lora_ops)
 
 
 # -- memory ---------------------------------------------------------------------------------------------
@@ -244,7 +354,9 @@ def _engine_specs(
     dtype: str | None = None,
 ) -> list[dict]:
     """One worker spec per engine key, in plan order; ``dtype`` (default ``config.dtype``) is what the
-    engines get, resolved from the CPU when the config says auto."""
+    engines get, resolved from the CPU when the config says auto. Rows without a LoRA ops mode get
+    ``config.lora_ops``'s (:func:`with_lora_ops`), so each mode has its own engines."""
+    plan = with_lora_ops(plan, config.lora_ops)
     kv_bytes = None
     if config.kv_cache_gib is not None:
         kv_bytes = int(config.kv_cache_gib * 2**30)
@@ -264,7 +376,7 @@ def _engine_specs(
                 "max_num_seqs": max(config.num_prompts, 1),
             }
             if row.family is not None:
-                engine.update(max_lora_rank=row.slot, max_loras=row.max_loras, lora_ops=config.lora_ops)
+                engine.update(max_lora_rank=row.slot, max_loras=row.max_loras, lora_ops=row.lora_ops)
             spec = specs[row.engine_key] = {
                 "model": str(model_dir),
                 "engine": engine,
@@ -278,14 +390,17 @@ def _engine_specs(
         names = []
         if row.family is not None:
             family = adapters.families[row.family]
-            for i in range(row.mix):
+            for i in row.members or range(row.mix):
                 adapter = family[i % len(family)]
                 # A mix of more adapters than the family has reuses folders under distinct names and
                 # ids: vLLM loads each id into its own slot, as its own throughput bench does.
                 name = adapter.name if i < len(family) else f"{adapter.name}-copy{i // len(family)}"
                 spec["adapters"][name] = str(adapter.path)
                 names.append(name)
-        spec["measurements"].append({"name": row.name, "adapters": names})
+        measurement = {"name": row.name, "adapters": names}
+        if row.role == "mixed-rank":
+            measurement["per_adapter"] = True  # each adapter's own requests summarised too
+        spec["measurements"].append(measurement)
     return list(specs.values())
 
 
@@ -336,15 +451,20 @@ def _kill_group(process: subprocess.Popen) -> None:
 
 def _engine_dir_name(spec: dict) -> str:
     engine = spec["engine"]
-    return "base" if not engine["lora"] else f"slot{engine['max_lora_rank']}-loras{engine['max_loras']}"
+    if not engine["lora"]:
+        return "base"
+    ops = f"-{engine['lora_ops']}" if engine.get("lora_ops") else ""
+    return f"slot{engine['max_lora_rank']}-loras{engine['max_loras']}{ops}"
 
 
 def run_latency_bench(config: LatencyBenchConfig) -> dict:
     """Measure every configuration, write latency.json, latency.md and latency.png; return the report.
 
-    Returns the JSON payload: ``rows`` (one per configuration, with p50/p99 TTFT, TPOT and E2E, output
-    tokens per second, LoRA slot bytes and ratios against the base model), ``adapters``, ``machine``
-    and ``files``.
+    Returns the JSON payload: ``rows`` (one per configuration and LoRA ops mode, with p50/p99 TTFT,
+    TPOT and E2E, output tokens per second, LoRA slot bytes, ratios against the base model, for a
+    rank-aware row ratios against the same configuration's stock row, and for the mixed-rank batch
+    ``per_adapter``: each adapter's own summary and ratios), ``adapters``, ``engines``, ``machine`` and
+    ``files``.
     """
     from prunedlora.bench.report import latency_markdown, plot_latency, portable_path
     from prunedlora.models import cache_dir, resolve_model
@@ -370,12 +490,17 @@ def run_latency_bench(config: LatencyBenchConfig) -> dict:
             target_rank=config.target_rank,
             per_family={config.mix_family: config.adapters_per_family},
         )
-    plan = plan_configurations(adapters, config)
+    if config.mixed_ranks:  # synthetic whatever the other families are: only the ranks matter here
+        adapters.families[MIXED_RANK_FAMILY] = mixed_rank_adapters(
+            model_dir, work_dir / "adapters" / "synthetic", config.mixed_ranks, r0=config.r0
+        )
+    plan = plan_measurements(adapters, config)
     prompts = bench_prompts(model_dir, config.num_prompts, config.prompt_tokens)
     specs = _engine_specs(plan, adapters, config, model_dir, prompts, choice.dtype if choice else None)
     say(
-        f"bench latency: {len(plan)} configurations on {len(specs)} engines, {config.num_prompts} prompts x "
-        f"{config.prompt_tokens} prompt tokens -> {config.output_tokens} output tokens"
+        f"bench latency: {len({row.configuration for row in plan})} configurations x LoRA ops "
+        f"{' and '.join(lora_ops_modes(config.lora_ops))} = {len(plan)} measurements on {len(specs)} engines, "
+        f"{config.num_prompts} prompts x {config.prompt_tokens} prompt tokens -> {config.output_tokens} output tokens"
     )
 
     measured: dict[str, dict] = {}
@@ -395,7 +520,7 @@ def run_latency_bench(config: LatencyBenchConfig) -> dict:
         for row_name, values in result.get("results", {}).items():
             measured[row_name] = {"engine": name, **values}
 
-    rows = _rows(plan, measured, engines, model_dir)
+    rows = _rows(plan, measured, engines, model_dir, adapters)
     payload = {
         "bench": "latency",
         "model": portable_path(model_dir),
@@ -433,24 +558,50 @@ RATIO_KEYS = {
 }
 
 
+STOCK_RATIO_KEYS = {
+    "tpot_p50_s": "tpot_p50_x_stock",
+    "e2e_p50_s": "e2e_p50_x_stock",
+    "output_tokens_per_s": "throughput_x_stock",
+}
+
+
+def _ratios_to_base(entry: dict, base: dict) -> None:
+    for key, ratio in RATIO_KEYS.items():
+        if entry.get(key) is not None and base.get(key):
+            entry[ratio] = entry[key] / base[key]
+    if entry.get("output_tokens_per_s") is not None and base.get("output_tokens_per_s"):
+        entry["throughput_x_base"] = entry["output_tokens_per_s"] / base["output_tokens_per_s"]
+
+
 def _rows(
-    plan: list[Configuration], measured: dict[str, dict], engines: dict[str, dict], model_dir: Path
+    plan: list[Configuration],
+    measured: dict[str, dict],
+    engines: dict[str, dict],
+    model_dir: Path,
+    adapters: AdapterSet | None = None,
 ) -> list[dict]:
     base = measured.get("base", {})
+    ranks = {a.name: a.max_rank for f in (adapters.families.values() if adapters else ()) for a in f}
     rows = []
     for row in plan:
         values = dict(measured.get(row.name, {"error": "not measured"}))
         entry = {
             "name": row.name,
+            "configuration": row.configuration,
             "family": row.family,
             "slot": row.slot,
             "mix": row.mix,
             "max_loras": row.max_loras,
             "role": row.role,
+            "lora_ops": row.lora_ops,
             **values,
         }
+        if row.members and adapters is not None:  # the mixed-rank rows: which adapters, by name
+            family = adapters.families[row.family]
+            entry["adapters"] = [family[i % len(family)].name for i in row.members]
         if row.family is not None:
             engine = engines.get(values.get("engine", ""), {})
+            entry["lora_ops_in_use"] = engine.get("lora_ops_in_use")
             dtype = engine.get("model_dtype") or "bfloat16"
             entry["lora_slot_bytes_estimate"] = lora_slot_bytes_estimate(
                 model_dir, row.slot, row.max_loras, DTYPE_BYTES.get(dtype, 2)
@@ -460,12 +611,19 @@ def _rows(
         else:
             entry["lora_slot_bytes_estimate"] = entry["lora_slot_bytes"] = 0
         if "error" not in values and "error" not in base:
-            for key, ratio in RATIO_KEYS.items():
-                if values.get(key) is not None and base.get(key):
-                    entry[ratio] = values[key] / base[key]
-            if base.get("output_tokens_per_s"):
-                entry["throughput_x_base"] = values["output_tokens_per_s"] / base["output_tokens_per_s"]
+            _ratios_to_base(entry, base)
+            for name, own in (entry.get("per_adapter") or {}).items():
+                if name in ranks:
+                    own["rank"] = ranks[name]
+                _ratios_to_base(own, base)
         rows.append(entry)
+    stock = {r["configuration"]: r for r in rows if r["lora_ops"] == STOCK and "error" not in r}
+    for entry in rows:
+        reference = stock.get(entry["configuration"])
+        if entry["lora_ops"] == RANK_AWARE and reference is not None and "error" not in entry:
+            for key, ratio in STOCK_RATIO_KEYS.items():
+                if entry.get(key) is not None and reference.get(key):
+                    entry[ratio] = entry[key] / reference[key]
     return rows
 
 
@@ -473,27 +631,67 @@ def demo_latency(
     run_dir: str | os.PathLike, out_dir: str | os.PathLike = "runs/demo/latency", model: str = "default", **overrides
 ) -> dict:
     """The short comparison ``make demo`` ends with: the base model, the run's adapter at r0 and its
-    pruned export (smallest slot, and the r0 slot if that differs), with ``bench latency --quick``'s
-    settings and measurement path (the same worker, dtype and thread binding), so its figures are the
-    bench's for the same configuration. Prints one line per configuration and the plot's path; returns
-    the latency payload."""
+    pruned export (smallest slot, and the r0 slot if that differs), each adapter row with vLLM's stock
+    LoRA ops and with the rank-aware ones, with ``bench latency --quick``'s settings and measurement
+    path (the same worker, dtype and thread binding), so its figures are the bench's for the same
+    configuration. Prints one line per measurement, the stock and rank-aware ratios side by side, and
+    the plot's path; returns the latency payload."""
     config = LatencyBenchConfig.quick(model=model, out_dir=str(out_dir), runs=[str(run_dir)], **overrides)
     payload = run_latency_bench(config)
     print(format_headline(payload))
+    comparison = format_comparison(payload)
+    if comparison:
+        print(comparison)
     print(f"plot: {payload['files']['plot']}")
     return payload
 
 
 def format_headline(payload: dict) -> str:
-    """One line per configuration: decode and end-to-end latency as multiples of the base model."""
+    """One line per measurement: decode and end-to-end latency as multiples of the base model."""
+    rows = payload["rows"]
+    width = max([40, *(len(row["name"]) for row in rows)])
     lines = []
-    for row in payload["rows"]:
+    for row in rows:
         if "error" in row:
-            lines.append(f"{row['name']:<40} error: {row['error']}")
+            lines.append(f"{row['name']:<{width}} error: {row['error']}")
             continue
         lines.append(
-            f"{row['name']:<40} TPOT {row['tpot_p50_s'] * 1000:7.1f} ms ({row.get('tpot_p50_x_base', float('nan')):5.2f}x base)"
+            f"{row['name']:<{width}} TPOT {row['tpot_p50_s'] * 1000:7.1f} ms ({row.get('tpot_p50_x_base', float('nan')):5.2f}x base)"
             f"  E2E p50 {row['e2e_p50_s']:6.2f} s ({row.get('e2e_p50_x_base', float('nan')):5.2f}x)"
             f"  {row['output_tokens_per_s']:7.1f} tok/s"
         )
+    return "\n".join(lines)
+
+
+def format_comparison(payload: dict) -> str:
+    """Stock and rank-aware LoRA ops side by side, one line per configuration (TPOT and E2E p50 as
+    multiples of the base model, and rank-aware over stock), each adapter of the mixed-rank batch
+    under it; empty when the run measured one mode only."""
+    from prunedlora.bench.report import paired_rows
+
+    configurations, modes = paired_rows(payload["rows"])
+    if len(modes) < 2:
+        return ""
+
+    def ratio(row: dict | None, key: str) -> str:
+        value = None if row is None or "error" in row else row.get(key)
+        return "    -" if value is None else f"{value:5.2f}x"
+
+    width = max([40, *(len(name) for name, _ in configurations)])
+    head = "  ".join(f"{m:>10}" for m in modes)
+    lines = [
+        f"{'LoRA ops side by side (x base model)':<{width}}  TPOT p50: {head}   E2E p50: {head}   {modes[-1]} / {modes[0]} TPOT",
+    ]
+    for name, by_mode in configurations:
+        tpot = "  ".join(f"{ratio(by_mode.get(m), 'tpot_p50_x_base'):>10}" for m in modes)
+        e2e = "  ".join(f"{ratio(by_mode.get(m), 'e2e_p50_x_base'):>10}" for m in modes)
+        last = by_mode.get(modes[-1])
+        lines.append(f"{name:<{width}}            {tpot}            {e2e}   {ratio(last, 'tpot_p50_x_stock')}")
+        adapters = dict.fromkeys(a for row in by_mode.values() for a in (row.get("per_adapter") or {}))
+        for adapter in adapters:
+            own = {m: (by_mode.get(m) or {}).get("per_adapter", {}).get(adapter) for m in modes}
+            label = f"  {adapter} in the batch"
+            tpot = "  ".join(f"{ratio(own[m], 'tpot_p50_x_base'):>10}" for m in modes)
+            e2e = "  ".join(f"{ratio(own[m], 'e2e_p50_x_base'):>10}" for m in modes)
+            lines.append(f"{label:<{width}}            {tpot}            {e2e}")
     return "\n".join(lines)

@@ -6,9 +6,11 @@ dead engine from taking the rest of the bench with it. Run as::
 
     python -m prunedlora.bench.latency_worker SPEC.json RESULT.json
 
-SPEC (written by ``prunedlora.bench.latency``) names the model, the engine settings, the adapters,
-the prompts (token ids) and the measurements; RESULT is rewritten after every measurement, so what
-was measured survives a timeout.
+SPEC (written by ``prunedlora.bench.latency``) names the model, the engine settings (with the LoRA
+ops mode, ``stock`` or ``rank-aware``), the adapters, the prompts (token ids) and the measurements;
+RESULT is rewritten after every measurement, so what was measured survives a timeout. RESULT's
+engine record says which LoRA ops vLLM's workers really built (``lora_ops_in_use``), and a
+measurement marked ``per_adapter`` (the mixed-rank batch) also has each adapter's own summary.
 
 The measured call is vLLM's offline throughput path (``vllm bench throughput``'s ``LLM.generate``
 over all prompts at once, ``ignore_eos`` and a fixed output length) with vLLM's per-request
@@ -95,15 +97,18 @@ def _measure(engine, spec: dict, measurement: dict) -> dict:
     # Warm-up with the same batch: loads every adapter into its slot and runs the kernels once.
     _generate(engine, prompts, names, spec.get("warmup_tokens", 4))
     timings, wall, missing = [], 0.0, 0
+    by_adapter: dict[str, list] = {}
     for _ in range(spec.get("repeats", 1)):
         outputs, seconds = _generate(engine, prompts, names, spec["output_tokens"])
         wall += seconds
-        for output in outputs:
+        for name, output in zip(names, outputs):  # vLLM returns the outputs in request order
             tokens = len(output.outputs[0].token_ids)
             if output.metrics is None:
                 missing += 1
                 continue
-            timings.append(timing_from_stats(output.metrics, tokens))
+            timing = timing_from_stats(output.metrics, tokens)
+            timings.append(timing)
+            by_adapter.setdefault(name or "base", []).append(timing)
     if not timings:
         raise RuntimeError("vLLM returned no per-request metrics (RequestOutput.metrics is None)")
     summary = summarize(timings, wall)
@@ -111,6 +116,10 @@ def _measure(engine, spec: dict, measurement: dict) -> dict:
     summary["distinct_adapters"] = len({n for n in names if n is not None})
     if missing:
         summary["requests_without_metrics"] = missing
+    if measurement.get("per_adapter"):
+        # each adapter's own requests of the same batch; its tok/s is its tokens over the batch's wall
+        # time, so the adapters' figures add up to the batch's
+        summary["per_adapter"] = {name: summarize(own, wall) for name, own in by_adapter.items()}
     return summary
 
 
@@ -128,6 +137,12 @@ def run(spec_path: str | Path, result_path: str | Path) -> dict:
             result["engine"]["slot_memory"] = engine.llm.collective_rpc("lora_slot_bytes")[0]
         except Exception as err:  # a vLLM without collective_rpc: the estimate still stands
             result["engine"]["slot_memory"] = {"error": f"{type(err).__name__}: {err}"}
+        try:  # what the workers built, which the rows report next to the mode asked for
+            in_use = engine.llm.collective_rpc("lora_ops_in_use")[0]
+            result["engine"]["lora_ops_in_use"] = in_use["mode"]
+            result["engine"]["punica_wrappers"] = in_use["wrappers"]
+        except Exception as err:
+            result["engine"]["lora_ops_in_use"] = f"unknown ({type(err).__name__}: {err})"
     write_json_atomic(result_path, result)
     for measurement in spec["measurements"]:
         try:

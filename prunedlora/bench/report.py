@@ -38,9 +38,80 @@ def _mib(value) -> str:
 
 # -- latency -----------------------------------------------------------------------------------------
 
+# how each LoRA ops mode is drawn (results older than the modes have none: drawn as one)
+_MODE_STYLE = {"stock": {"linestyle": "--", "hatch": "//"}, "rank-aware": {"linestyle": "-", "hatch": ""}}
+_MODE_COLOURS = {"stock": "tab:gray", "rank-aware": "tab:blue"}
+
+
+def paired_rows(rows: list[dict]) -> tuple[list[tuple[str, dict[str, dict]]], list[str]]:
+    """The adapter rows grouped by configuration: ([(configuration, {mode: row})] in run order, the
+    modes in run order). The base row is left out (it is 1x in every mode); rows of results older than
+    the LoRA ops modes count as one mode, ``""``."""
+    configurations: dict[str, dict[str, dict]] = {}
+    modes: list[str] = []
+    for row in rows:
+        if row.get("family") is None:
+            continue
+        mode = row.get("lora_ops") or ""
+        if mode not in modes:
+            modes.append(mode)
+        configurations.setdefault(row.get("configuration") or row["name"], {})[mode] = row
+    return list(configurations.items()), modes
+
+
+def _ops_cell(row: dict) -> str:
+    asked, used = row.get("lora_ops"), row.get("lora_ops_in_use")
+    if not asked:
+        return "-"
+    return asked if used in (None, asked) else f"{asked} (ran: {used})"
+
+
+def _mixed_rank_tables(payload: dict, modes: list[str]) -> list[str]:
+    """Each adapter of the mixed-rank batch: its own requests in the batch, and alone in the same engine."""
+    rows = [r for r in payload["rows"] if r.get("role") in ("mixed-rank", "mixed-rank-alone")]
+    batch = {r.get("lora_ops") or "": r for r in rows if r["role"] == "mixed-rank"}
+    if not batch:
+        return []
+    alone = {
+        ((r.get("adapters") or [None])[0], r.get("lora_ops") or ""): r for r in rows if r["role"] == "mixed-rank-alone"
+    }
+    adapters = list(dict.fromkeys(a for r in batch.values() for a in (r.get("per_adapter") or {})))
+    first = next(iter(batch.values()))
+    header = (
+        "| adapter | rank | requests in the batch | "
+        + " | ".join(f"TPOT p50 x base in the batch: {m or 'measured'}" for m in modes)
+        + " | "
+        + " | ".join(f"E2E p50 x base in the batch: {m or 'measured'}" for m in modes)
+        + " | "
+        + " | ".join(f"TPOT p50 x base alone: {m or 'measured'}" for m in modes)
+        + " |"
+    )
+    lines = [
+        "",
+        f"Mixed-rank batch: `{first.get('configuration') or first['name']}`: adapters of different ranks served together, the "
+        f"{payload['settings']['num_prompts']} requests spread over them. 'In the batch' is that adapter's own "
+        "requests of the batch; vLLM decodes every request of a batch in the same steps, so these are close "
+        "between adapters, and what each adapter costs shows in 'alone' (the same engine, every request on that "
+        "adapter).",
+        "",
+        header,
+        "|" + "---|" * (3 + 3 * len(modes)),
+    ]
+    for adapter in adapters:
+        own = {m: (batch.get(m) or {}).get("per_adapter", {}).get(adapter) or {} for m in modes}
+        any_own = next((o for o in own.values() if o), {})
+        cells = [adapter, str(any_own.get("rank", "-")), str(any_own.get("requests", "-"))]
+        cells += [_fmt(own[m].get("tpot_p50_x_base")) for m in modes]
+        cells += [_fmt(own[m].get("e2e_p50_x_base")) for m in modes]
+        cells += [_fmt((alone.get((adapter, m)) or {}).get("tpot_p50_x_base")) for m in modes]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
 
 def latency_markdown(payload: dict) -> str:
-    """The latency table: absolute numbers, then the ratios against the base model (the headline)."""
+    """The latency table: absolute numbers, then the ratios against the base model (the headline);
+    with two LoRA ops modes, a table of the two side by side per configuration; with a mixed-rank
+    batch, each of its adapters."""
     settings = payload["settings"]
     adapters = payload["adapters"]
     source = (
@@ -48,27 +119,30 @@ def latency_markdown(payload: dict) -> str:
         if adapters["synthetic"]
         else "exported adapters of the given training runs"
     )
+    configurations, modes = paired_rows(payload["rows"])
+    ops = " and ".join(m for m in modes if m) or "not recorded"
     lines = [
         f"Machine: {machine_line(payload['machine'])}; vLLM {payload.get('vllm')}; model `{Path(payload['model']).name}`; "
         f"{settings['num_prompts']} prompts x {settings['prompt_tokens']} prompt tokens -> "
         f"{settings['output_tokens']} output tokens (greedy, ignore_eos), submitted as one batch; "
-        f"{settings['repeats']} measured repeat(s) after a warm-up; adapters: {source}.",
+        f"{settings['repeats']} measured repeat(s) after a warm-up; adapters: {source}; LoRA ops: {ops}.",
         "",
-        "| configuration | slot | adapters in batch | TTFT p50 / p99 (s) | TPOT p50 / p99 (ms) | E2E p50 / p99 (s) "
+        "| configuration | slot | LoRA ops | adapters in batch | TTFT p50 / p99 (s) | TPOT p50 / p99 (ms) | E2E p50 / p99 (s) "
         "| output tok/s | LoRA slot memory (MiB) | TTFT x base | TPOT x base | E2E x base | tok/s x base |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in payload["rows"]:
         if "error" in row:
             lines.append(
-                f"| {row['name']} | {row['slot'] or '-'} | {row['mix']} | error: {row['error'][:80]} | | | | | | | | |"
+                f"| {row['name']} | {row['slot'] or '-'} | {_ops_cell(row)} | {row['mix']} "
+                f"| error: {row['error'][:80]} | | | | | | | | |"
             )
             continue
         memory = row.get("lora_slot_bytes")
         if memory is None:
             memory = row.get("lora_slot_bytes_estimate")
         lines.append(
-            f"| {row['name']} | {row['slot'] or '-'} | {row.get('distinct_adapters', 0)} "
+            f"| {row['name']} | {row['slot'] or '-'} | {_ops_cell(row)} | {row.get('distinct_adapters', 0)} "
             f"| {_fmt(row['ttft_p50_s'])} / {_fmt(row['ttft_p99_s'])} "
             f"| {_fmt(row['tpot_p50_s'], scale=1000)} / {_fmt(row['tpot_p99_s'], scale=1000)} "
             f"| {_fmt(row['e2e_p50_s'])} / {_fmt(row['e2e_p99_s'])} "
@@ -76,6 +150,30 @@ def latency_markdown(payload: dict) -> str:
             f"| {_fmt(row.get('ttft_p50_x_base'))} | {_fmt(row.get('tpot_p50_x_base'))} "
             f"| {_fmt(row.get('e2e_p50_x_base'))} | {_fmt(row.get('throughput_x_base'))} |"
         )
+    if len(modes) > 1:
+        last, first = modes[-1], modes[0]
+        lines += [
+            "",
+            f"LoRA ops side by side: each configuration with {' and with '.join(modes)} ops, as multiples of the "
+            f"base model of this run (same prompts); the last column is {last} over {first} (below 1: faster).",
+            "",
+            "| configuration | slot | adapters in batch | "
+            + " | ".join(f"TPOT p50 x base: {m}" for m in modes)
+            + " | "
+            + " | ".join(f"E2E p50 x base: {m}" for m in modes)
+            + " | "
+            + " | ".join(f"tok/s x base: {m}" for m in modes)
+            + f" | TPOT {last} / {first} |",
+            "|" + "---|" * (4 + 3 * len(modes)),
+        ]
+        for name, by_mode in configurations:
+            any_row = next(iter(by_mode.values()))
+            cells = [name, str(any_row["slot"] or "-"), str(any_row.get("distinct_adapters", any_row["mix"]))]
+            for key in ("tpot_p50_x_base", "e2e_p50_x_base", "throughput_x_base"):
+                cells += [_fmt((by_mode.get(m) or {}).get(key)) for m in modes]
+            cells.append(_fmt((by_mode.get(last) or {}).get("tpot_p50_x_stock")))
+            lines.append("| " + " | ".join(cells) + " |")
+    lines += _mixed_rank_tables(payload, modes)
     lines.append("")
     lines.append("Adapters (family: largest module rank / average rank, where the ranks come from):")
     for family, members in adapters["families"].items():
@@ -85,43 +183,100 @@ def latency_markdown(payload: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _paired_bars(ax, groups: list[tuple[str, dict[str, float | None]]], modes: list[str], ylabel: str) -> None:
+    """One group of bars per label, one bar per mode (hatched: stock), the base model as a line at 1."""
+    width = 0.8 / max(len(modes), 1)
+    for j, mode in enumerate(modes):
+        xs = [i + (j - (len(modes) - 1) / 2) * width for i in range(len(groups))]
+        values = [values.get(mode) for _, values in groups]
+        heights = [float("nan") if v is None else v for v in values]
+        style = _MODE_STYLE.get(mode, {})
+        ax.bar(
+            xs,
+            heights,
+            width=width,
+            color=_MODE_COLOURS.get(mode, "tab:blue"),
+            hatch=style.get("hatch", ""),
+            edgecolor="white",
+            label=f"{mode} LoRA ops" if mode else None,
+        )
+        for x, v in zip(xs, values):
+            if v is not None:
+                ax.annotate(f"{v:.2g}", (x, v), ha="center", va="bottom", fontsize=6)
+    ax.set_xticks(range(len(groups)), labels=[label for label, _ in groups], rotation=30, ha="right", fontsize=7)
+    ax.axhline(1.0, color="black", linewidth=1, label="base model")
+    ax.set_ylabel(ylabel)
+    ax.set_ylim(bottom=0)
+    ax.legend(fontsize=7)
+    ax.grid(axis="y", alpha=0.3)
+
+
 def plot_latency(payload: dict, path: str | os.PathLike) -> Path:
-    """Decode and end-to-end latency against slot rank (as multiples of the base model), output
-    tokens per second against slot rank (base model as a line), and, when measured, the mixes."""
+    """Top: each configuration's time per output token as a multiple of the base model, a bar per LoRA
+    ops mode (stock hatched, rank-aware plain). Below: decode and end-to-end latency against slot rank,
+    output tokens per second against slot rank (base model as a line), and, when measured, the mixes
+    and the mixed-rank batch (each adapter alone and in the batch); lines dashed for stock ops."""
     rows = [r for r in payload["rows"] if "error" not in r]
     base = next((r for r in rows if r["family"] is None), None)
-    mixes = sorted((r["mix"], r) for r in rows if r["role"] == "mix")
-    fig = new_figure(13.5 if mixes else 9.0, 4.0)
-    ax_latency, ax_tput, *ax_mix = fig.subplots(1, 3 if mixes else 2)
+    configurations, modes = paired_rows(rows)
+    two_modes = len(modes) > 1
+    mixes = [r for r in rows if r["role"] == "mix"]
+    mixed_rank = [r for r in rows if r.get("role") in ("mixed-rank", "mixed-rank-alone")]
+    panels = 2 + bool(mixes) + bool(mixed_rank)
+    fig = new_figure(max(9.0, 4.5 * panels), 8.5)
+    grid = fig.add_gridspec(2, panels, height_ratios=(1.1, 1.0), hspace=0.75)
+    ax_pairs = fig.add_subplot(grid[0, :])
+    ax_latency, ax_tput = fig.add_subplot(grid[1, 0]), fig.add_subplot(grid[1, 1])
+    _paired_bars(
+        ax_pairs,
+        [(name, {m: r.get("tpot_p50_x_base") for m, r in by_mode.items()}) for name, by_mode in configurations],
+        modes,
+        "TPOT p50, x base model",
+    )
+    ax_pairs.set_title(
+        "time per output token per configuration"
+        + (f": {' vs '.join(modes)} LoRA ops (same run, same prompts)" if two_modes else ""),
+        fontsize=10,
+    )
     single = [r for r in rows if r["family"] is not None and r["mix"] == 1 and r["max_loras"] == 1]
     families = sorted({r["family"] for r in single})
     markers = dict(zip(families, "osD^v<>"))
     colours = dict(zip(families, ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple")))
     for family in families:
-        points = sorted((r["slot"], r) for r in single if r["family"] == family)
-        slots = [s for s, _ in points]
-        ax_latency.plot(
-            slots,
-            [r.get("tpot_p50_x_base") for _, r in points],
-            marker=markers[family],
-            color=colours[family],
-            label=f"{family}: TPOT p50",
-        )
-        ax_latency.plot(
-            slots,
-            [r.get("e2e_p50_x_base") for _, r in points],
-            marker=markers[family],
-            linestyle="--",
-            color=colours[family],
-            label=f"{family}: E2E p50",
-        )
-        ax_tput.plot(
-            slots,
-            [r["output_tokens_per_s"] for _, r in points],
-            marker=markers[family],
-            color=colours[family],
-            label=family,
-        )
+        for mode in modes:
+            points = sorted(
+                (r["slot"], r) for r in single if r["family"] == family and (r.get("lora_ops") or "") == mode
+            )
+            if not points:
+                continue
+            slots = [s for s, _ in points]
+            style = _MODE_STYLE.get(mode, {}).get("linestyle", "-") if two_modes else "-"
+            label = f"{family}, {mode}" if two_modes else family
+            ax_latency.plot(
+                slots,
+                [r.get("tpot_p50_x_base") for _, r in points],
+                marker=markers[family],
+                color=colours[family],
+                linestyle=style,
+                label=f"{label}: TPOT p50",
+            )
+            if not two_modes:
+                ax_latency.plot(
+                    slots,
+                    [r.get("e2e_p50_x_base") for _, r in points],
+                    marker=markers[family],
+                    linestyle="--",
+                    color=colours[family],
+                    label=f"{family}: E2E p50",
+                )
+            ax_tput.plot(
+                slots,
+                [r["output_tokens_per_s"] for _, r in points],
+                marker=markers[family],
+                color=colours[family],
+                linestyle=style,
+                label=label,
+            )
     slots = sorted({r["slot"] for r in single})
     for ax in (ax_latency, ax_tput):
         ax.set_xscale("log", base=2)
@@ -131,8 +286,11 @@ def plot_latency(payload: dict, path: str | os.PathLike) -> Path:
     ax_latency.axhline(1.0, color="grey", linewidth=1)
     ax_latency.set_xlabel("LoRA slot rank (max_lora_rank)")
     ax_latency.set_ylabel("x base model (same run)")
-    ax_latency.set_title("latency vs slot rank", fontsize=10)
-    ax_latency.legend(fontsize=7)
+    ax_latency.set_title(
+        "latency vs slot rank" + (" (dashed: stock ops)" if two_modes else ""),
+        fontsize=10,
+    )
+    ax_latency.legend(fontsize=6)
     ax_latency.grid(alpha=0.3)
     if base is not None:
         ax_tput.axhline(base["output_tokens_per_s"], color="grey", linewidth=1, label="base model")
@@ -140,24 +298,59 @@ def plot_latency(payload: dict, path: str | os.PathLike) -> Path:
     ax_tput.set_ylabel("output tokens / s")
     ax_tput.set_ylim(bottom=0)
     ax_tput.set_title("throughput vs slot rank", fontsize=10)
-    ax_tput.legend(fontsize=7)
+    ax_tput.legend(fontsize=6)
     ax_tput.grid(alpha=0.3)
+    column = 2
     if mixes:
-        (ax_mix,) = ax_mix
-        xs = [m for m, _ in mixes]
-        ax_mix.plot(xs, [r.get("tpot_p50_x_base") for _, r in mixes], marker="o", label="TPOT p50 x base")
-        ax_mix.plot(xs, [r.get("e2e_p50_x_base") for _, r in mixes], marker="s", label="E2E p50 x base")
-        ax_mix.plot(xs, [r.get("throughput_x_base") for _, r in mixes], marker="^", label="tok/s x base")
-        ax_mix.set_title(
-            f"{mixes[0][1]['family']} @ slot {mixes[0][1]['slot']}: distinct adapters per batch", fontsize=9
-        )
+        ax_mix = fig.add_subplot(grid[1, column])
+        column += 1
+        xs = sorted({r["mix"] for r in mixes})
+        for mode in modes:
+            points = sorted((r["mix"], r) for r in mixes if (r.get("lora_ops") or "") == mode)
+            if not points:
+                continue
+            style = _MODE_STYLE.get(mode, {}).get("linestyle", "-") if two_modes else "-"
+            suffix = f", {mode}" if two_modes else ""
+            px = [m for m, _ in points]
+            ax_mix.plot(
+                px,
+                [r.get("tpot_p50_x_base") for _, r in points],
+                marker="o",
+                linestyle=style,
+                label=f"TPOT p50 x base{suffix}",
+            )
+            if not two_modes:
+                ax_mix.plot(px, [r.get("e2e_p50_x_base") for _, r in points], marker="s", label="E2E p50 x base")
+            ax_mix.plot(
+                px,
+                [r.get("throughput_x_base") for _, r in points],
+                marker="^",
+                linestyle=style,
+                label=f"tok/s x base{suffix}",
+            )
+        ax_mix.set_title(f"{mixes[0]['family']} @ slot {mixes[0]['slot']}: distinct adapters per batch", fontsize=9)
         ax_mix.set_xscale("log", base=2)
         ax_mix.set_xticks(xs, labels=[str(x) for x in xs])
         ax_mix.minorticks_off()
-        ax_mix.legend(fontsize=7)
+        ax_mix.legend(fontsize=6)
         ax_mix.axhline(1.0, color="grey", linewidth=1)
         ax_mix.set_xlabel("distinct adapters in the batch")
         ax_mix.grid(alpha=0.3)
+    if mixed_rank:
+        ax_ranks = fig.add_subplot(grid[1, column])
+        groups: dict[str, dict[str, float | None]] = {}
+        for r in mixed_rank:
+            mode = r.get("lora_ops") or ""
+            if r["role"] == "mixed-rank-alone":
+                name = (r.get("adapters") or [r["name"]])[0]
+                groups.setdefault(f"{name} alone", {})[mode] = r.get("tpot_p50_x_base")
+        for r in mixed_rank:
+            mode = r.get("lora_ops") or ""
+            if r["role"] == "mixed-rank":
+                for name, own in (r.get("per_adapter") or {}).items():
+                    groups.setdefault(f"{name} in batch", {})[mode] = own.get("tpot_p50_x_base")
+        _paired_bars(ax_ranks, list(groups.items()), modes, "TPOT p50, x base model")
+        ax_ranks.set_title(f"mixed ranks @ slot {mixed_rank[0]['slot']}: alone and batched together", fontsize=9)
     fig.suptitle(f"vLLM multi-LoRA on {Path(payload['model']).name}: {machine_line(payload['machine'])}", fontsize=9)
     return save_figure(fig, path)
 

@@ -10,6 +10,7 @@ from prunedlora.bench.adapters import (
     BenchAdapterError,
     adapters_from_runs,
     load_bundled_patterns,
+    mixed_rank_adapters,
     random_global_pattern,
     synthetic_adapters,
     target_module_shapes,
@@ -67,6 +68,18 @@ def test_synthetic_families_validate_and_are_cached(tiny_model_path, tmp_path):
     stamp = (adapters.families["r0"][0].path / "adapter_model.safetensors").stat().st_mtime_ns
     again = synthetic_adapters(tiny_model_path, tmp_path / "ad", r0=8, target_rank=2, per_family=2)
     assert (again.families["r0"][0].path / "adapter_model.safetensors").stat().st_mtime_ns == stamp
+
+
+def test_mixed_rank_adapters_have_one_rank_each_and_share_the_slot_of_the_largest(tiny_model_path, tmp_path):
+    members = mixed_rank_adapters(tiny_model_path, tmp_path / "ad", (1, 2, 4), r0=2)  # r0 below a rank is raised
+    assert [(a.name, a.family) for a in members] == [(f"mixed-rank-r{r}", "mixed-rank") for r in (1, 2, 4)]
+    modules = set(target_module_shapes(tiny_model_path))
+    for adapter, rank in zip(members, (1, 2, 4)):
+        info = validate_adapter(adapter.path, tiny_model_path, max_lora_rank=8)  # all fit the 8-slot together
+        assert info.ranks == adapter.ranks == dict.fromkeys(modules, rank)
+        assert "mixed-rank batch" in adapter.source
+    with pytest.raises(BenchAdapterError, match="two distinct positive ranks"):
+        mixed_rank_adapters(tiny_model_path, tmp_path / "ad", (4,))
 
 
 def test_synthetic_global_family_uses_a_matching_real_pattern(tiny_model_path, tmp_path):

@@ -73,3 +73,24 @@ def test_latency_quick_uses_the_quick_settings_unless_an_option_says_otherwise(m
     assert quick == latency.LatencyBenchConfig.quick(out_dir=str(tmp_path))
     assert overridden.output_tokens == 8 and overridden.mixes == [1, 4] and overridden.num_prompts == 8
     assert full == latency.LatencyBenchConfig(out_dir=str(tmp_path))
+
+
+def test_latency_measures_both_lora_ops_and_the_mixed_rank_batch_unless_told(monkeypatch, tmp_path):
+    import prunedlora.bench.cli as bench_cli
+    import prunedlora.bench.latency as latency
+
+    assert bench_cli.LATENCY_LORA_OPS == latency.BENCH_LORA_OPS  # the CLI's light copy of the choices
+    seen = []
+
+    def fake_run(config):
+        seen.append(config)
+        raise latency.LatencyBenchError("stop here")
+
+    monkeypatch.setattr(latency, "run_latency_bench", fake_run)
+    assert main(["bench", "latency", "--out", str(tmp_path)]) == 2
+    assert main(["bench", "latency", "--lora-ops", "stock", "--mixed-ranks", "none", "--out", str(tmp_path)]) == 2
+    assert main(["bench", "latency", "--lora-ops", "rank-aware", "--mixed-ranks", "2,8", "--out", str(tmp_path)]) == 2
+    default, stock, rank_aware = seen
+    assert default.lora_ops == "both" and default.mixed_ranks == [4, 8, 16]
+    assert stock.lora_ops == "stock" and stock.mixed_ranks == []
+    assert rank_aware.lora_ops == "rank-aware" and rank_aware.mixed_ranks == [2, 8]

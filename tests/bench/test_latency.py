@@ -1,7 +1,9 @@
-"""`prunedlora bench latency` end to end with vLLM on a tiny random model (slow: three engines).
+"""`prunedlora bench latency` end to end with vLLM on a tiny random model (slow: five engines: the base
+model, and two slot settings with vLLM's stock LoRA ops and with the rank-aware ones).
 
-Mechanics only: every configuration is measured and has the documented fields, the base row is the
-reference, and the LoRA slot memory read from vLLM equals the closed-form estimate.
+Mechanics only: every configuration is measured in both modes and has the documented fields, the base
+row is the reference, the engines ran the LoRA ops each row names, the mixed-rank batch has each
+adapter's own summary, and the LoRA slot memory read from vLLM equals the closed-form estimate.
 """
 
 from __future__ import annotations
@@ -41,6 +43,8 @@ def bench(vllm_tiny_model, tmp_path_factory):
             "8",
             "--mixes",
             "1,2",
+            "--mixed-ranks",
+            "2,8",  # two adapters in the 8-slot: the same engine as the mixes (max_loras 2)
             "--adapters-per-family",
             "2",
             "--max-model-len",
@@ -58,15 +62,23 @@ def bench(vllm_tiny_model, tmp_path_factory):
 def test_every_configuration_is_measured(bench):
     code, root, payload = bench
     assert code == 0
-    names = [row["name"] for row in payload["rows"]]
-    assert names == [
-        "base",
+    configurations = [
         "r0 @ slot 8",
         "pruned-global @ slot 8",
         "pruned-uniform @ slot 8",
         "pruned-global @ slot 8 x1 (max_loras 2)",
         "pruned-global @ slot 8 x2 (max_loras 2)",
+        "mixed-rank rank 2 alone @ slot 8 (max_loras 2)",
+        "mixed-rank rank 8 alone @ slot 8 (max_loras 2)",
+        "mixed-rank 2+8 @ slot 8 x2 (max_loras 2)",
     ]
+    names = [row["name"] for row in payload["rows"]]
+    assert names == ["base"] + [f"{c} [{mode}]" for c in configurations for mode in ("stock", "rank-aware")]
+    assert len(payload["engines"]) == 5
+    for row in payload["rows"][1:]:  # each engine really ran the ops its rows name
+        assert row["lora_ops_in_use"] == row["lora_ops"], row["name"]
+        if row["lora_ops"] == "rank-aware":
+            assert row["tpot_p50_x_stock"] > 0
     for row in payload["rows"]:
         assert "error" not in row, row
         assert set(SUMMARY_FIELDS) <= set(row)
@@ -81,7 +93,16 @@ def test_every_configuration_is_measured(bench):
         for key, ratio in RATIO_KEYS.items():
             assert row[ratio] == row[key] / base[key], (row["name"], ratio)
         assert row["throughput_x_base"] == row["output_tokens_per_s"] / base["output_tokens_per_s"], row["name"]
-    assert [row["distinct_adapters"] for row in payload["rows"]] == [0, 1, 1, 1, 1, 2]
+    assert [row["distinct_adapters"] for row in payload["rows"]] == [0] + [
+        d for d in (1, 1, 1, 1, 2, 1, 1, 2) for _ in range(2)
+    ]
+    for row in payload["rows"][-2:]:  # the mixed-rank batch: each adapter's own requests of the batch
+        own = row["per_adapter"]
+        assert {name: (s["rank"], s["requests"]) for name, s in own.items()} == {
+            "mixed-rank-r2": (2, 2),
+            "mixed-rank-r8": (8, 2),
+        }
+        assert sum(s["output_tokens"] for s in own.values()) == row["output_tokens"]
 
 
 def test_slot_memory_read_from_vllm_matches_the_formula(bench):
@@ -99,9 +120,10 @@ def test_outputs_are_written(bench):
         assert payload["files"][key] == str(path) and path.stat().st_size > 0
     table = (root / "out" / "latency.md").read_text()
     assert all(row["name"] in table for row in payload["rows"]) and "x base" in table
-    assert set(payload["adapters"]["families"]) == {"r0", "pruned-global", "pruned-uniform"}
+    assert set(payload["adapters"]["families"]) == {"r0", "pruned-global", "pruned-uniform", "mixed-rank"}
     assert payload["adapters"]["synthetic"] is True
     assert all(engine["start_s"] > 0 and engine["model_dtype"] for engine in payload["engines"].values())
+    assert "LoRA ops side by side" in table and "Mixed-rank batch" in table
     machine = payload["machine"]  # what decides the figures, recorded with them
     assert machine["cpu"] and machine["cores"] >= 1 and isinstance(machine["flags"], list) and machine["thread_binding"]
     assert machine["dtype"] in ("float32", "bfloat16") and "Machine: " + machine["description"] in table
@@ -117,8 +139,13 @@ def test_demo_comparison_serves_a_runs_own_adapters(vllm_tiny_model, tmp_path, c
     )
     payload = demo_latency(run, tmp_path / "out", model=str(vllm_tiny_model), num_prompts=2, output_tokens=3)
     rows = {row["name"]: row for row in payload["rows"]}
-    assert list(rows) == ["base", "r0 @ slot 32", "pruned-global @ slot 8", "pruned-global @ slot 32"]
+    assert list(rows) == ["base"] + [
+        f"{c} [{mode}]"
+        for c in ("r0 @ slot 32", "pruned-global @ slot 8", "pruned-global @ slot 32")
+        for mode in ("stock", "rank-aware")
+    ]
     assert all("error" not in row for row in rows.values())
     assert payload["adapters"]["synthetic"] is False
     out = capsys.readouterr().out
     assert "x base" in out and f"plot: {tmp_path / 'out' / 'latency.png'}" in out
+    assert "LoRA ops side by side" in out  # stock and rank-aware ratios next to each other

@@ -1,0 +1,194 @@
+"""The latency bench's report from a results payload (no vLLM, no timing): the markdown puts stock and
+rank-aware LoRA ops side by side per configuration and lists each adapter of the mixed-rank batch; the
+plot is written for one mode, two modes and results older than the modes; ``make demo``'s latency
+stage prints both modes' ratios."""
+
+from __future__ import annotations
+
+import copy
+import re
+from pathlib import Path
+
+import pytest
+
+from prunedlora.bench.adapters import AdapterSet, BenchAdapter
+from prunedlora.bench.latency import LatencyBenchConfig, _rows, format_comparison, plan_measurements
+from prunedlora.bench.report import latency_markdown, paired_rows, plot_latency
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+# TPOT per mode: rank-aware a third of stock; the base model 50 ms
+TPOT = {None: 0.05, "stock": 0.3, "rank-aware": 0.1}
+
+
+def _adapters() -> AdapterSet:
+    def family(name, ranks):
+        return [BenchAdapter(f"{name}-{i}", name, Path(f"/a/{name}-{i}"), r, "test") for i, r in enumerate(ranks)]
+
+    adapters = AdapterSet(
+        families={
+            "r0": family("r0", [{"a": 32, "b": 32}]),
+            "pruned-global": family("pruned-global", [{"a": 16, "b": 3}, {"a": 9, "b": 2}]),
+            "pruned-uniform": family("pruned-uniform", [{"a": 8, "b": 8}]),
+        }
+    )
+    adapters.families["mixed-rank"] = [
+        BenchAdapter(f"mixed-rank-r{r}", "mixed-rank", Path(f"/a/mixed-rank-r{r}"), {"a": r, "b": r}, "test")
+        for r in (4, 8, 16)
+    ]
+    return adapters
+
+
+def _summary(tpot: float, requests: int = 4) -> dict:
+    return {
+        "requests": requests,
+        "ttft_p50_s": 4 * tpot,
+        "ttft_p99_s": 5 * tpot,
+        "tpot_p50_s": tpot,
+        "tpot_p99_s": 1.2 * tpot,
+        "e2e_p50_s": 20 * tpot,
+        "e2e_p99_s": 21 * tpot,
+        "output_tokens": 16 * requests,
+        "wall_s": 20 * tpot,
+        "output_tokens_per_s": 16 * requests / (20 * tpot),
+    }
+
+
+@pytest.fixture(scope="module")
+def payload(tiny_model_path) -> dict:
+    """A two-mode payload as run_latency_bench writes it, from the real plan and row builder."""
+    config = LatencyBenchConfig(mixes=[1, 4], sweep_slots=[8, 64])
+    adapters = _adapters()
+    plan = plan_measurements(adapters, config)
+    measured, engines = {}, {}
+    for row in plan:
+        engine = f"{row.slot}-{row.max_loras}-{row.lora_ops}"
+        # the rank-aware 64-slot engine fell back to vLLM's own ops (its start-up check failed)
+        fell_back = row.lora_ops == "rank-aware" and row.slot == 64
+        engines[engine] = {"model_dtype": "float32", "lora_ops_in_use": "stock" if fell_back else row.lora_ops}
+        values = {"engine": engine, **_summary(TPOT[row.lora_ops]), "distinct_adapters": row.mix if row.family else 0}
+        if row.role == "mixed-rank":
+            values["per_adapter"] = {
+                name: _summary(TPOT[row.lora_ops] * (1 + i / 10), requests=2)
+                for i, name in enumerate(("mixed-rank-r4", "mixed-rank-r8", "mixed-rank-r16"))
+            }
+        measured[row.name] = values
+    rows = _rows(plan, measured, engines, tiny_model_path, adapters)
+    return {
+        "bench": "latency",
+        "model": str(tiny_model_path),
+        "machine": {"cpu": "test CPU", "flags": ["avx2"], "cores": 2, "dtype": "float32", "thread_binding": "0-1"},
+        "vllm": "0.32.0",
+        "settings": {"num_prompts": 4, "prompt_tokens": 16, "output_tokens": 16, "repeats": 1},
+        "adapters": {
+            "synthetic": True,
+            "families": {
+                family: [
+                    {"name": a.name, "max_rank": a.max_rank, "average_rank": a.average_rank, "source": a.source}
+                    for a in members
+                ]
+                for family, members in adapters.families.items()
+            },
+        },
+        "rows": rows,
+    }
+
+
+def _table(markdown: str, header_start: str) -> list[list[str]]:
+    """The rows of the markdown table whose header starts with ``header_start``, as cells."""
+    lines = markdown.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(header_start))
+    table = []
+    for line in lines[start:]:
+        if not line.startswith("|"):
+            break
+        table.append([cell.strip() for cell in line.strip("|").split("|")])
+    return table
+
+
+def test_markdown_puts_both_modes_side_by_side_per_configuration(payload):
+    markdown = latency_markdown(payload)
+    assert "LoRA ops: stock and rank-aware" in markdown
+    main = _table(markdown, "| configuration | slot | LoRA ops |")
+    assert len(main) == 2 + len(payload["rows"])  # header, rule, one line per measurement
+    assert {row[2] for row in main[2:]} == {"-", "stock", "rank-aware", "rank-aware (ran: stock)"}
+    side = _table(markdown, "| configuration | slot | adapters in batch | TPOT p50 x base: stock")
+    header, body = side[0], side[2:]
+    assert header[3:5] == ["TPOT p50 x base: stock", "TPOT p50 x base: rank-aware"]
+    assert header[-1] == "TPOT rank-aware / stock"
+    configurations = [name for name, _ in paired_rows(payload["rows"])[0]]
+    assert [row[0] for row in body] == configurations and "base" not in configurations
+    assert "r0 @ slot 32" in configurations and "pruned-global @ slot 16 x4 (max_loras 4)" in configurations
+    for row in body:  # stock 6x, rank-aware 2x the base model, rank-aware a third of stock
+        assert (row[3], row[4], row[-1]) == ("6", "2", "0.333"), row
+
+
+def test_markdown_lists_each_adapter_of_the_mixed_rank_batch(payload):
+    markdown = latency_markdown(payload)
+    assert "Mixed-rank batch: `mixed-rank 4+8+16 @ slot 16 x3 (max_loras 3)`" in markdown
+    table = _table(markdown, "| adapter | rank | requests in the batch |")
+    body = table[2:]
+    assert [(row[0], row[1], row[2]) for row in body] == [
+        ("mixed-rank-r4", "4", "2"),
+        ("mixed-rank-r8", "8", "2"),
+        ("mixed-rank-r16", "16", "2"),
+    ]
+    r8 = body[1]
+    # in the batch (stock, rank-aware), then alone in the same engine (stock, rank-aware), x base
+    assert r8[3:5] == [f"{0.3 * 1.1 / 0.05:.3g}", f"{0.1 * 1.1 / 0.05:.3g}"]
+    assert r8[-2:] == ["6", "2"]
+
+
+def test_one_mode_and_older_results_have_no_side_by_side_table(payload):
+    stock_only = copy.deepcopy(payload)
+    stock_only["rows"] = [r for r in stock_only["rows"] if r.get("lora_ops") != "rank-aware"]
+    markdown = latency_markdown(stock_only)
+    assert "LoRA ops: stock." in markdown and "LoRA ops side by side" not in markdown
+    assert format_comparison(stock_only) == ""
+    older = copy.deepcopy(stock_only)  # results written before the LoRA ops modes existed
+    for row in older["rows"]:
+        for key in ("lora_ops", "lora_ops_in_use", "configuration"):
+            row.pop(key, None)
+    assert "LoRA ops: not recorded" in latency_markdown(older)
+
+
+def test_the_plot_is_written_for_two_modes_one_mode_and_older_results(payload, tmp_path):
+    stock_only = copy.deepcopy(payload)
+    stock_only["rows"] = [r for r in stock_only["rows"] if r.get("lora_ops") != "rank-aware"]
+    older = copy.deepcopy(stock_only)
+    for row in older["rows"]:
+        for key in ("lora_ops", "lora_ops_in_use", "configuration", "per_adapter"):
+            row.pop(key, None)
+    with_error = copy.deepcopy(payload)
+    with_error["rows"][3] = {
+        k: with_error["rows"][3][k]
+        for k in ("name", "configuration", "family", "slot", "mix", "max_loras", "role", "lora_ops")
+    }
+    with_error["rows"][3]["error"] = "engine exited with code 1"
+    for name, case in (("both", payload), ("stock", stock_only), ("older", older), ("error", with_error)):
+        path = plot_latency(case, tmp_path / f"{name}.png")
+        assert path == tmp_path / f"{name}.png" and path.read_bytes()[:8] == PNG_MAGIC
+        assert path.stat().st_size > 10_000
+
+
+def test_the_demo_prints_stock_and_rank_aware_ratios_side_by_side(payload, monkeypatch, capsys, tmp_path):
+    import prunedlora.bench.latency as latency
+
+    seen = []
+
+    def fake_run(config):
+        seen.append(config)
+        return {**payload, "files": {"plot": str(tmp_path / "latency.png"), "markdown": str(tmp_path / "latency.md")}}
+
+    monkeypatch.setattr(latency, "run_latency_bench", fake_run)
+    latency.demo_latency("runs/demo/sst2", tmp_path)
+    (config,) = seen
+    assert config.lora_ops == "both" and config.mixed_ranks == [] and config.runs == ["runs/demo/sst2"]
+    out = capsys.readouterr().out
+    assert "r0 @ slot 32 [stock]" in out and "r0 @ slot 32 [rank-aware]" in out  # one line per measurement
+    lines = out.splitlines()
+    head = next(line for line in lines if line.startswith("LoRA ops side by side"))
+    assert re.search(r"TPOT p50:\s+stock\s+rank-aware\s+E2E p50:\s+stock\s+rank-aware\s+rank-aware / stock", head)
+    r0 = next(line for line in lines if line.startswith("r0 @ slot 32 ") and "[" not in line)
+    assert r0.split()[-5:] == ["6.00x", "2.00x", "6.00x", "2.00x", "0.33x"]
+    assert "  mixed-rank-r16 in the batch" in out
+    assert f"plot: {tmp_path / 'latency.png'}" in out
