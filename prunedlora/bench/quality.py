@@ -13,6 +13,8 @@ and seed, and is scored on the task's held-out split (``scoring``):
 ``pruned-obs-fisher-global`` obs-fisher criterion (classic OBS, Fisher accumulated between events)
 ``pruned-obs-fisher-uniform`` the same with uniform allocation
 ``pruned-obs-input-global`` obs-input criterion (SparseGPT's Hessian of B's inputs)
+``pruned-obs-input-compensate-global`` the same with SparseGPT's compensation of the kept components
+``pruned-obs-input-compensate-uniform`` the same with uniform allocation
 ``pruned-taylor-global``    taylor criterion, global allocation, same final budget
 ``pruned-activation-global`` activation criterion, global allocation, same final budget
 ``pruned-magnitude-global`` magnitude criterion, global allocation, same final budget
@@ -63,6 +65,19 @@ METHODS: dict[str, dict[str, Any]] = {
     "pruned-obs-fisher-global": {"prune": True, "criterion": "obs-fisher", "allocation": "global"},
     "pruned-obs-fisher-uniform": {"prune": True, "criterion": "obs-fisher", "allocation": "uniform"},
     "pruned-obs-input-global": {"prune": True, "criterion": "obs-input", "allocation": "global"},
+    # the screening's best (benchmarks/results/score_screening.md): obs-input with its compensation update
+    "pruned-obs-input-compensate-global": {
+        "prune": True,
+        "criterion": "obs-input",
+        "recovery": "compensate",
+        "allocation": "global",
+    },
+    "pruned-obs-input-compensate-uniform": {
+        "prune": True,
+        "criterion": "obs-input",
+        "recovery": "compensate",
+        "allocation": "uniform",
+    },
     "pruned-taylor-global": {"prune": True, "criterion": "taylor", "allocation": "global"},
     "pruned-activation-global": {"prune": True, "criterion": "activation", "allocation": "global"},
     "pruned-magnitude-global": {"prune": True, "criterion": "magnitude", "allocation": "global"},
@@ -83,7 +98,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "max_steps": 40,
         "eval_examples": 200,
     },
-    # The protocol (docs/results.md): the recipes' 150 steps, whole dev splits (GSM8K: NLL on a 500-example
+    # The protocol (docs/results.md): the screening's two best scores (obs-input with compensation,
+    # obs-fisher; benchmarks/score_screening.py), the recipes' 150 steps, whole dev splits (GSM8K: NLL on a 500-example
     # carve, exact match on its first 200; CodeAlpaca: a 300-example carve), 3 seeds, serving-friendly
     # max rank 16, compared paired against LoRA at the target rank.
     "full": {
@@ -92,8 +108,9 @@ PRESETS: dict[str, dict[str, Any]] = {
             "base",
             "lora-target",
             "lora-r0",
+            "pruned-obs-input-compensate-global",
+            "pruned-obs-input-compensate-uniform",
             "pruned-obs-fisher-global",
-            "pruned-obs-fisher-uniform",
             "pruned-magnitude-global",
             "adalora",
         ],
@@ -275,7 +292,7 @@ def cell_recipe(
         m["max_rank"] = config.max_rank
     if m.get("max_rank") is not None and m["max_rank"] > r0:
         m["max_rank"] = r0
-    for key in ("criterion", "allocation"):
+    for key in ("criterion", "recovery", "allocation"):
         if key in spec:
             m[key] = spec[key]
     if spec.get("r0") == "target":

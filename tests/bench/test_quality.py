@@ -103,6 +103,9 @@ def test_methods_share_everything_but_the_method(tiny_model_path, tmp_path):
     assert {
         recipes[f"pruned-{c}-global"]["method"]["criterion"] for c in ("obs", "taylor", "activation", "magnitude")
     } == {"obs", "taylor", "activation", "magnitude"}
+    compensated = recipes["pruned-obs-input-compensate-global"]["method"]
+    assert (compensated["criterion"], compensated["recovery"]) == ("obs-input", "compensate")
+    assert recipes["pruned-obs-input-global"]["method"].get("recovery", "none") == "none"
     for raw in recipes.values():
         recipe_from_dict(copy.deepcopy(raw))  # every cell is a valid recipe
 
