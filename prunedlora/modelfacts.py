@@ -108,15 +108,23 @@ def unmatched_targets(target_modules, module_names) -> list[str]:
     return [t for t in target_modules or [] if not any(n == t or n.endswith("." + t) for n in names)]
 
 
-@functools.lru_cache(maxsize=8)
-def _base_shapes_cached(model_dir: str, stamp: tuple) -> dict[str, tuple[int, ...]]:
+def safetensors_files(model_dir: str | Path) -> list[str] | None:
+    """The safetensors files of a Hugging Face folder (its index's shards, or ``model.safetensors``),
+    None when it has neither."""
     root = Path(model_dir)
     index = root / "model.safetensors.index.json"
     if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    elif (root / "model.safetensors").is_file():
-        files = ["model.safetensors"]
-    else:
+        return sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    if (root / "model.safetensors").is_file():
+        return ["model.safetensors"]
+    return None
+
+
+@functools.lru_cache(maxsize=8)
+def _base_shapes_cached(model_dir: str, stamp: tuple) -> dict[str, tuple[int, ...]]:
+    root = Path(model_dir)
+    files = safetensors_files(root)
+    if files is None:
         raise BaseModelError(
             f"base model {root} has no safetensors weights (model.safetensors or its index); vLLM and "
             "this check read safetensors: re-save the model with save_pretrained(safe_serialization=True)"

@@ -12,13 +12,13 @@ task rank.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from pathlib import Path
 
 import torch
 
+from prunedlora.modelfacts import safetensors_files
 from prunedlora.salr.errors import SalrError
 from prunedlora.salr.storage import MANIFEST_FILE, load_store
 
@@ -45,12 +45,8 @@ def read_model_tensors(model_dir: str | os.PathLike) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     root = Path(model_dir)
-    index = root / "model.safetensors.index.json"
-    if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    elif (root / "model.safetensors").is_file():
-        files = ["model.safetensors"]
-    else:
+    files = safetensors_files(root)
+    if files is None:
         raise SalrError(f"{root} has no safetensors weights (model.safetensors or its index)")
     tensors: dict[str, torch.Tensor] = {}
     for name in files:
