@@ -13,7 +13,15 @@ from prunedlora.criteria import (
     taylor_scores,
 )
 
-torch.set_default_dtype(torch.float64)
+
+@pytest.fixture(autouse=True)
+def _float64():
+    """Exact comparisons in float64, restored afterwards: a module-level set_default_dtype leaked
+    float64 into every test collected after this file."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
 
 
 def _problem(n=6, s=5, seed=0):
