@@ -5,7 +5,8 @@ the same as HF+PEFT.
 The adapters: one with a rank_pattern (a module pruned to rank 1, others at 3, 5 and 8; scaling
 folded in as ``export`` writes it), a plain rank-2 one on two modules, and one covering only layer 1
 and only part of the packed qkv and gate_up layers (its other slices and layer 0 are empty slots).
-Slow: two vLLM engines start (tiny model, about a minute each on two cores).
+The rank-aware engine against HF+PEFT is in the fast suite (one tiny engine, about a minute on two
+cores); stock vLLM against the rank-aware engine starts a second engine and is slow.
 """
 
 from __future__ import annotations
@@ -16,8 +17,6 @@ import pytest
 
 from prunedlora.serve.engine import OfflineEngine
 from tests.serve.helpers import fold_scaling_like_export, hf_greedy, make_adapter
-
-pytestmark = pytest.mark.slow
 
 PROMPTS = ["The capital of France is", "def add(a, b):"]
 MAX_TOKENS = 6
@@ -57,19 +56,30 @@ def _generate(model: Path, adapters: dict[str, Path], lora_ops: str) -> dict[tup
     return {(r.prompt, r.adapter): r.token_ids for r in results}
 
 
-def test_stock_and_rank_aware_ops_give_hf_pefts_greedy_tokens(vllm_tiny_model_path, adapters, capfd):
+def test_rank_aware_ops_give_hf_pefts_greedy_tokens(vllm_tiny_model_path, adapters, capfd):
+    tokens = _generate(vllm_tiny_model_path, adapters, "rank-aware")
+    logs = capfd.readouterr()
+    assert "Using RankAwarePunicaWrapperCPU" in logs.out + logs.err  # vLLM's own line: the wrapper it built
+    for name in (None, *adapters):
+        expected, margin = hf_greedy(vllm_tiny_model_path, adapters.get(name), PROMPTS, MAX_TOKENS)
+        assert margin > 1e-3, name
+        for prompt, want in zip(PROMPTS, expected):
+            assert tokens[(prompt, name)] == want, (name, prompt)
+    answers = {name: [tokens[(p, name)] for p in PROMPTS] for name in (None, *adapters)}
+    assert all(answers[name] != answers[None] for name in adapters)  # every adapter changes the answer
+    _RESULTS["rank-aware"] = tokens
+
+
+_RESULTS: dict[str, dict] = {}  # the fast test's tokens, reused by the slow comparison when both run
+
+
+@pytest.mark.slow
+def test_stock_ops_give_the_same_greedy_tokens(vllm_tiny_model_path, adapters, capfd):
     stock = _generate(vllm_tiny_model_path, adapters, "stock")
     logs = capfd.readouterr()
-    assert "Using PunicaWrapperCPU" in logs.out + logs.err  # vLLM's own line: the wrapper it built
-    rank_aware = _generate(vllm_tiny_model_path, adapters, "rank-aware")
-    logs = capfd.readouterr()
-    assert "Using RankAwarePunicaWrapperCPU" in logs.out + logs.err
-    assert rank_aware == stock
-
+    assert "Using PunicaWrapperCPU" in logs.out + logs.err
+    rank_aware = _RESULTS.get("rank-aware") or _generate(vllm_tiny_model_path, adapters, "rank-aware")
+    assert stock == rank_aware
     for name in (None, *adapters):
-        tokens, margin = hf_greedy(vllm_tiny_model_path, adapters.get(name), PROMPTS, MAX_TOKENS)
-        assert margin > 1e-3, name
-        for prompt, expected in zip(PROMPTS, tokens):
-            assert rank_aware[(prompt, name)] == expected, (name, prompt)
-    answers = {name: [rank_aware[(p, name)] for p in PROMPTS] for name in (None, *adapters)}
-    assert all(answers[name] != answers[None] for name in adapters)  # every adapter changes the answer
+        expected, _ = hf_greedy(vllm_tiny_model_path, adapters.get(name), PROMPTS, MAX_TOKENS)
+        assert [stock[(p, name)] for p in PROMPTS] == expected, name
