@@ -1,0 +1,155 @@
+"""LoraPruner: the object a training loop drives, one call per optimizer step.
+
+It owns the masks, the moving-average importance and the event list; it knows nothing of Trainer, so a
+custom loop, Trainer (see ``prunedlora.train``) and torchrun drive the same code. Call
+``before_optimizer_step(step)`` after backward, gradient accumulation and clipping (the gradients are
+then the step's, all-reduced under DDP) and before ``optimizer.step()``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from prunedlora.loraprune.config import LorapruneConfig
+from prunedlora.loraprune.errors import LorapruneError
+from prunedlora.loraprune.groups import ATTENTION, MLP, decoder_shape, find_projections, plan
+from prunedlora.loraprune.importance import layer_scores, lora_parts
+from prunedlora.loraprune.masks import GroupMasks
+from prunedlora.loraprune.schedule import prune_events
+
+
+class LoraPruner:
+    """Scores groups every step, masks the lowest-scored ones of each pruned layer at event steps.
+
+    With ``criterion: grad`` the frozen base weights get ``requires_grad`` so autograd forms their true
+    gradient; a hook moves it into this object's buffer as soon as it is accumulated and clears
+    ``.grad``, so gradient clipping and the optimizer never see it (no base weight is ever updated) and
+    the memory cost of that buffer is the cost the comparison with ``lora`` measures.
+    """
+
+    def __init__(self, model, config: LorapruneConfig, total_steps: int):
+        self.config = config
+        self.shape = decoder_shape(model.config)
+        self.plan = plan(config, self.shape)
+        self.projections = find_projections(model)
+        if len(self.projections) != self.shape.num_layers:
+            raise LorapruneError(
+                f"the model has {len(self.projections)} decoder layers, its config says {self.shape.num_layers}"
+            )
+        if config.criterion == "lora":
+            self._check_lora_targets()
+        self.events = prune_events(config, total_steps, self.plan.groups_removed, self.plan.channels_removed)
+        self.masks = GroupMasks(self.shape)
+        self.masks.attach(self.projections)
+        self.head_importance = torch.zeros(self.shape.num_layers, self.shape.num_kv_heads)
+        self.channel_importance = torch.zeros(self.shape.num_layers, self.shape.intermediate)
+        self.steps_scored = 0
+        self._generator = torch.Generator().manual_seed(config.seed)
+        self._base_grads: dict[int, dict[str, torch.Tensor]] = {}
+        self._grad_handles: list = []
+        if config.criterion == "grad":
+            self._track_base_grads()
+
+    # -- the per-step call -----------------------------------------------------------------------
+    def before_optimizer_step(self, step: int) -> bool:
+        """Accumulate importance from this step's gradients; at an event step mask the lowest groups.
+        Returns True when this step masked something."""
+        if not self.events or step > self.events[-1].step:
+            self._base_grads.clear()
+            return False
+        self._accumulate()
+        event = next((e for e in self.events if e.step == step), None)
+        if event is None:
+            return False
+        for layer in self.plan.pruned_layers:
+            self._mask_lowest(layer, event.groups_removed, event.channels_removed)
+        return True
+
+    def _accumulate(self) -> None:
+        ema = self.config.ema
+        for layer in self.plan.pruned_layers:
+            heads, channels = layer_scores(
+                self.projections[layer],
+                self.config.criterion,
+                self.shape,
+                self._base_grads.get(layer),
+                self._generator,
+            )
+            if heads is not None and self.config.prune_heads:
+                self.head_importance[layer] = ema * self.head_importance[layer] + (1 - ema) * heads.float()
+            if channels is not None and self.config.prune_channels:
+                self.channel_importance[layer] = ema * self.channel_importance[layer] + (1 - ema) * channels.float()
+        self._base_grads.clear()
+        self.steps_scored += 1
+
+    def _mask_lowest(self, layer: int, groups: int, channels: int) -> None:
+        """Mask the lowest-importance kept groups until ``groups``/``channels`` are gone from ``layer``."""
+        for kind, target, importance, kept in (
+            ("heads", groups, self.head_importance[layer], self.masks.heads[layer]),
+            ("channels", channels, self.channel_importance[layer], self.masks.channels[layer]),
+        ):
+            more = target - int((~kept).sum())
+            if more <= 0:
+                continue
+            scores = importance.masked_fill(~kept, float("inf"))
+            lowest = torch.argsort(scores, stable=True)[:more].tolist()
+            if kind == "heads":
+                self.masks.remove(layer, groups=lowest)
+            else:
+                self.masks.remove(layer, channels=lowest)
+
+    # -- grad criterion ----------------------------------------------------------------------------
+    def _track_base_grads(self) -> None:
+        for layer, mods in self.projections.items():
+            if layer not in self.plan.pruned_layers:
+                continue
+            for name, module in mods.items():
+                weight = lora_parts(module)[0]
+                weight.requires_grad_(True)
+                self._grad_handles.append(weight.register_post_accumulate_grad_hook(self._grad_taker(layer, name)))
+
+    def _grad_taker(self, layer: int, name: str):
+        def take(param: torch.Tensor) -> None:
+            store = self._base_grads.setdefault(layer, {})
+            store[name] = param.grad.detach() if name not in store else store[name] + param.grad.detach()
+            param.grad = None
+
+        return take
+
+    def _check_lora_targets(self) -> None:
+        for kind, names in (("heads", ATTENTION), ("channels", MLP)):
+            wanted = self.config.prune_heads if kind == "heads" else self.config.prune_channels
+            if wanted and not any(lora_parts(self.projections[0][n])[1] is not None for n in names):
+                raise LorapruneError(
+                    f"criterion lora scores {kind} from LoRA factors, but none of {', '.join(names)} carries a "
+                    "LoRA: add them to target_modules"
+                )
+
+    # -- state -------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {
+            "config": self.config.to_dict(),
+            "masks": self.masks.state_dict(),
+            "head_importance": self.head_importance.clone(),
+            "channel_importance": self.channel_importance.clone(),
+            "steps_scored": self.steps_scored,
+            "generator": self._generator.get_state(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.masks.load_state_dict(state["masks"])
+        self.head_importance.copy_(state["head_importance"])
+        self.channel_importance.copy_(state["channel_importance"])
+        self.steps_scored = int(state["steps_scored"])
+        self._generator.set_state(state["generator"])
+
+    def close(self) -> None:
+        """Remove the hooks (masks and gradient takers); frozen weights are frozen again."""
+        self.masks.detach()
+        for handle in self._grad_handles:
+            handle.remove()
+        self._grad_handles.clear()
+        if self.config.criterion == "grad":
+            for mods in self.projections.values():
+                for module in mods.values():
+                    lora_parts(module)[0].requires_grad_(False)

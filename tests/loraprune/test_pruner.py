@@ -1,0 +1,104 @@
+"""LoraPruner: the cubic events, per-layer masking of the lowest scores, the grad criterion's buffer
+that never reaches the optimizer, and resuming from its state_dict."""
+
+import copy
+
+import pytest
+import torch
+
+from prunedlora.loraprune import LorapruneConfig, LorapruneError, LoraPruner
+from prunedlora.loraprune.schedule import cubic_fraction, prune_events
+from tests.loraprune.helpers import ALL, batch, tiny_peft, train_steps
+
+
+def test_events_follow_the_cubic_ramp_and_end_at_the_plan():
+    config = LorapruneConfig(prune_every=10)
+    events = prune_events(config, total_steps=100, groups=2, channels=600)
+    assert events[0].step > 10 and events[-1].step == 89
+    assert (events[-1].groups_removed, events[-1].channels_removed) == (2, 600)
+    removed = [e.channels_removed for e in events]
+    assert removed == sorted(removed) and len(set(removed)) == len(removed)
+    assert events[0].channels_removed == int(600 * cubic_fraction(events[0].step, 10, 89))
+    # the ramp removes most early: the first third of the span does more than half
+    assert cubic_fraction(10 + (89 - 10) // 3, 10, 89) > 0.5
+    assert prune_events(config, total_steps=3, groups=1, channels=5)[-1].step == 2
+
+
+def test_each_pruned_layer_loses_its_lowest_scored_groups_and_they_never_return():
+    model = tiny_peft()
+    pruner = LoraPruner(model, LorapruneConfig(sparsity=0.5, prune_every=2), total_steps=10)
+    history = []
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    for step in range(10):
+        ids = batch(step)
+        model(input_ids=ids, labels=ids).loss.backward()
+        before = pruner.channel_importance.clone()
+        if pruner.before_optimizer_step(step):
+            event = next(e for e in pruner.events if e.step == step)
+            for layer in range(3):
+                assert int((~pruner.masks.channels[layer]).sum()) == event.channels_removed
+        history.append(pruner.masks.channels.clone())
+        assert not torch.equal(before, pruner.channel_importance) or step > pruner.events[-1].step
+        optimizer.step()
+        optimizer.zero_grad()
+    for earlier, later in zip(history, history[1:]):
+        assert not (later & ~earlier).any()  # nothing comes back
+    assert pruner.masks.uniform_widths() == (2 - pruner.plan.groups_removed, 128 - pruner.plan.channels_removed)
+
+
+def test_the_lowest_importance_goes_first():
+    model = tiny_peft()
+    pruner = LoraPruner(model, LorapruneConfig(sparsity=0.3, prune_heads=False, prune_every=1), total_steps=2)
+    pruner.channel_importance[:] = torch.arange(128, dtype=torch.float32).flip(0)  # channel 127 is least important
+    pruner._mask_lowest(0, 0, 3)
+    assert pruner.masks.kept_channels(0)[-1] == 124
+
+
+def test_grad_criterion_keeps_base_gradients_away_from_the_optimizer():
+    model = tiny_peft()
+    q = model.base_model.model.model.layers[0].self_attn.q_proj
+    before = q.base_layer.weight.detach().clone()
+    pruner = LoraPruner(model, LorapruneConfig(criterion="grad", prune_every=2), total_steps=6)
+    assert q.base_layer.weight.requires_grad
+    ids = batch(0)
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert q.base_layer.weight.grad is None  # moved into the pruner's buffer
+    assert pruner._base_grads[0]["q_proj"].abs().sum() > 0
+    pruner.before_optimizer_step(0)
+    assert pruner.head_importance.abs().sum() > 0 and not pruner._base_grads
+    train_steps(model, pruner, 6)
+    assert torch.equal(q.base_layer.weight, before)
+    pruner.close()
+    assert not q.base_layer.weight.requires_grad
+
+
+def test_lora_criterion_needs_lora_on_the_pruned_kind():
+    with pytest.raises(LorapruneError, match="add them to target_modules") as info:
+        LoraPruner(tiny_peft(targets=["q_proj", "v_proj"]), LorapruneConfig(), total_steps=10)
+    assert "\n" not in str(info.value)
+    LoraPruner(
+        tiny_peft(targets=["q_proj", "v_proj"]), LorapruneConfig(sparsity=0.2, prune_channels=False), total_steps=10
+    )
+
+
+def test_resuming_from_a_state_dict_makes_the_same_decisions():
+    config = LorapruneConfig(sparsity=0.4, prune_every=2)
+    model = tiny_peft(targets=ALL)
+    pruner = LoraPruner(model, config, total_steps=12)
+    train_steps(model, pruner, 5)
+    saved = copy.deepcopy(pruner.state_dict())
+    twin = copy.deepcopy(model)
+    pruner.close()
+    resumed = LoraPruner(twin, config, total_steps=12)
+    resumed.load_state_dict(saved)
+    assert torch.equal(resumed.masks.heads, pruner.masks.heads)
+    assert torch.equal(resumed.channel_importance, pruner.channel_importance)
+    pruner.masks.attach(pruner.projections)
+    for step in range(5, 12):
+        for m, p in ((model, pruner), (twin, resumed)):
+            ids = batch(step)
+            m.zero_grad()
+            m(input_ids=ids, labels=ids).loss.backward()
+            p.before_optimizer_step(step)
+    assert torch.equal(resumed.masks.channels, pruner.masks.channels)
+    assert torch.equal(resumed.masks.heads, pruner.masks.heads)
