@@ -18,6 +18,7 @@ _STAGE_CLIS = (
     "prunedlora.serve.cli",
     "prunedlora.bench.cli",
     "prunedlora.salr.cli",
+    "prunedlora.loraprune.cli",
     "prunedlora.demo",
 )
 

@@ -16,6 +16,7 @@ from prunedlora.loraprune.config import LorapruneConfig
 from prunedlora.loraprune.errors import LorapruneError, SliceVerificationError
 
 if TYPE_CHECKING:
+    from prunedlora.loraprune.export import export_pruned
     from prunedlora.loraprune.masks import GroupMasks
     from prunedlora.loraprune.pruner import LoraPruner
     from prunedlora.loraprune.slicing import PrunedModel, write_pruned
@@ -27,8 +28,13 @@ __all__ = [
     "LorapruneError",
     "PrunedModel",
     "SliceVerificationError",
+    "export_pruned",
     "write_pruned",
 ]
 __getattr__, _ = lazy_exports(
-    __name__, masks=("GroupMasks",), pruner=("LoraPruner",), slicing=("PrunedModel", "write_pruned")
+    __name__,
+    export=("export_pruned",),
+    masks=("GroupMasks",),
+    pruner=("LoraPruner",),
+    slicing=("PrunedModel", "write_pruned"),
 )

@@ -8,6 +8,8 @@ then the step's, all-reduced under DDP) and before ``optimizer.step()``.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from prunedlora.loraprune.config import LorapruneConfig
@@ -16,6 +18,24 @@ from prunedlora.loraprune.groups import ATTENTION, MLP, decoder_shape, find_proj
 from prunedlora.loraprune.importance import layer_scores, lora_parts
 from prunedlora.loraprune.masks import GroupMasks
 from prunedlora.loraprune.schedule import prune_events
+
+# The pruner's state in a checkpoint folder and in a finished run directory (masks, importance, config).
+STATE_FILE = "loraprune.pt"
+
+
+def read_state(folder) -> dict:
+    """The state saved by ``LoraPruner.save`` in ``folder``; one line when it is missing or unreadable."""
+    path = Path(folder) / STATE_FILE
+    if not path.is_file():
+        raise LorapruneError(f"{path} is missing: {folder} was not written by a LoRAPrune run")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # a truncated or foreign file: several exception types
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise LorapruneError(f"{path} is not a readable LoRAPrune state: {first}") from err
+    if not isinstance(state, dict) or not {"config", "masks"} <= set(state):
+        raise LorapruneError(f"{path} is not a LoRAPrune state (no config and masks)")
+    return state
 
 
 class LoraPruner:
@@ -142,6 +162,33 @@ class LoraPruner:
         self.channel_importance.copy_(state["channel_importance"])
         self.steps_scored = int(state["steps_scored"])
         self._generator.set_state(state["generator"])
+
+    def save(self, folder) -> Path:
+        """Write the state to ``folder/loraprune.pt`` (a temporary name renamed into place)."""
+        path = Path(folder) / STATE_FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        torch.save(self.state_dict(), tmp)
+        tmp.replace(path)
+        return path
+
+    def load(self, folder) -> None:
+        state = read_state(folder)
+        if state["config"] != self.config.to_dict():
+            raise LorapruneError(
+                f"{Path(folder) / STATE_FILE} was saved with loraprune settings {state['config']}, this run has "
+                f"{self.config.to_dict()}: resume with the same recipe"
+            )
+        self.load_state_dict(state)
+
+    @property
+    def summary(self) -> dict:
+        """Kept widths now and the plan's target, for logs."""
+        return {
+            "kv_groups_kept": int(self.masks.heads.sum(1).min()),
+            "channels_kept": int(self.masks.channels.sum(1).min()),
+            "target_sparsity": self.plan.achieved_sparsity,
+        }
 
     def close(self) -> None:
         """Remove the hooks (masks and gradient takers); frozen weights are frozen again."""

@@ -18,6 +18,7 @@ import yaml
 from prunedlora.config import ConfigError, PrunedLoraConfig
 from prunedlora.errors import PrunedLoraError
 from prunedlora.fieldtypes import check_field_types
+from prunedlora.loraprune.config import LorapruneConfig
 from prunedlora.tasks import TASKS, DataConfig
 
 
@@ -89,6 +90,8 @@ class TrainRecipe:
     """Model, data, method and training settings of one run.
 
     ``prune: false`` trains plain LoRA at rank r0 with the same everything else (the baseline).
+    A ``loraprune`` section prunes the *base model* (heads and MLP channels, LoRAPrune) while that
+    plain LoRA trains; it needs ``prune: false`` (the adapter's rank is not pruned at the same time).
     """
 
     model: str = "default"
@@ -96,11 +99,13 @@ class TrainRecipe:
     method: PrunedLoraConfig = field(default_factory=PrunedLoraConfig)
     training: TrainingOptions = field(default_factory=TrainingOptions)
     prune: bool = True
+    loraprune: LorapruneConfig | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "model": self.model,
             "prune": self.prune,
+            "loraprune": None if self.loraprune is None else self.loraprune.to_dict(),
             "data": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self.data).items()},
             "method": self.method.to_dict(),
             "training": asdict(self.training),
@@ -174,9 +179,11 @@ def recipe_from_dict(raw: dict[str, Any]) -> TrainRecipe:
     Every problem is a ConfigError (a PrunedLoraError) that names the section and key."""
     if not isinstance(raw, dict):
         raise ConfigError(f"a recipe must be a mapping with model, data, method, training; got a {type(raw).__name__}")
-    unknown = sorted(map(str, set(raw) - {"model", "prune", *_SECTIONS}))
+    unknown = sorted(map(str, set(raw) - {"model", "prune", "loraprune", *_SECTIONS}))
     if unknown:
-        raise ConfigError(f"unknown recipe section(s) {unknown}; a recipe has model, prune, data, method, training")
+        raise ConfigError(
+            f"unknown recipe section(s) {unknown}; a recipe has model, prune, data, method, training (and loraprune)"
+        )
     if "model" not in raw:
         raise ConfigError(
             "the recipe names no model; add e.g. model: default (SmolLM2-135M-Instruct) or a model folder"
@@ -211,7 +218,20 @@ def recipe_from_dict(raw: dict[str, Any]) -> TrainRecipe:
             sections[name] = cls(**values)
         except PrunedLoraError as err:
             raise ConfigError(f"{name}: {err}") from None
-    return TrainRecipe(model=model, prune=prune, **sections)
+    loraprune = raw.get("loraprune")
+    if loraprune is not None:
+        if not isinstance(loraprune, dict):
+            raise ConfigError(f"loraprune must be a mapping of option: value, got {type(loraprune).__name__}")
+        try:
+            loraprune = LorapruneConfig.from_dict(loraprune)
+        except PrunedLoraError as err:
+            raise ConfigError(f"loraprune: {err}") from None
+        if prune:
+            raise ConfigError(
+                "a loraprune recipe prunes the base model while plain LoRA trains: set prune: false "
+                "(rank pruning of the adapter at the same time is not supported)"
+            )
+    return TrainRecipe(model=model, prune=prune, loraprune=loraprune, **sections)
 
 
 def packaged_recipes() -> dict[str, Any]:

@@ -99,7 +99,7 @@ def train(recipe: TrainRecipe, resume: bool | str = "auto", callbacks: list | No
     from transformers.trainer_callback import ProgressCallback
 
     from prunedlora.models import resolve_model
-    from prunedlora.train.callback import PrunedLoraCallback, RankProgressCallback
+    from prunedlora.train.callback import LorapruneCallback, PrunedLoraCallback, RankProgressCallback
     from prunedlora.train.data import build_train_dataset, make_collator
 
     model_dir = resolve_model(recipe.model)
@@ -129,6 +129,11 @@ def train(recipe: TrainRecipe, resume: bool | str = "auto", callbacks: list | No
             r0=recipe.method.r0,
             final_total=len(pruner.modules) * recipe.method.r0,
         )
+    base_pruner = None
+    if recipe.loraprune is not None:
+        from prunedlora.loraprune.pruner import LoraPruner
+
+        base_pruner = LoraPruner(model, recipe.loraprune, total_steps=opts.max_steps)
     args = training_arguments(
         opts,
         run_dir,
@@ -142,7 +147,11 @@ def train(recipe: TrainRecipe, resume: bool | str = "auto", callbacks: list | No
         args=args,
         train_dataset=dataset,
         data_collator=make_collator(tokenizer),
-        callbacks=[PrunedLoraCallback(pruner), *(callbacks or [])],
+        callbacks=[
+            PrunedLoraCallback(pruner),
+            *([LorapruneCallback(base_pruner)] if base_pruner is not None else []),
+            *(callbacks or []),
+        ],
     )
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(RankProgressCallback(pruner))
@@ -156,6 +165,8 @@ def train(recipe: TrainRecipe, resume: bool | str = "auto", callbacks: list | No
 
     losses = [(e["step"], e["loss"]) for e in trainer.state.log_history if "loss" in e]
     if trainer.is_world_process_zero():
+        if base_pruner is not None:  # the final masks: `prunedlora prune-export RUN OUT` slices with them
+            base_pruner.save(run_dir)  # before the run record, which is written last
         write_run_dir(run_dir, model, pruner, recipe, model_dir, trainer.state.global_step)
     return TrainResult(
         run_dir=run_dir,

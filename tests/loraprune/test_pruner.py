@@ -102,3 +102,23 @@ def test_resuming_from_a_state_dict_makes_the_same_decisions():
             p.before_optimizer_step(step)
     assert torch.equal(resumed.masks.channels, pruner.masks.channels)
     assert torch.equal(resumed.masks.heads, pruner.masks.heads)
+
+
+def test_state_files_round_trip_and_refuse_another_recipe_or_damage(tmp_path):
+    from prunedlora.loraprune.pruner import STATE_FILE
+
+    model = tiny_peft()
+    pruner = LoraPruner(model, LorapruneConfig(sparsity=0.4, prune_every=2), total_steps=6)
+    train_steps(model, pruner, 6)
+    pruner.save(tmp_path)
+    pruner.close()
+    again = LoraPruner(tiny_peft(), LorapruneConfig(sparsity=0.4, prune_every=2), total_steps=6)
+    again.load(tmp_path)
+    assert torch.equal(again.masks.channels, pruner.masks.channels)
+    other = LoraPruner(tiny_peft(), LorapruneConfig(sparsity=0.2, prune_every=2), total_steps=6)
+    with pytest.raises(LorapruneError, match="resume with the same recipe"):
+        other.load(tmp_path)
+    (tmp_path / STATE_FILE).write_bytes(b"not a state")
+    with pytest.raises(LorapruneError, match="not a readable LoRAPrune state") as info:
+        again.load(tmp_path)
+    assert "\n" not in str(info.value)

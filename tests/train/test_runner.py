@@ -282,7 +282,9 @@ def test_recipe_overrides_and_errors(tmp_path):
         load_recipe(tmp_path / "nope.yaml")
 
 
-@pytest.mark.parametrize("name", ["smollm2-sst2", "smollm2-gsm8k", "smollm2-codealpaca", "demo", "demo-gsm8k"])
+@pytest.mark.parametrize(
+    "name", ["smollm2-sst2", "smollm2-gsm8k", "smollm2-codealpaca", "smollm2-loraprune", "demo", "demo-gsm8k"]
+)
 def test_shipped_recipes_parse(name):
     load_recipe(Path(__file__).parents[2] / "recipes" / f"{name}.yaml")
 
