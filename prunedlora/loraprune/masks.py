@@ -24,6 +24,7 @@ class GroupMasks:
         self.shape = shape
         self.heads = torch.ones(shape.num_layers, shape.num_kv_heads, dtype=torch.bool)
         self.channels = torch.ones(shape.num_layers, shape.intermediate, dtype=torch.bool)
+        self.version = 0  # bumped by every change, so hooks know when their device copy is stale
         self._handles: list = []
 
     # -- state -----------------------------------------------------------------------------------
@@ -31,6 +32,7 @@ class GroupMasks:
         """Mask KV ``groups`` and ``channels`` of ``layer`` (already masked ones stay masked)."""
         self.heads[layer, list(groups)] = False
         self.channels[layer, list(channels)] = False
+        self.version += 1
 
     def kept_groups(self, layer: int) -> list[int]:
         return self.heads[layer].nonzero().flatten().tolist()
@@ -57,6 +59,7 @@ class GroupMasks:
             raise LorapruneError("saved masks leave a layer without any KV group or channel: they are damaged")
         self.heads.copy_(heads.bool())
         self.channels.copy_(channels.bool())
+        self.version += 1
 
     # -- hooks -----------------------------------------------------------------------------------
     def head_columns(self, layer: int) -> torch.Tensor:
@@ -77,14 +80,23 @@ class GroupMasks:
 
 
 class _MaskInput:
-    """A pre-hook reading the live mask each call, so a later ``remove`` acts without re-hooking."""
+    """A pre-hook reading the live mask, so a later ``remove`` acts without re-hooking; the mask's copy on
+    the activations' device and dtype is made once per change, not once per forward."""
 
     def __init__(self, masks: GroupMasks, layer: int, kind: str):
         self.masks, self.layer, self.kind = masks, layer, kind
+        self._cached: tuple | None = None  # (version, device, dtype, multiplier or None when nothing is masked)
+
+    def _multiplier(self, x: torch.Tensor) -> torch.Tensor | None:
+        key = (self.masks.version, x.device, x.dtype)
+        if self._cached is None or self._cached[:3] != key:
+            keep = self.masks.head_columns(self.layer) if self.kind == "heads" else self.masks.channels[self.layer]
+            multiplier = None if bool(keep.all()) else keep.to(device=x.device, dtype=x.dtype)
+            self._cached = (*key, multiplier)
+        return self._cached[3]
 
     def __call__(self, module, args):
-        x = args[0]
-        keep = self.masks.head_columns(self.layer) if self.kind == "heads" else self.masks.channels[self.layer]
-        if bool(keep.all()):
+        multiplier = self._multiplier(args[0])
+        if multiplier is None:
             return None
-        return (x * keep.to(device=x.device, dtype=x.dtype), *args[1:])
+        return (args[0] * multiplier, *args[1:])

@@ -75,7 +75,7 @@ class LoraPruner:
         """Accumulate importance from this step's gradients; at an event step mask the lowest groups.
         Returns True when this step masked something."""
         if not self.events or step > self.events[-1].step:
-            self._base_grads.clear()
+            self._stop_base_grads()  # pruning is over: no more scoring, no more base gradients
             return False
         self._accumulate()
         event = next((e for e in self.events if e.step == step), None)
@@ -83,6 +83,8 @@ class LoraPruner:
             return False
         for layer in self.plan.pruned_layers:
             self._mask_lowest(layer, event.groups_removed, event.channels_removed)
+        if event is self.events[-1]:
+            self._stop_base_grads()
         return True
 
     def _accumulate(self) -> None:
@@ -127,6 +129,20 @@ class LoraPruner:
                 weight = lora_parts(module)[0]
                 weight.requires_grad_(True)
                 self._grad_handles.append(weight.register_post_accumulate_grad_hook(self._grad_taker(layer, name)))
+
+    def _stop_base_grads(self) -> None:
+        """Remove the gradient takers and freeze the base weights again (``grad`` criterion)."""
+        self._base_grads.clear()
+        if not self._grad_handles:
+            return
+        for handle in self._grad_handles:
+            handle.remove()
+        self._grad_handles.clear()
+        for mods in self.projections.values():
+            for module in mods.values():
+                weight = lora_parts(module)[0]
+                weight.requires_grad_(False)
+                weight.grad = None
 
     def _grad_taker(self, layer: int, name: str):
         def take(param: torch.Tensor) -> None:
@@ -193,10 +209,4 @@ class LoraPruner:
     def close(self) -> None:
         """Remove the hooks (masks and gradient takers); frozen weights are frozen again."""
         self.masks.detach()
-        for handle in self._grad_handles:
-            handle.remove()
-        self._grad_handles.clear()
-        if self.config.criterion == "grad":
-            for mods in self.projections.values():
-                for module in mods.values():
-                    lora_parts(module)[0].requires_grad_(False)
+        self._stop_base_grads()

@@ -67,3 +67,17 @@ def test_masks_of_another_model_or_emptied_layers_are_refused():
     empty["heads"][1] = False
     with pytest.raises(LorapruneError, match="without any KV group"):
         masks.load_state_dict(empty)
+
+
+def test_a_change_reaches_hooks_that_already_ran():
+    model = tiny_peft()
+    masks = GroupMasks(decoder_shape(model.config))
+    projections = find_projections(model)
+    masks.attach(projections)
+    full = model(input_ids=batch(2)).logits.detach()
+    masks.remove(0, channels=[1])
+    assert not torch.equal(model(input_ids=batch(2)).logits, full)
+    seen, handle = captured_inputs(projections[0]["down_proj"])
+    model(input_ids=batch(2))
+    handle.remove()
+    assert seen[0][..., 1].abs().max() == 0

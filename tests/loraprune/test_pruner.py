@@ -68,8 +68,8 @@ def test_grad_criterion_keeps_base_gradients_away_from_the_optimizer():
     assert pruner.head_importance.abs().sum() > 0 and not pruner._base_grads
     train_steps(model, pruner, 6)
     assert torch.equal(q.base_layer.weight, before)
-    pruner.close()
-    assert not q.base_layer.weight.requires_grad
+    # after the last event the base weights are frozen again: no gradient cost for the rest of training
+    assert pruner.events[-1].step == 5 and not q.base_layer.weight.requires_grad and not pruner._grad_handles
 
 
 def test_lora_criterion_needs_lora_on_the_pruned_kind():
