@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+from transformers import TrainerCallback
 
 from prunedlora.cli import main
 from prunedlora.config import ConfigError
@@ -112,3 +113,23 @@ def test_bad_loraprune_recipes_are_refused_with_one_line(tmp_path, change, messa
     with pytest.raises(ConfigError, match=message) as info:
         recipe_from_dict(raw)
     assert "\n" not in str(info.value)
+
+
+class BaseWeightsWatch(TrainerCallback):
+    """Snapshots the base projections at the start and compares them at the end."""
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.model = model
+        self.before = {n: p.detach().clone() for n, p in model.named_parameters() if "base_layer" in n}
+
+    def on_train_end(self, args, state, control, **kwargs):
+        after = {n: p.detach() for n, p in self.model.named_parameters() if "base_layer" in n}
+        self.unchanged = all(torch.equal(self.before[n], after[n]) for n in self.before)
+        self.frozen = not any(p.requires_grad for n, p in self.model.named_parameters() if "base_layer" in n)
+
+
+def test_grad_criterion_through_the_trainer_never_updates_the_base(tiny_model_path, tmp_path):
+    watch = BaseWeightsWatch()
+    train(loraprune_recipe(tiny_model_path, tmp_path / "grad", criterion="grad"), callbacks=[watch])
+    assert watch.unchanged and watch.frozen
+    assert read_state(tmp_path / "grad")["masks"]["heads"].sum(1).tolist() == [1, 1]
