@@ -88,20 +88,23 @@ class LoraPruner:
         return True
 
     def _accumulate(self) -> None:
+        """One EMA update from this step's scores; a step whose scores are not finite (a half-precision
+        overflow) is skipped as a whole, as the released code does, rather than poisoning the average."""
         ema = self.config.ema
-        for layer in self.plan.pruned_layers:
-            heads, channels = layer_scores(
-                self.projections[layer],
-                self.config.criterion,
-                self.shape,
-                self._base_grads.get(layer),
-                self._generator,
+        scores = {
+            layer: layer_scores(
+                self.projections[layer], self.config.criterion, self.shape, self._base_grads.get(layer), self._generator
             )
+            for layer in self.plan.pruned_layers
+        }
+        self._base_grads.clear()
+        if any(t is not None and not bool(torch.isfinite(t).all()) for pair in scores.values() for t in pair):
+            return
+        for layer, (heads, channels) in scores.items():
             if heads is not None and self.config.prune_heads:
                 self.head_importance[layer] = ema * self.head_importance[layer] + (1 - ema) * heads.float()
             if channels is not None and self.config.prune_channels:
                 self.channel_importance[layer] = ema * self.channel_importance[layer] + (1 - ema) * channels.float()
-        self._base_grads.clear()
         self.steps_scored += 1
 
     def _mask_lowest(self, layer: int, groups: int, channels: int) -> None:

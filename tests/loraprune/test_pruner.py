@@ -122,3 +122,16 @@ def test_state_files_round_trip_and_refuse_another_recipe_or_damage(tmp_path):
     with pytest.raises(LorapruneError, match="not a readable LoRAPrune state") as info:
         again.load(tmp_path)
     assert "\n" not in str(info.value)
+
+
+def test_a_step_with_non_finite_scores_leaves_the_average_alone():
+    model = tiny_peft()
+    pruner = LoraPruner(model, LorapruneConfig(sparsity=0.4, prune_every=2), total_steps=10)
+    ids = batch(0)
+    model(input_ids=ids, labels=ids).loss.backward()
+    pruner.before_optimizer_step(0)
+    before = (pruner.head_importance.clone(), pruner.channel_importance.clone(), pruner.steps_scored)
+    model.base_model.model.model.layers[1].mlp.up_proj.lora_A["default"].weight.grad[0, 0] = float("inf")
+    pruner.before_optimizer_step(1)
+    assert torch.equal(pruner.head_importance, before[0]) and torch.equal(pruner.channel_importance, before[1])
+    assert pruner.steps_scored == before[2]
