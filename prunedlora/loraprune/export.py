@@ -24,7 +24,7 @@ def export_pruned(run_dir, out_dir, overwrite: bool = False) -> PrunedModel:
     reproduces the masked one (float64 logits within 1e-4)."""
     import torch
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
@@ -42,4 +42,23 @@ def export_pruned(run_dir, out_dir, overwrite: bool = False) -> PrunedModel:
     masks.attach(find_projections(model))
     tokenizer = AutoTokenizer.from_pretrained(record.base_model)
     extra = {"run_dir": str(run_dir), "base_model": record.base_model, "loraprune": state["config"]}
-    return write_pruned(model, masks, out_dir, tokenizer=tokenizer, extra=extra)
+    return write_pruned(
+        model,
+        masks,
+        out_dir,
+        tokenizer=tokenizer,
+        extra=extra,
+        dtype=stored_dtype(AutoConfig.from_pretrained(record.base_model)),
+    )
+
+
+def stored_dtype(config):
+    """The dtype the base model was saved in (its config's ``dtype``), float32 when it names none: the
+    pruned base is written the same way, so a bfloat16 base stays bfloat16 (exactly: slicing only drops
+    values)."""
+    import torch
+
+    named = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(named, str):
+        named = getattr(torch, named, None)
+    return named if isinstance(named, torch.dtype) and named.is_floating_point else torch.float32

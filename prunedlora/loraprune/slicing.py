@@ -123,9 +123,12 @@ def probe_ids(vocab_size: int) -> torch.Tensor:
     return torch.randint(0, vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
 
 
-def write_pruned(model, masks: GroupMasks, out_dir, tokenizer=None, extra: dict | None = None) -> PrunedModel:
-    """Write ``out_dir/base`` (the sliced Hugging Face model, ``save_pretrained``) and, for a PEFT model,
-    ``out_dir/adapter`` (the sliced adapter), plus ``loraprune.json`` (widths, kept indices, ``extra``).
+def write_pruned(
+    model, masks: GroupMasks, out_dir, tokenizer=None, extra: dict | None = None, dtype: torch.dtype | None = None
+) -> PrunedModel:
+    """Write ``out_dir/base`` (the sliced Hugging Face model, ``save_pretrained``, in ``dtype``, by default
+    the model's own) and, for a PEFT model, ``out_dir/adapter`` (the sliced adapter), plus
+    ``loraprune.json`` (widths, kept indices, ``extra``).
 
     ``model`` is the masked training model (a PEFT model or a plain causal LM) with ``masks`` attached;
     refused with one line when it is not Llama-like or its layers keep different widths."""
@@ -141,7 +144,7 @@ def write_pruned(model, masks: GroupMasks, out_dir, tokenizer=None, extra: dict 
     new_config = pruned_config(config, masks, shape)
     is_peft = hasattr(model, "peft_config")
     inner = model.get_base_model() if is_peft else model
-    dtype = inner.get_input_embeddings().weight.dtype
+    dtype = dtype or inner.get_input_embeddings().weight.dtype
     ids = probe_ids(config.vocab_size)
     device = inner.get_input_embeddings().weight.device
     with torch.no_grad(), _float64(model):

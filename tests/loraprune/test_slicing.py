@@ -158,3 +158,21 @@ def test_a_model_that_is_not_llama_like_is_refused(tmp_path):
     with pytest.raises(LorapruneError, match="Llama-like"):
         write_pruned(model, masks, tmp_path / "pruned")
     assert_nothing_written(tmp_path, "pruned")
+
+
+def test_a_bfloat16_base_is_written_in_bfloat16_and_still_matches(tmp_path):
+    from transformers import LlamaConfig
+
+    from prunedlora.loraprune.export import stored_dtype
+
+    assert stored_dtype(LlamaConfig(dtype="bfloat16")) == torch.bfloat16
+    assert stored_dtype(LlamaConfig()) == torch.float32
+    model = tiny_peft()
+    with torch.no_grad():  # a bfloat16 base loaded in float32 (as export loads it): every value is a bfloat16
+        for name, p in model.named_parameters():
+            if "lora_" not in name:
+                p.copy_(p.to(torch.bfloat16).float())
+    result = write_pruned(model, hand_masks(model), tmp_path / "pruned", dtype=torch.bfloat16)
+    assert result.max_abs_logit_diff <= TOLERANCE
+    config = json.loads((tmp_path / "pruned" / BASE_DIR / "config.json").read_text())
+    assert config["dtype"] == "bfloat16"
