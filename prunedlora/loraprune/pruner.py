@@ -206,7 +206,7 @@ class LoraPruner:
         return {
             "kv_groups_kept": int(self.masks.heads.sum(1).min()),
             "channels_kept": int(self.masks.channels.sum(1).min()),
-            "target_sparsity": self.plan.achieved_sparsity,
+            "planned_sparsity": self.plan.achieved_sparsity,
         }
 
     def close(self) -> None:

@@ -133,3 +133,37 @@ def test_grad_criterion_through_the_trainer_never_updates_the_base(tiny_model_pa
     train(loraprune_recipe(tiny_model_path, tmp_path / "grad", criterion="grad"), callbacks=[watch])
     assert watch.unchanged and watch.frozen
     assert read_state(tmp_path / "grad")["masks"]["heads"].sum(1).tolist() == [1, 1]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("criterion", ["lora", "random"])
+def test_two_processes_take_the_same_pruning_decisions(tiny_model_path, tmp_path, criterion):
+    """torchrun, 2 CPU processes (gloo): the gradients the pruner scores are all-reduced and the random
+    criterion is seeded, so both ranks mask the same groups and end with the same weights."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    dump = tmp_path / "dump"
+    dump.mkdir()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    worker = Path(__file__).with_name("loraprune_ddp_worker.py")
+    port = str(29541 + ["lora", "random"].index(criterion))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port]
+    proc = subprocess.run(
+        [*cmd, str(worker), str(tiny_model_path), str(tmp_path / "run"), str(dump), criterion],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rank0, rank1 = (torch.load(dump / f"rank{r}.pt") for r in (0, 1))
+    assert torch.equal(rank0["masks"]["heads"], rank1["masks"]["heads"])
+    assert torch.equal(rank0["masks"]["channels"], rank1["masks"]["channels"])
+    assert not rank0["masks"]["channels"].all()
+    for key, value in rank0["weights"].items():
+        assert torch.equal(value, rank1["weights"][key]), key
+    saved = read_state(tmp_path / "run")["masks"]
+    assert torch.equal(saved["channels"], rank0["masks"]["channels"])
