@@ -227,6 +227,18 @@ def _apply_masks(modules: dict[str, SourceModule], masks: dict[str, torch.Tensor
         module.keep = mask
 
 
+def _refuse_loraprune_run(path: Path) -> None:
+    """A LoRAPrune run's adapter fits only its pruned base: compacting it alone onto the dense base
+    would serve a model training never ran, so send the user to ``prunedlora prune-export``."""
+    from prunedlora.loraprune.pruner import STATE_FILE
+
+    if (path / STATE_FILE).is_file():
+        raise ExportError(
+            f"{path} is a LoRAPrune run ({STATE_FILE}): its adapter belongs to the pruned base; "
+            f"use `prunedlora prune-export {path} OUT` to write the pruned base with its adapter"
+        )
+
+
 def load_source(path: str | os.PathLike, *, from_adalora: bool = False) -> SourceAdapter:
     """Read and validate a run directory or a PEFT adapter folder (LoRA, or AdaLoRA with ``from_adalora``)."""
     path = Path(path)
@@ -235,6 +247,7 @@ def load_source(path: str | os.PathLike, *, from_adalora: bool = False) -> Sourc
     run_record = None
     masks = None
     if is_run_dir(path):
+        _refuse_loraprune_run(path)
         kind = "run"
         adapter_dir = path / metadata.RUN_ADAPTER_DIR
         try:
