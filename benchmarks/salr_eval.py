@@ -316,6 +316,7 @@ def write_report(data: dict, out: Path) -> None:
                 f"| {sparsity} | {b['compressed_file'] / 1e6:.1f} MB | {b['dense_file'] / 1e6:.1f} MB | "
                 f"{b['dense_file'] / b['compressed_file']:.2f}x smaller | {b['ratio_linear']:.2f}x smaller |"
             )
+    lines += ["", *reading(rows, dense)]
     lines += [
         "",
         "Rerun (3-4 s per window per model and about 70 s of SVDs per mask on a shared 2-core CPU):",
@@ -325,6 +326,32 @@ def write_report(data: dict, out: Path) -> None:
     ]
     (out / "perplexity.md").write_text("\n".join(lines))
     plot(data, out / "perplexity.png")
+
+
+def reading(rows: dict, dense: float | None) -> list[str]:
+    """How to read the table: the 50% rows in one line each, and what the numbers are not."""
+    out = []
+    for base in ("magnitude50", "wanda50", "magnitude-2:4", "wanda-2:4"):
+        if base not in rows or not dense:
+            continue
+        sparse = rows[base]["wikitext2"]["ppl"]
+        gap = math.log(sparse) - math.log(dense)
+        parts = [
+            f"{k.split('+')[1].replace('E', 'E_')} {r['wikitext2']['ppl']:.1f} "
+            f"({(math.log(sparse) - math.log(r['wikitext2']['ppl'])) / gap:.0%} of the gap)"
+            for k, r in rows.items()
+            if k.startswith(base + "+E")
+        ]
+        out.append(f"- {base}: dense {dense:.1f} -> sparse {sparse:.1f}; with " + ", ".join(parts) + ".")
+    out += [
+        "- These are the adapter's starting points, before any training: the task LoRA components start at "
+        "zero and SALR trains them with the residual (or keeps the residual frozen); task metrics after "
+        "training are a separate measurement.",
+        "- Bytes are on disk only: vLLM serves the materialised dense base (zeros written out) with dense GEMMs, "
+        "so the zeros buy no speed there; the paper's speed-up needs a sparse GPU kernel.",
+        "- The model is dequantized from the Q4_1 GGUF, so its dense perplexity is not the fp16 release's.",
+    ]
+    return out
 
 
 def plot(data: dict, path: Path) -> None:
