@@ -183,6 +183,8 @@ def write_report(results: dict, out_dir: Path) -> None:
             f"{run['wikitext2']['ppl']:.2f} | {run['ptb']['ppl']:.2f} | {run['peak_rss_mib']:.0f} | "
             f"{run['train_wall_s']:.0f} |"
         )
+    if results.get("notes"):  # written by hand after a run: what the numbers do and do not show
+        lines += ["", "Notes:", "", *(f"- {note}" for note in results["notes"])]
     lines += [
         "",
         "Shapes of the pruned bases (query heads / KV heads / MLP width per layer; dense 9 / 3 / 1536): "
