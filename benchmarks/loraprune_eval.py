@@ -135,7 +135,7 @@ def train(name: str, criterion: str, sparsity: float, args, run_dir: Path) -> di
         "train_runtime_s": float(loss.group(1)) if loss else None,
         "train_loss_mean": float(loss.group(2)) if loss else None,
         "last_logged_loss": losses[-1] if losses else None,
-        "command": " ".join(["prunedlora", *cmd[3:]]),
+        "command": " ".join(["prunedlora", *cmd[3:]]).replace(f"{ROOT}/", ""),  # no path of this machine
     }
 
 
@@ -278,7 +278,7 @@ def main() -> None:
     results.setdefault("runs", {})
     results["machine"] = machine_record(dtype="float32", threads="1 torch thread")
     flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in settings.items() if v != parser.get_default(k))
-    results["rerun"] = f"cd /work/main && .venv/bin/python benchmarks/loraprune_eval.py {flags}".rstrip()
+    results["rerun"] = f"python benchmarks/loraprune_eval.py {flags}".rstrip()
 
     model_dir = resolve_model("default")
     tokenizer = AutoTokenizer.from_pretrained(model_dir)

@@ -34,6 +34,16 @@ def served_folder(path: str) -> Path:
     raise SystemExit(f"{folder} holds neither base/config.json (a prune-export folder) nor config.json")
 
 
+def _portable(model: Path, given: str | None = None) -> str:
+    """How a results file names a model: as the user gave it (``default``) or relative to the repository."""
+    if given == "default":
+        return "default"
+    try:
+        return str(Path(model).resolve().relative_to(Path(__file__).resolve().parents[1]))
+    except ValueError:
+        return str(model)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dense", default="default", help="dense base model folder or 'default'")
@@ -87,7 +97,11 @@ def main() -> None:
         result = _run_worker(spec, work / name, args.engine_timeout, True, choice)
         if "error" in result:
             raise SystemExit(f"{name}: {result['error']}")
-        results[name] = {"model": str(model), **result["results"]["base"], "engine_wall_s": time.perf_counter() - t0}
+        results[name] = {
+            "model": _portable(model, args.dense if name == "dense" else None),
+            **result["results"]["base"],
+            "engine_wall_s": time.perf_counter() - t0,
+        }
         row = results[name]
         print(
             f"{name}: TTFT p50 {row['ttft_p50_s'] * 1e3:.1f} ms, TPOT p50 {row['tpot_p50_s'] * 1e3:.1f} ms, "
