@@ -39,6 +39,9 @@ from prunedlora.errors import PrunedLoraError
 FORMAT_VERSION = 1
 RUN_ADAPTER_DIR = "adapter"
 MASKS_FILE = "masks.safetensors"
+# a LoRAPrune run's pruner state and final base-model masks (written by prunedlora.loraprune, read by export
+# to refuse such a run: its adapter fits only the pruned base)
+LORAPRUNE_STATE_FILE = "loraprune.pt"
 RANK_HISTORY_FILE = "rank_history.json"
 RUN_RECORD_FILE = "prunedlora_run.json"
 RANKS_PLOT_FILE = "ranks.png"

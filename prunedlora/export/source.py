@@ -230,11 +230,9 @@ def _apply_masks(modules: dict[str, SourceModule], masks: dict[str, torch.Tensor
 def _refuse_loraprune_run(path: Path) -> None:
     """A LoRAPrune run's adapter fits only its pruned base: compacting it alone onto the dense base
     would serve a model training never ran, so send the user to ``prunedlora prune-export``."""
-    from prunedlora.loraprune.pruner import STATE_FILE
-
-    if (path / STATE_FILE).is_file():
+    if (path / metadata.LORAPRUNE_STATE_FILE).is_file():
         raise ExportError(
-            f"{path} is a LoRAPrune run ({STATE_FILE}): its adapter belongs to the pruned base; "
+            f"{path} is a LoRAPrune run ({metadata.LORAPRUNE_STATE_FILE}): its adapter belongs to the pruned base; "
             f"use `prunedlora prune-export {path} OUT` to write the pruned base with its adapter"
         )
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from prunedlora import metadata
 from prunedlora.loraprune.config import LorapruneConfig
 from prunedlora.loraprune.errors import LorapruneError
 from prunedlora.loraprune.groups import ATTENTION, MLP, decoder_shape, find_projections, plan
@@ -20,7 +21,7 @@ from prunedlora.loraprune.masks import GroupMasks
 from prunedlora.loraprune.schedule import prune_events
 
 # The pruner's state in a checkpoint folder and in a finished run directory (masks, importance, config).
-STATE_FILE = "loraprune.pt"
+STATE_FILE = metadata.LORAPRUNE_STATE_FILE
 
 
 def read_state(folder) -> dict:
