@@ -37,9 +37,9 @@ ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP = ("gate_proj", "up_proj", "down_proj")
 # modules whose group is a set of output rows; the others (o_proj, down_proj) own input columns
 ROW_MODULES = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
-_MODULE_PATH = re.compile(
-    r"(?:^|\.)layers\.(\d+)\.(?:self_attn|mlp)\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)$"
-)
+# "layers.<i>.<self_attn|mlp>.<projection>": groups: (layer index, projection name); shared with slicing
+PROJECTION_PATH = rf"layers\.(\d+)\.(?:self_attn|mlp)\.({'|'.join(ATTENTION + MLP)})"
+_MODULE_PATH = re.compile(rf"(?:^|\.){PROJECTION_PATH}$")
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from prunedlora.loraprune.errors import LorapruneError, SliceVerificationError
-from prunedlora.loraprune.groups import ROW_MODULES, DecoderShape, check_gqa, decoder_shape
+from prunedlora.loraprune.groups import PROJECTION_PATH, ROW_MODULES, DecoderShape, check_gqa, decoder_shape
 from prunedlora.loraprune.masks import GroupMasks
 from prunedlora.staging import staged_directory
 
@@ -30,9 +30,7 @@ BASE_DIR = "base"
 ADAPTER_DIR = "adapter"
 PRUNE_FILE = "loraprune.json"
 TOLERANCE = 1e-4
-_PROJECTION = re.compile(
-    r"layers\.(\d+)\.(?:self_attn|mlp)\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)\."
-)
+_PROJECTION = re.compile(rf"{PROJECTION_PATH}\.")  # a state-dict key under one of the projections
 
 
 @dataclass(frozen=True)
