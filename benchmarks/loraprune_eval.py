@@ -16,6 +16,23 @@ masks the prompt, so this benchmark uses the recipe's data as is.
 
     python benchmarks/loraprune_eval.py [--steps 40] [--batch 4] [--max-length 128] [--max-windows 12]
 
+Training memory. The peak RSS of each training process (``os.wait4``) does not show what the issue
+asks (the extra memory a criterion needs to train): on CPU it mixes the step's tensors with the
+interpreter, libraries, data and allocator slack, and at this batch x length the step's peak is at
+the end of the forward pass, when the activations of all 30 layers and the logits are live, while
+``grad``'s base-weight gradients (one per decoder linear weight, 405 MiB in float32) only exist from
+backward to the pruner's call, as the activations are being freed. So ``--memory`` measures it
+directly, without training: a few steps of each configuration (and of plain LoRA without a pruner, the
+reference) in a plain loop with the same model, recipe, AdamW, clipping and pruner call, under
+:class:`prunedlora.bench.tensor_memory.LiveTensorBytes` (a TorchDispatchMode that counts the bytes of
+every tensor storage an op creates until it is freed). It records per batch size the peak of live
+tensor bytes of a step and what is live at the pruner's call (after backward and clipping), each
+against the reference: at batch 4 x 128 and at batch 1 x 128 (where activations shrink and the
+base-gradient buffers decide the peak). Memory outside tensor storages (Python objects, oneDNN
+scratch, allocator slack) is not counted; it is the same for every criterion.
+
+    python benchmarks/loraprune_eval.py --memory [--memory-steps 3] [--memory-batches 4 1]
+
 Writes benchmarks/results/loraprune/eval.json, eval.md and eval.png; each measurement is written as
 soon as it is taken, and a rerun skips what the file already holds (``--redo NAME`` measures one
 configuration again). Run directories and pruned models go under runs/loraprune_eval/ (gitignored).
@@ -45,6 +62,7 @@ CONFIGS = {
     "random-50": ("random", 0.5),
     "grad-50": ("grad", 0.5),
     "lora-20": ("lora", 0.2),
+    "lora-act-50": ("lora-act", 0.5),  # not the paper's: lora's score times each input feature's norm
 }
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 TRAIN_CHILD = (
@@ -139,6 +157,125 @@ def train(name: str, criterion: str, sparsity: float, args, run_dir: Path) -> di
     }
 
 
+def step_memory(criterion: str | None, sparsity: float, args, batch_sizes: list[int], steps: int) -> dict:
+    """Live tensor bytes of a few training steps of one criterion (``None``: plain LoRA, no pruner), per
+    batch size: the same model, recipe, optimizer (AdamW), clipping and pruner call as ``prunedlora
+    train``, in a plain loop (Trainer adds nothing that differs between criteria) under
+    :class:`prunedlora.bench.tensor_memory.LiveTensorBytes`. Every batch is the recipe's first examples
+    padded to ``--max-length`` (the protocol's largest batch), the same for every criterion. Steps run
+    inside the pruning window (the pruner scores each of them; no event falls among them), so ``grad``
+    holds its base-weight gradients from backward to the pruner's call, as it does on every step until
+    its last event. Left out: the adapter's rank pruner that ``prunedlora train`` also drives (with
+    ``prune: false`` it never fires, and it is the same for every criterion)."""
+    import gc
+
+    import torch
+
+    from prunedlora.bench.tensor_memory import LiveTensorBytes
+    from prunedlora.loraprune.pruner import LoraPruner
+    from prunedlora.models import resolve_model
+    from prunedlora.train.data import build_train_dataset, make_collator
+    from prunedlora.train.recipe import load_recipe
+    from prunedlora.train.runner import build_peft_model
+
+    overrides = {"data.max_length": str(args.max_length), "loraprune.sparsity": str(sparsity)}
+    if criterion is not None:
+        overrides["loraprune.criterion"] = criterion
+    recipe = load_recipe("smollm2-loraprune", overrides)
+    from transformers import AutoTokenizer
+
+    model_dir = resolve_model(recipe.model)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    dataset = build_train_dataset(tokenizer, recipe.data, progress=False)
+    collate = make_collator(tokenizer, pad_to_multiple_of=args.max_length)
+    mib = 2**20
+    out = {}
+    for size in batch_sizes:
+        torch.manual_seed(args.seed)
+        model = build_peft_model(model_dir, recipe.method, recipe.training.dtype)
+        model.train()
+        pruner = LoraPruner(model, recipe.loraprune, total_steps=args.steps) if criterion is not None else None
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(trainable, lr=recipe.training.learning_rate)
+        phases: dict[str, list[int]] = {"forward_backward": [], "scoring": [], "optimizer": []}
+        held = []
+        with LiveTensorBytes() as mem:
+            baseline = mem.baseline
+            for step in range(steps):
+                batch = collate([dataset[i] for i in range(step * size, (step + 1) * size)])
+                mem.reset_peak()
+                model(**batch).loss.backward()
+                torch.nn.utils.clip_grad_norm_(trainable, recipe.training.max_grad_norm)
+                phases["forward_backward"].append(mem.peak)
+                held.append(mem.current)  # what the step holds when the pruner is called
+                mem.reset_peak()
+                if pruner is not None:
+                    pruner.before_optimizer_step(step)
+                phases["scoring"].append(mem.peak)
+                mem.reset_peak()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                del batch
+                phases["optimizer"].append(mem.peak)
+        if pruner is not None:
+            pruner.close()
+        del model, pruner, optimizer, trainable
+        gc.collect()
+        # steps after the first: the optimizer's state exists (AdamW allocates it in the first step)
+        later = slice(1, None) if steps > 1 else slice(None)
+        phase_peaks = {k: max(v[later]) for k, v in phases.items()}
+        out[f"batch{size}"] = {
+            "batch": size,
+            "length": args.max_length,
+            "steps": steps,
+            "baseline_mib": round(baseline / mib, 1),
+            "peak_mib": round(max(phase_peaks.values()) / mib, 1),
+            "peak_phase": max(phase_peaks, key=phase_peaks.get),
+            "phase_peaks_mib": {k: round(v / mib, 1) for k, v in phase_peaks.items()},
+            "held_before_optimizer_mib": round(max(held[later]) / mib, 1),
+        }
+        print(f"  batch {size}: {out[f'batch{size}']}", flush=True)
+    return out
+
+
+def memory_table(results: dict) -> list[str]:
+    """Markdown lines: live tensor memory of a training step per criterion, and its excess over plain
+    LoRA (the reference run), at each measured batch size."""
+    ref = results.get("memory_reference")
+    rows = [(n, r["criterion"], r["train_memory"]) for n, r in results["runs"].items() if "train_memory" in r]
+    if not ref or not rows:
+        return []
+    sizes = list(ref["train_memory"])
+    spec = results["memory_settings"]
+    lines = [
+        "",
+        f"Training memory: live tensor storages (`prunedlora.bench.tensor_memory.LiveTensorBytes`, a "
+        "TorchDispatchMode that counts every tensor an op creates until it is freed) over "
+        f"{spec['steps']} training steps in the pruning window (optimizer state in place from the second), "
+        f"batches padded to {spec['length']} tokens; MiB, with the excess over plain LoRA (no pruner, "
+        "same model and steps) in parentheses. *Peak*: the step's largest live total (parameters "
+        "included); *held at the pruner's call*: what is live after backward and clipping, when the "
+        "criterion scores. Rerun: `python benchmarks/loraprune_eval.py --memory` (skips what eval.json holds).",
+        "",
+        "| run | criterion | "
+        + " | ".join(
+            f"peak, batch {ref['train_memory'][k]['batch']} | held at the pruner's call, "
+            f"batch {ref['train_memory'][k]['batch']}"
+            for k in sizes
+        )
+        + " |",
+        "|---|---|" + "---|---|" * len(sizes),
+    ]
+    for name, criterion, mem in [("plain LoRA", "-", ref["train_memory"]), *rows]:
+        cells = []
+        for k in sizes:
+            m, r = mem[k], ref["train_memory"][k]
+            for key in ("peak_mib", "held_before_optimizer_mib"):
+                cells.append(f"{m[key]:.0f} ({m[key] - r[key]:+.0f})")
+        lines.append(f"| {name} | {criterion} | " + " | ".join(cells) + " |")
+    return lines
+
+
 # -- report ---------------------------------------------------------------------------------------
 
 
@@ -159,7 +296,8 @@ def write_report(results: dict, out_dir: Path) -> None:
         "wiki.test.raw rows joined as the HF split is, PTB ptb.test.txt sentences joined by spaces), 512-token "
         f"non-overlapping windows, the first {s['max_windows']} of each, exp of mean NLL, float32, pruned base "
         "with its adapter merged; dense = the base model without adapter. "
-        "Peak RSS: each training run's own process (one torch thread), `os.wait4` ru_maxrss. "
+        "Peak RSS: each training run's own process (one torch thread), `os.wait4` ru_maxrss; it does not "
+        "separate the criteria (see the training-memory table below for what does). "
         "At this scale (tens of steps, a 135M model) the recovery is far from the paper's; the ranking is "
         "what the table can speak to, and only loosely.",
         "",
@@ -183,6 +321,7 @@ def write_report(results: dict, out_dir: Path) -> None:
             f"{run['wikitext2']['ppl']:.2f} | {run['ptb']['ppl']:.2f} | {run['peak_rss_mib']:.0f} | "
             f"{run['train_wall_s']:.0f} |"
         )
+    lines += memory_table(results)
     if results.get("notes"):  # written by hand after a run: what the numbers do and do not show
         lines += ["", "Notes:", "", *(f"- {note}" for note in results["notes"])]
     lines += [
@@ -207,7 +346,7 @@ def plot(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    markers = {"lora": "o", "grad": "s", "magnitude": "^", "random": "x"}
+    markers = {"lora": "o", "lora-act": "D", "grad": "s", "magnitude": "^", "random": "x"}
     dense = results.get("dense")
     for ax, corpus, title in zip(axes, ("wikitext2", "ptb"), ("WikiText-2 test", "PTB test")):
         if dense:
@@ -249,6 +388,15 @@ def main() -> None:
     parser.add_argument("--redo", nargs="*", default=[], help="configurations to measure again")
     parser.add_argument("--report-only", action="store_true", help="rewrite eval.md and eval.png from eval.json")
     parser.add_argument("--out", default=str(RESULTS))
+    parser.add_argument(
+        "--memory",
+        action="store_true",
+        help="measure only the live tensor memory of a few training steps per configuration (no training run)",
+    )
+    parser.add_argument("--memory-steps", type=int, default=3)
+    parser.add_argument(
+        "--memory-batches", type=int, nargs="+", default=None, help="batch sizes (default: --batch and 1)"
+    )
     args = parser.parse_args()
 
     import torch
@@ -280,6 +428,27 @@ def main() -> None:
     flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in settings.items() if v != parser.get_default(k))
     results["rerun"] = f"python benchmarks/loraprune_eval.py {flags}".rstrip()
 
+    if args.memory:
+        sizes = args.memory_batches or sorted({args.batch, 1}, reverse=True)
+        results["memory_settings"] = {"steps": args.memory_steps, "batches": sizes, "length": args.max_length}
+        for name in ["reference", *args.configs]:
+            if name != "reference" and name not in args.redo and "train_memory" in results["runs"].get(name, {}):
+                print(f"{name}: memory already in {path}, skipped", flush=True)
+                continue
+            criterion, sparsity = (None, 0.5) if name == "reference" else CONFIGS[name]
+            if name == "reference" and "memory_reference" in results and "reference" not in args.redo:
+                continue
+            print(f"{name}: memory of {args.memory_steps} steps ...", flush=True)
+            measured = step_memory(criterion, sparsity, args, sizes, args.memory_steps)
+            if name == "reference":
+                results["memory_reference"] = {"criterion": None, "train_memory": measured}
+            else:
+                results["runs"].setdefault(name, {}).update(
+                    criterion=criterion, sparsity=sparsity, train_memory=measured
+                )
+            write_report(results, out_dir)
+        return
+
     model_dir = resolve_model("default")
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     from prunedlora.perplexity import read_corpus, tokenize_corpus
@@ -308,7 +477,7 @@ def main() -> None:
         criterion, sparsity = CONFIGS[name]
         run = results["runs"].get(name, {})
         if name in args.redo:
-            run = {}
+            run = {k: v for k, v in run.items() if k == "train_memory"}  # measured by --memory, not retrained
         if "wikitext2" in run:
             print(f"{name}: already in {path}, skipped", flush=True)
             continue

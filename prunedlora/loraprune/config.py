@@ -11,7 +11,7 @@ from typing import Any
 
 from prunedlora.loraprune.errors import LorapruneError
 
-CRITERIA = ("lora", "grad", "magnitude", "random")
+CRITERIA = ("lora", "lora-act", "grad", "magnitude", "random")
 EXEMPTIONS = ("none", "released")
 
 
@@ -22,7 +22,9 @@ class LorapruneConfig:
     - ``criterion``: ``lora`` estimates the base weight's gradient from the LoRA factors' gradients (the
       paper's method, no extra memory); ``grad`` uses the true gradient of the frozen weight (LLM-Pruner's
       first-order criterion, costs a gradient buffer per base weight: that cost is what the comparison
-      measures); ``magnitude`` the merged weight's size; ``random`` a seeded score (a sanity floor).
+      measures); ``magnitude`` the merged weight's size; ``random`` a seeded score (a sanity floor);
+      ``lora-act`` (not in the paper) ``lora``'s score times the norm of each input feature over the
+      step's tokens, Wanda-style, so channels that carry massive activations are kept.
     - ``sparsity``: the fraction of the prunable decoder linear weights (q/k/v/o, gate/up/down of every
       layer) to remove; heads go by whole KV groups, so the achieved fraction is the closest reachable
       one (see ``groups.PrunePlan.achieved_sparsity``).

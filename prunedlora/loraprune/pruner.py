@@ -57,7 +57,7 @@ class LoraPruner:
             raise LorapruneError(
                 f"the model has {len(self.projections)} decoder layers, its config says {self.shape.num_layers}"
             )
-        if config.criterion == "lora":
+        if config.criterion in ("lora", "lora-act"):
             self._check_lora_targets()
         self.events = prune_events(config, total_steps, self.plan.groups_removed, self.plan.channels_removed)
         self.masks = GroupMasks(self.shape)
@@ -68,15 +68,19 @@ class LoraPruner:
         self._generator = torch.Generator().manual_seed(config.seed)
         self._base_grads: dict[int, dict[str, torch.Tensor]] = {}
         self._grad_handles: list = []
+        self._input_sq: dict[int, dict[str, torch.Tensor]] = {}
+        self._input_handles: list = []
         if config.criterion == "grad":
             self._track_base_grads()
+        if config.criterion == "lora-act":
+            self._track_input_norms()
 
     # -- the per-step call -----------------------------------------------------------------------
     def before_optimizer_step(self, step: int) -> bool:
         """Accumulate importance from this step's gradients; at an event step mask the lowest groups.
         Returns True when this step masked something."""
         if not self.events or step > self.events[-1].step:
-            self._stop_base_grads()  # pruning is over: no more scoring, no more base gradients
+            self._stop_scoring()  # pruning is over: no more scoring, no more base gradients
             return False
         self._accumulate()
         event = next((e for e in self.events if e.step == step), None)
@@ -85,16 +89,22 @@ class LoraPruner:
         for layer in self.plan.pruned_layers:
             self._mask_lowest(layer, event.groups_removed, event.channels_removed)
         if event is self.events[-1]:
-            self._stop_base_grads()
+            self._stop_scoring()
         return True
 
     def _accumulate(self) -> None:
         """One EMA update from this step's scores; a step whose scores are not finite (a half-precision
         overflow) is skipped as a whole, as the released code does, rather than poisoning the average."""
         ema = self.config.ema
+        norms = self._input_norms()
         scores = {
             layer: layer_scores(
-                self.projections[layer], self.config.criterion, self.shape, self._base_grads.get(layer), self._generator
+                self.projections[layer],
+                self.config.criterion,
+                self.shape,
+                self._base_grads.get(layer),
+                self._generator,
+                norms.get(layer),
             )
             for layer in self.plan.pruned_layers
         }
@@ -123,6 +133,51 @@ class LoraPruner:
                 self.masks.remove(layer, groups=lowest)
             else:
                 self.masks.remove(layer, channels=lowest)
+
+    # -- lora-act criterion: each projection's input feature norms over the step's tokens -----------
+    def _track_input_norms(self) -> None:
+        for layer, mods in self.projections.items():
+            if layer not in self.plan.pruned_layers:
+                continue
+            for name, module in mods.items():  # after the mask hooks: a masked feature reads 0
+                self._input_handles.append(module.register_forward_pre_hook(self._input_taker(layer, name)))
+
+    def _input_taker(self, layer: int, name: str):
+        def take(module, args) -> None:
+            if not module.training:  # an evaluation pass is not the step's data
+                return
+            x = args[0].detach()
+            sq = x.float().square().sum(dim=tuple(range(x.dim() - 1)))
+            store = self._input_sq.setdefault(layer, {})
+            store[name] = sq if name not in store else store[name] + sq
+
+        return take
+
+    def _input_norms(self) -> dict[int, dict[str, torch.Tensor]]:
+        """This step's input feature norms (summed over gradient-accumulation micro-batches and, under
+        DDP, over processes, so every process scores alike), and the sums cleared for the next step."""
+        if not self._input_sq:
+            return {}
+        keys = [(layer, name) for layer in sorted(self._input_sq) for name in sorted(self._input_sq[layer])]
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            flat = torch.cat([self._input_sq[layer][name] for layer, name in keys])
+            torch.distributed.all_reduce(flat)
+            parts = flat.split([self._input_sq[layer][name].numel() for layer, name in keys])
+            for (layer, name), part in zip(keys, parts):
+                self._input_sq[layer][name] = part
+        norms: dict[int, dict[str, torch.Tensor]] = {}
+        for layer, name in keys:
+            norms.setdefault(layer, {})[name] = self._input_sq[layer][name].sqrt()
+        self._input_sq.clear()
+        return norms
+
+    def _stop_scoring(self) -> None:
+        """Remove every scoring hook (base-gradient takers, input-norm takers): pruning is over."""
+        self._stop_base_grads()
+        for handle in self._input_handles:
+            handle.remove()
+        self._input_handles.clear()
+        self._input_sq.clear()
 
     # -- grad criterion ----------------------------------------------------------------------------
     def _track_base_grads(self) -> None:
@@ -211,6 +266,6 @@ class LoraPruner:
         }
 
     def close(self) -> None:
-        """Remove the hooks (masks and gradient takers); frozen weights are frozen again."""
+        """Remove the hooks (masks, gradient and input-norm takers); frozen weights are frozen again."""
         self.masks.detach()
-        self._stop_base_grads()
+        self._stop_scoring()

@@ -14,7 +14,7 @@ SMOLLM2 = DecoderShape(num_layers=30, hidden=576, num_heads=9, num_kv_heads=3, h
         (dict(sparsity=1.0), "strictly between 0 and 1"),
         (dict(sparsity=0), "strictly between 0 and 1"),
         (dict(sparsity="half"), "sparsity must be"),
-        (dict(criterion="fisher"), "criterion must be one of lora, grad, magnitude, random"),
+        (dict(criterion="fisher"), "criterion must be one of lora, lora-act, grad, magnitude, random"),
         (dict(prune_heads=False, prune_channels=False), "nothing could be pruned"),
         (dict(prune_heads="no"), "prune_heads must be true or false"),
         (dict(start=0.9, end=0.1), "start < end"),

@@ -129,3 +129,15 @@ def test_gradient_criteria_need_a_backward(criterion):
         "down_proj": layer.mlp.down_proj,
     }
     assert layer_scores(projections, criterion, SHAPE) == (None, None)
+
+
+def test_lora_act_scales_each_input_column_by_its_feature_norm():
+    model = tiny_peft()
+    module = o_proj(model)
+    ids = batch(0)
+    model(input_ids=ids, labels=ids).loss.backward()
+    norms = torch.rand(64) + 0.5
+    assert element_scores(module, "lora-act") is None  # no feature norms: nothing to score with
+    torch.testing.assert_close(
+        element_scores(module, "lora-act", input_norm=norms), element_scores(module, "lora") * norms
+    )

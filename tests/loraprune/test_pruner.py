@@ -135,3 +135,55 @@ def test_a_step_with_non_finite_scores_leaves_the_average_alone():
     pruner.before_optimizer_step(1)
     assert torch.equal(pruner.head_importance, before[0]) and torch.equal(pruner.channel_importance, before[1])
     assert pruner.steps_scored == before[2]
+
+
+def test_grad_criterion_holds_a_gradient_per_base_weight_at_the_pruners_call_lora_none():
+    """The memory the comparison is about: after backward, ``grad`` holds one buffer the size of every
+    pruned base weight (until the pruner's call), ``lora`` only the LoRA factors' gradients."""
+    from prunedlora.bench.tensor_memory import LiveTensorBytes
+    from prunedlora.loraprune.importance import lora_parts
+
+    held, base = {}, 0
+    for criterion in ("lora", "grad"):
+        model = tiny_peft()
+        pruner = LoraPruner(model, LorapruneConfig(criterion=criterion, prune_every=2), total_steps=6)
+        base = sum(lora_parts(m)[0].nbytes for mods in pruner.projections.values() for m in mods.values())
+        ids = batch(0)
+        with LiveTensorBytes() as mem:
+            model(input_ids=ids, labels=ids).loss.backward()
+            held[criterion] = mem.mark("after backward") - mem.baseline
+            pruner.before_optimizer_step(0)
+            after_call = mem.current - mem.baseline
+        pruner.close()
+        if criterion == "grad":
+            assert after_call < held["lora"] + base / 4  # the buffers are gone once scored
+    assert held["grad"] - held["lora"] >= base
+    assert held["lora"] < base / 4
+
+
+def test_lora_act_keeps_the_channel_that_carries_a_massive_activation():
+    """Channel 5 of every layer reads x1000 from up_proj and writes x1/1000 through down_proj: the same
+    function, tiny down_proj weights, a massive activation. lora-act keeps it; its input norms are the
+    step's, and its hooks go with the last event."""
+    model = tiny_peft()
+    for layer in model.base_model.model.model.layers:
+        with torch.no_grad():
+            layer.mlp.up_proj.base_layer.weight[5] *= 1000.0
+            layer.mlp.down_proj.base_layer.weight[:, 5] /= 1000.0
+    pruner = LoraPruner(model, LorapruneConfig(criterion="lora-act", sparsity=0.6, prune_every=1), total_steps=6)
+    ids = batch(0)
+    seen = {}
+    hook = model.base_model.model.model.layers[0].mlp.down_proj.register_forward_pre_hook(
+        lambda module, args: seen.setdefault("x", args[0].detach().clone())
+    )
+    model(input_ids=ids, labels=ids).loss.backward()
+    hook.remove()
+    expected = torch.linalg.vector_norm(seen["x"].reshape(-1, 128), dim=0)
+    torch.testing.assert_close(pruner._input_sq[0]["down_proj"].sqrt(), expected)
+    pruner.before_optimizer_step(0)
+    assert not pruner._input_sq
+    assert (pruner.channel_importance.argmax(dim=1) == 5).all()
+    model.zero_grad()
+    train_steps(model, pruner, 6)
+    assert pruner.masks.channels[:, 5].all() and (~pruner.masks.channels).sum(1).min() > 0
+    assert not pruner._input_handles
