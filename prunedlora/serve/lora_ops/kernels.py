@@ -50,14 +50,22 @@ def group_by_slot(indices: torch.Tensor) -> tuple[SlotGroup, ...]:
     return tuple(groups)
 
 
-def _write(out: torch.Tensor, rows: Rows, cols: slice, value: torch.Tensor, add: bool) -> None:
+def _write(out: torch.Tensor, rows: Rows, cols: slice, value: torch.Tensor) -> None:
     if isinstance(rows, slice):
-        target = out[rows, cols]
-        target.add_(value) if add else target.copy_(value)
-    elif add:
-        out[rows, cols] += value
+        out[rows, cols].copy_(value)
     else:
         out[rows, cols] = value
+
+
+def _add_product(out: torch.Tensor, rows: Rows, cols: slice, z: torch.Tensor, b: torch.Tensor) -> None:
+    """``out[rows, cols] += z @ b.T``. Where the rows are contiguous (one adapter's tokens, the usual
+    case) the product accumulates into ``out`` in place (``addmm_``): the output is read and written
+    once, where a product then an add makes three passes over a (tokens, out) block. That block
+    traffic, not the rank-sized arithmetic, is most of a LoRA expand's cost at decode batch sizes."""
+    if isinstance(rows, slice):
+        out[rows, cols].addmm_(z, b.t())
+    else:
+        out[rows, cols] += z @ b.t()
 
 
 def shrink(
@@ -76,7 +84,7 @@ def shrink(
         if a is None:
             continue
         z = x[group.rows].to(out.dtype) @ a.to(out.dtype).t()
-        _write(out, group.rows, slice(0, a.shape[0]), z if scale == 1.0 else z * scale, add=False)
+        _write(out, group.rows, slice(0, a.shape[0]), z if scale == 1.0 else z * scale)
 
 
 def expand(
@@ -97,8 +105,11 @@ def expand(
             if not add_inputs:
                 out[group.rows, offset : offset + size] = 0
             continue
-        delta = z[group.rows, : b.shape[1]].to(out.dtype) @ b[:size].to(out.dtype).t()
-        _write(out, group.rows, slice(offset, offset + size), delta, add=add_inputs)
+        cols, zg, bg = slice(offset, offset + size), z[group.rows, : b.shape[1]].to(out.dtype), b[:size].to(out.dtype)
+        if add_inputs:
+            _add_product(out, group.rows, cols, zg, bg)
+        else:
+            _write(out, group.rows, cols, zg @ bg.t())
 
 
 def linear(
@@ -125,7 +136,7 @@ def linear(
         offset = 0
         for b, (lo, hi), size in zip(slot.b, slot.bounds, output_slices):
             if b is not None:
-                _write(out, group.rows, slice(offset, offset + size), z[:, lo:hi] @ b[:size].t(), add=True)
+                _add_product(out, group.rows, slice(offset, offset + size), z[:, lo:hi], b[:size])
             offset += size
 
 
