@@ -16,7 +16,7 @@ import torch
 from prunedlora import metadata
 from prunedlora.export.compact import ModuleFactors, pad_module, pattern_key, svd_truncate
 from prunedlora.export.errors import ExportError
-from prunedlora.export.source import SourceAdapter, load_source
+from prunedlora.export.source import SourceAdapter, load_source, refuse_dense_base_for_salr
 from prunedlora.modelfacts import (
     ADAPTER_CONFIG_FILE,
     ADAPTER_WEIGHTS_FILE,
@@ -187,6 +187,7 @@ def export_adapter(
     source = load_source(source_path, from_adalora=from_adalora)
     base_label = base_model or source.base_model
     base_path = resolve_base_model(base_label, str(source_path))
+    refuse_dense_base_for_salr(source, base_path)
     missing = unmatched_targets(source.config.get("target_modules"), base_linear_shapes(base_path))
     if missing:
         raise ExportError(

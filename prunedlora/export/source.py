@@ -237,6 +237,19 @@ def _refuse_loraprune_run(path: Path) -> None:
         )
 
 
+def refuse_dense_base_for_salr(source: SourceAdapter, base_path: Path) -> None:
+    """A SALR run's adapter repairs a sparse base (its first components are that base's pruning
+    residual): over the dense model it was pruned from it would add the residual a second time and
+    serve a model training never ran. Its own base is the run's recorded one (``sparsify``'s base/)."""
+    salr = (source.training.get("training") or {}).get("salr_source") or {}
+    dense = salr.get("source_model")
+    if dense and Path(dense).resolve() == Path(base_path).resolve():
+        raise ExportError(
+            f"{source.path} is a SALR run: its adapter belongs to the sparse base {salr.get('base')}, not to the "
+            f"dense model {dense} it was pruned from; drop --base-model (or pass that sparse base)"
+        )
+
+
 def load_source(path: str | os.PathLike, *, from_adalora: bool = False) -> SourceAdapter:
     """Read and validate a run directory or a PEFT adapter folder (LoRA, or AdaLoRA with ``from_adalora``)."""
     path = Path(path)

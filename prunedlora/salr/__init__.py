@@ -3,7 +3,8 @@
 mask.py chooses the weights to keep (magnitude or Wanda; unstructured or 2:4), residual.py turns the
 pruning residual into the first components of a PEFT LoRA, storage.py writes the bitmap store,
 materialise.py turns it back into a dense Hugging Face folder for vLLM, pipeline.py runs the whole
-thing behind ``prunedlora sparsify``. Heavy imports happen on first use.
+thing behind ``prunedlora sparsify``; recipe.py reads a training recipe's ``salr:`` section and
+training.py loads its folder for ``prunedlora train``. Heavy imports happen on first use.
 """
 
 from __future__ import annotations

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import TrainerCallback
@@ -52,6 +54,72 @@ def load_for_training(salr_dir: str | os.PathLike, dtype: str = "float32", resid
     model = PeftModel.from_pretrained(base, salr_dir / ADAPTER_DIR, is_trainable=True)
     freeze = ResidualFreeze(model, config["residual_rank"]) if mode == "frozen" else None
     return model, freeze
+
+
+@dataclass
+class SalrSource:
+    """The sparsify folder a ``salr:`` recipe trains from, with what the run directory records of it."""
+
+    dir: Path
+    record: dict[str, Any]
+    residual: str  # the mode this run trains with: the recipe's, else what sparsify recorded
+
+    @property
+    def base_dir(self) -> Path:
+        from prunedlora.salr.pipeline import BASE_DIR
+
+        return (self.dir / BASE_DIR).resolve()
+
+    def method(self):
+        """The PrunedLoRA method record of the folder's adapter (full rank, never pruned): the runner's
+        rank bookkeeping and the run record describe the adapter with it, and export checks against it."""
+        from prunedlora.config import PrunedLoraConfig
+
+        config = self.record["config"]
+        rank = int(config["residual_rank"]) + int(config["task_rank"])
+        return PrunedLoraConfig(
+            r0=rank,
+            lora_alpha=float(config["lora_alpha"]),
+            use_rslora=bool(config["use_rslora"]),
+            target_modules=list(config["target_modules"]),
+            target_rank=float(rank),
+        )
+
+    def provenance(self) -> dict[str, Any]:
+        """What the run record keeps of the source: enough to find it again and to know what it was."""
+        return {
+            "dir": str(self.dir.resolve()),
+            "base": str(self.base_dir),
+            "source_model": self.record.get("source_model"),
+            "residual": self.residual,
+            "config": self.record["config"],
+            "bytes": self.record.get("bytes", {}),
+        }
+
+
+def prepare_source(section, model_dir: str | os.PathLike) -> SalrSource:
+    """The folder of a ``salr:`` section (``prunedlora.salr.recipe.SalrSection``), made first with its
+    ``sparsify`` options when absent, and checked to come from ``model_dir`` (the recipe's model)."""
+    from prunedlora.salr.pipeline import sparsify
+
+    if not section.exists():
+        section.check_folder()  # no folder and no options: the recipe's one-line refusal
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise SalrError(
+                f"salr.dir {section.dir} does not exist yet; with several processes run "
+                f"`prunedlora sparsify MODEL {section.dir}` first so that one process writes it"
+            )
+        sparsify(model_dir, section.dir, section.sparsify)
+    else:
+        section.check_folder()
+    record = read_record(section.dir)
+    made_from = record.get("source_model")
+    if made_from and Path(made_from).resolve() != Path(model_dir).resolve():
+        raise SalrError(
+            f"salr.dir {section.dir} was sparsified from {made_from}, not from the recipe's model {model_dir}; "
+            "set model to the one it was made from, or name another salr.dir"
+        )
+    return SalrSource(dir=Path(section.dir), record=record, residual=section.residual or record["config"]["residual"])
 
 
 class FrozenResidualCallback(TrainerCallback):

@@ -19,6 +19,7 @@ from prunedlora.config import ConfigError, PrunedLoraConfig
 from prunedlora.errors import PrunedLoraError
 from prunedlora.fieldtypes import check_field_types
 from prunedlora.loraprune.config import LorapruneConfig
+from prunedlora.salr.recipe import ADAPTER_SHAPE_OPTIONS, SalrSection
 from prunedlora.tasks import TASKS, DataConfig
 
 
@@ -92,6 +93,9 @@ class TrainRecipe:
     ``prune: false`` trains plain LoRA at rank r0 with the same everything else (the baseline).
     A ``loraprune`` section prunes the *base model* (heads and MLP channels, LoRAPrune) while that
     plain LoRA trains; it needs ``prune: false`` (the adapter's rank is not pruned at the same time).
+    A ``salr`` section trains from a ``prunedlora sparsify`` folder (sparse base, residual + task
+    adapter) instead of the dense model; it too needs ``prune: false``, and the adapter's shape is the
+    folder's, not ``method``'s.
     """
 
     model: str = "default"
@@ -100,12 +104,14 @@ class TrainRecipe:
     training: TrainingOptions = field(default_factory=TrainingOptions)
     prune: bool = True
     loraprune: LorapruneConfig | None = None
+    salr: SalrSection | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "model": self.model,
             "prune": self.prune,
             "loraprune": None if self.loraprune is None else self.loraprune.to_dict(),
+            "salr": None if self.salr is None else self.salr.to_dict(),
             "data": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self.data).items()},
             "method": self.method.to_dict(),
             "training": asdict(self.training),
@@ -179,10 +185,11 @@ def recipe_from_dict(raw: dict[str, Any]) -> TrainRecipe:
     Every problem is a ConfigError (a PrunedLoraError) that names the section and key."""
     if not isinstance(raw, dict):
         raise ConfigError(f"a recipe must be a mapping with model, data, method, training; got a {type(raw).__name__}")
-    unknown = sorted(map(str, set(raw) - {"model", "prune", "loraprune", *_SECTIONS}))
+    unknown = sorted(map(str, set(raw) - {"model", "prune", "loraprune", "salr", *_SECTIONS}))
     if unknown:
         raise ConfigError(
-            f"unknown recipe section(s) {unknown}; a recipe has model, prune, data, method, training (and loraprune)"
+            f"unknown recipe section(s) {unknown}; a recipe has model, prune, data, method, training "
+            "(and loraprune or salr)"
         )
     if "model" not in raw:
         raise ConfigError(
@@ -231,7 +238,31 @@ def recipe_from_dict(raw: dict[str, Any]) -> TrainRecipe:
                 "a loraprune recipe prunes the base model while plain LoRA trains: set prune: false "
                 "(rank pruning of the adapter at the same time is not supported)"
             )
-    return TrainRecipe(model=model, prune=prune, loraprune=loraprune, **sections)
+    salr = _salr_section(raw, prune, loraprune)
+    return TrainRecipe(model=model, prune=prune, loraprune=loraprune, salr=salr, **sections)
+
+
+def _salr_section(raw: dict[str, Any], prune: bool, loraprune: LorapruneConfig | None) -> SalrSection | None:
+    """The ``salr`` section, refused when another part of the recipe contradicts it."""
+    if raw.get("salr") is None:
+        return None
+    if prune:
+        raise ConfigError(
+            "a salr recipe trains the sparsify folder's adapter at its full rank: set prune: false "
+            "(rank pruning of that adapter is not supported)"
+        )
+    if loraprune is not None:
+        raise ConfigError("a recipe has a salr or a loraprune section, not both: they prune the base differently")
+    shape = sorted(set(raw.get("method") or {}) & set(ADAPTER_SHAPE_OPTIONS))
+    if shape:
+        raise ConfigError(
+            f"method.{shape[0]} does not apply to a salr recipe: the adapter's rank, alpha and targets are the "
+            "sparsify folder's (set them under salr.sparsify: residual_rank, task_rank, lora_alpha, target_modules)"
+        )
+    try:
+        return SalrSection.from_dict(raw["salr"])
+    except PrunedLoraError as err:
+        raise ConfigError(str(err) if str(err).startswith("salr") else f"salr: {err}") from None
 
 
 def packaged_recipes() -> dict[str, Any]:

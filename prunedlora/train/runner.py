@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -116,7 +116,11 @@ def train(recipe: TrainRecipe, resume: bool | str = "auto", callbacks: list | No
         tokenizer.pad_token = tokenizer.eos_token
     dataset = build_train_dataset(tokenizer, recipe.data)  # before the model: a bad data file fails fast
     torch.manual_seed(opts.seed)
-    model = build_peft_model(model_dir, recipe.method, opts.dtype)
+    salr_callbacks, salr_source = [], None
+    if recipe.salr is not None:
+        model, recipe, salr_source, salr_callbacks = _salr_model(recipe, model_dir)
+    else:
+        model = build_peft_model(model_dir, recipe.method, opts.dtype)
     if opts.gradient_checkpointing:
         model.gradient_checkpointing_enable()
         model.enable_input_require_grads()
@@ -150,6 +154,7 @@ def train(recipe: TrainRecipe, resume: bool | str = "auto", callbacks: list | No
         callbacks=[
             PrunedLoraCallback(pruner),
             *([LorapruneCallback(base_pruner)] if base_pruner is not None else []),
+            *salr_callbacks,
             *(callbacks or []),
         ],
     )
@@ -167,7 +172,18 @@ def train(recipe: TrainRecipe, resume: bool | str = "auto", callbacks: list | No
     if trainer.is_world_process_zero():
         if base_pruner is not None:  # the final masks: `prunedlora prune-export RUN OUT` slices with them
             base_pruner.save(run_dir)  # before the run record, which is written last
-        write_run_dir(run_dir, model, pruner, recipe, model_dir, trainer.state.global_step)
+        if salr_source is None:
+            write_run_dir(run_dir, model, pruner, recipe, model_dir, trainer.state.global_step)
+        else:  # the adapter belongs to the materialised sparse base: that is the run's base model
+            write_run_dir(
+                run_dir,
+                model,
+                pruner,
+                recipe,
+                salr_source.base_dir,
+                trainer.state.global_step,
+                salr_source.provenance(),
+            )
     return TrainResult(
         run_dir=run_dir,
         ranks=pruner.ranks(),
@@ -178,8 +194,33 @@ def train(recipe: TrainRecipe, resume: bool | str = "auto", callbacks: list | No
     )
 
 
-def write_run_dir(run_dir: Path, model, pruner: RankPruner, recipe: TrainRecipe, model_dir: Path, step: int) -> None:
-    """Adapter at r0 (pruned components exactly 0), masks, rank history, run record, rank heatmap."""
+def _salr_model(recipe: TrainRecipe, model_dir: Path):
+    """(PEFT model, recipe with the folder's adapter shape as its method, SalrSource, callbacks) of a
+    ``salr`` recipe: the sparsify folder (made first if the section says how) loaded for training."""
+    from prunedlora.salr.training import FrozenResidualCallback, load_for_training, prepare_source
+
+    source = prepare_source(recipe.salr, model_dir)
+    model, freeze = load_for_training(source.dir, dtype=recipe.training.dtype, residual=source.residual)
+    logger.info(
+        "SALR: training %s over the sparse base %s, residual %s", source.dir, source.base_dir, source.residual
+    )
+    callbacks = [FrozenResidualCallback(freeze)] if freeze is not None else []
+    return model, replace(recipe, method=source.method()), source, callbacks
+
+
+def write_run_dir(
+    run_dir: Path,
+    model,
+    pruner: RankPruner,
+    recipe: TrainRecipe,
+    model_dir: Path,
+    step: int,
+    salr: dict | None = None,
+) -> None:
+    """Adapter at r0 (pruned components exactly 0), masks, rank history, run record, rank heatmap.
+
+    ``salr`` (a SALR run's source folder, ``SalrSource.provenance``) is kept in the record's
+    ``training`` under ``salr_source``; export reads it to refuse serving the adapter on the dense model."""
     from prunedlora.train.plots import plot_rank_heatmap
 
     pruner.mask_weights()
@@ -192,7 +233,7 @@ def write_run_dir(run_dir: Path, model, pruner: RankPruner, recipe: TrainRecipe,
         target_modules=list(recipe.method.target_modules),
         ranks=ranks,
         method=recipe.method.to_dict(),
-        training=recipe.to_dict(),
+        training={**recipe.to_dict(), **({"salr_source": salr} if salr else {})},
         global_step=step,
     )
     metadata.write_run(run_dir, record, pruner.masks, model.save_pretrained, history=pruner.history)

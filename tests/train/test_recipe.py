@@ -7,7 +7,15 @@ import pytest
 from prunedlora.config import ConfigError
 from prunedlora.train.recipe import load_recipe, packaged_recipes
 
-SHIPPED = ["demo", "demo-gsm8k", "smollm2-codealpaca", "smollm2-gsm8k", "smollm2-loraprune", "smollm2-sst2"]
+SHIPPED = [
+    "demo",
+    "demo-gsm8k",
+    "smollm2-codealpaca",
+    "smollm2-gsm8k",
+    "smollm2-loraprune",
+    "smollm2-salr",
+    "smollm2-sst2",
+]
 
 
 def test_the_package_ships_the_recipes():

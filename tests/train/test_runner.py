@@ -283,7 +283,8 @@ def test_recipe_overrides_and_errors(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "name", ["smollm2-sst2", "smollm2-gsm8k", "smollm2-codealpaca", "smollm2-loraprune", "demo", "demo-gsm8k"]
+    "name",
+    ["smollm2-sst2", "smollm2-gsm8k", "smollm2-codealpaca", "smollm2-loraprune", "smollm2-salr", "demo", "demo-gsm8k"],
 )
 def test_shipped_recipes_parse(name):
     load_recipe(Path(__file__).parents[2] / "recipes" / f"{name}.yaml")

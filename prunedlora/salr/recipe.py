@@ -1,0 +1,110 @@
+"""The ``salr:`` section of a training recipe: which sparsify folder a run trains from, and how.
+
+Why a section and not a method: SALR changes the *starting point* of training (a sparse base and an
+adapter whose first components repair it), not the training loop, so ``prunedlora train`` runs its
+usual Trainer on what ``prunedlora sparsify`` wrote. The adapter's shape (rank, alpha, targets) is the
+folder's; a recipe that also sets it in ``method`` would be silently ignored, so that is refused.
+
+    salr:
+      dir: runs/smollm2-salr-base   # a `prunedlora sparsify` output folder
+      residual: frozen              # frozen | trainable; null: what sparsify recorded
+      sparsify: {sparsity: 0.5, residual_rank: 16, task_rank: 8}   # optional: make `dir` first
+
+With ``sparsify`` options the folder is made on the first run (from the recipe's model) and reused
+after, provided it was made with the same options; without them it must already exist. Every check
+that needs no model runs when the recipe is read, so a wrong section fails before anything loads.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from prunedlora.salr.config import RESIDUAL_MODES, SparsifyConfig
+from prunedlora.salr.errors import SalrError
+
+# the PrunedLoRA method options that describe the adapter's shape: a salr recipe takes them from the folder
+ADAPTER_SHAPE_OPTIONS = ("r0", "lora_alpha", "use_rslora", "target_modules", "lora_dropout")
+# sparsify settings that do not change the folder's weights (only the default training mode it records)
+_NOT_IN_WEIGHTS = ("residual",)
+
+
+@dataclass
+class SalrSection:
+    """A validated ``salr:`` section. ``sparsify`` holds the options to make ``dir`` with, or None."""
+
+    dir: str
+    residual: str | None = None
+    sparsify: SparsifyConfig | None = None
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SalrSection:
+        if not isinstance(data, dict):
+            raise SalrError(f"salr must be a mapping of option: value, got {type(data).__name__}")
+        known = [f.name for f in fields(cls)]
+        unknown = sorted(map(str, set(data) - set(known)))
+        if unknown:
+            raise SalrError(f"unknown salr setting(s): {', '.join(unknown)}; known: {', '.join(known)}")
+        folder = data.get("dir")
+        if not isinstance(folder, (str, Path)) or not str(folder).strip():
+            raise SalrError("salr.dir is missing: name the `prunedlora sparsify` output folder to train from")
+        residual = data.get("residual")
+        if residual is not None and residual not in RESIDUAL_MODES:
+            raise SalrError(f"salr.residual must be one of {', '.join(RESIDUAL_MODES)} (or null), got {residual!r}")
+        options = data.get("sparsify")
+        config = None
+        if options is not None:
+            if not isinstance(options, dict):
+                raise SalrError(f"salr.sparsify must be a mapping of sparsify options, got {type(options).__name__}")
+            allowed = {f.name for f in fields(SparsifyConfig)}
+            bad = sorted(map(str, set(options) - allowed))
+            if bad:
+                raise SalrError(
+                    f"unknown salr.sparsify option(s): {', '.join(bad)}; known: {', '.join(sorted(allowed))}"
+                )
+            try:
+                config = SparsifyConfig(**options)
+            except SalrError as err:
+                raise SalrError(f"salr.sparsify: {err}") from None
+        section = cls(dir=str(folder), residual=residual, sparsify=config)
+        section.check_folder()
+        return section
+
+    @property
+    def record_path(self) -> Path:
+        from prunedlora.salr.pipeline import RECORD_FILE
+
+        return Path(self.dir) / RECORD_FILE
+
+    def exists(self) -> bool:
+        return self.record_path.is_file()
+
+    def check_folder(self) -> None:
+        """The folder must exist unless ``sparsify`` can make it, and if both, agree with its options."""
+        if not self.exists():
+            if self.sparsify is None:
+                raise SalrError(
+                    f"salr.dir {self.dir} holds no sparsify output ({self.record_path.name} missing): run "
+                    f"`prunedlora sparsify MODEL {self.dir}` first, or give salr.sparsify options to make it"
+                )
+            if Path(self.dir).exists() and (not Path(self.dir).is_dir() or any(Path(self.dir).iterdir())):
+                raise SalrError(f"salr.dir {self.dir} exists but is no sparsify output; empty it or name another")
+            return
+        if self.sparsify is not None:
+            try:
+                made = json.loads(self.record_path.read_text())["config"]
+            except (OSError, json.JSONDecodeError, KeyError, TypeError) as err:
+                raise SalrError(f"{self.record_path} is damaged ({err}); run `prunedlora sparsify` again") from None
+            wanted = {k: v for k, v in self.sparsify.to_dict().items() if k not in _NOT_IN_WEIGHTS}
+            differ = sorted(k for k, v in wanted.items() if made.get(k) != v)
+            if differ:
+                shown = ", ".join(f"{k} {made.get(k)!r} (recipe {wanted[k]!r})" for k in differ[:4])
+                raise SalrError(
+                    f"salr.dir {self.dir} was sparsified with other settings: {shown}; "
+                    "remove the folder to remake it, or name another salr.dir"
+                )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "sparsify": None if self.sparsify is None else self.sparsify.to_dict()}

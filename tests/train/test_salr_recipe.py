@@ -1,0 +1,80 @@
+"""The ``salr:`` recipe section: read into a SalrSection, and refused in one line where it cannot work
+(before any model is loaded). Training from it is tested in tests/salr/test_train_recipe.py."""
+
+import json
+
+import pytest
+
+from prunedlora.config import ConfigError
+from prunedlora.train.recipe import load_recipe, recipe_from_dict
+
+
+def raw(tmp_path, **change):
+    return {
+        "model": "default",
+        "prune": False,
+        "data": {"task": "gsm8k"},
+        "salr": {"dir": str(tmp_path / "made"), "sparsify": {"residual_rank": 4, "task_rank": 4}},
+        **change,
+    }
+
+
+def fake_folder(path, **config):
+    """A folder that looks like sparsify's output to the recipe reader (only salr.json is read)."""
+    from prunedlora.salr import SparsifyConfig
+
+    path.mkdir(parents=True)
+    (path / "salr.json").write_text(json.dumps({"config": SparsifyConfig(**config).to_dict()}))
+    return path
+
+
+def test_a_section_with_sparsify_options_is_read(tmp_path):
+    recipe = recipe_from_dict(raw(tmp_path))
+    assert recipe.salr.sparsify.residual_rank == 4 and recipe.salr.residual is None
+    assert recipe.to_dict()["salr"]["sparsify"]["task_rank"] == 4
+
+
+def test_an_existing_folder_alone_is_enough_and_overrides_reach_the_section(tmp_path):
+    folder = fake_folder(tmp_path / "f")
+    recipe_file = tmp_path / "r.yaml"
+    recipe_file.write_text(f"model: default\nprune: false\ndata: {{task: gsm8k}}\nsalr: {{dir: {folder}}}\n")
+    recipe = load_recipe(recipe_file, {"salr.residual": "trainable"})
+    assert recipe.salr.dir == str(folder) and recipe.salr.residual == "trainable" and recipe.salr.sparsify is None
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(prune=True), "set prune: false"),
+        (dict(salr={"dir": "x", "rank": 4}), "unknown salr setting"),
+        (dict(salr={"residual": "frozen"}), "salr.dir is missing"),
+        (dict(salr={"dir": "nowhere/at/all"}), "holds no sparsify output"),
+        (dict(salr={"dir": "x", "residual": "thawed"}), "salr.residual must be one of frozen, trainable"),
+        (dict(salr={"dir": "x", "sparsify": {"sparsty": 0.5}}), "unknown salr.sparsify option"),
+        (dict(salr={"dir": "x", "sparsify": {"sparsity": 1.5}}), "salr.sparsify: sparsity must lie strictly"),
+        (dict(salr=[1]), "salr must be a mapping"),
+        (dict(method={"r0": 16}), "method.r0 does not apply to a salr recipe"),
+        (dict(loraprune={}), "not both"),
+    ],
+)
+def test_bad_salr_recipes_are_refused_with_one_line(tmp_path, change, message):
+    with pytest.raises(ConfigError, match=message) as info:
+        recipe_from_dict(raw(tmp_path, **change))
+    assert "\n" not in str(info.value)
+
+
+def test_a_folder_made_with_other_options_is_refused(tmp_path):
+    folder = fake_folder(tmp_path / "f", residual_rank=8, task_rank=4)
+    section = {"dir": str(folder), "sparsify": {"residual_rank": 4, "task_rank": 4, "residual": "trainable"}}
+    with pytest.raises(ConfigError, match=r"sparsified with other settings: residual_rank 8 \(recipe 4\)") as info:
+        recipe_from_dict(raw(tmp_path, salr=section))
+    assert "\n" not in str(info.value)
+    section["sparsify"]["residual_rank"] = 8  # `residual` is only the training default: not a difference
+    assert recipe_from_dict(raw(tmp_path, salr=section)).salr.sparsify.residual == "trainable"
+
+
+def test_a_non_empty_folder_without_a_record_is_not_overwritten(tmp_path):
+    (tmp_path / "made").mkdir()
+    (tmp_path / "made" / "keep.txt").write_text("mine")
+    with pytest.raises(ConfigError, match="exists but is no sparsify output"):
+        recipe_from_dict(raw(tmp_path))
