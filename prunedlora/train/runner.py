@@ -201,9 +201,7 @@ def _salr_model(recipe: TrainRecipe, model_dir: Path):
 
     source = prepare_source(recipe.salr, model_dir)
     model, freeze = load_for_training(source.dir, dtype=recipe.training.dtype, residual=source.residual)
-    logger.info(
-        "SALR: training %s over the sparse base %s, residual %s", source.dir, source.base_dir, source.residual
-    )
+    logger.info("SALR: training %s over the sparse base %s, residual %s", source.dir, source.base_dir, source.residual)
     callbacks = [FrozenResidualCallback(freeze)] if freeze is not None else []
     return model, replace(recipe, method=source.method()), source, callbacks
 
