@@ -35,7 +35,9 @@ scratch, allocator slack) is not counted; it is the same for every criterion.
 
 Writes benchmarks/results/loraprune/eval.json, eval.md and eval.png; each measurement is written as
 soon as it is taken, and a rerun skips what the file already holds (``--redo NAME`` measures one
-configuration again). Run directories and pruned models go under runs/loraprune_eval/ (gitignored).
+configuration again; ``--adopt NAME`` measures a finished run directory of an earlier invocation with
+the same settings instead of training it again, and records it as adopted, without peak RSS or time).
+Run directories and pruned models go under runs/loraprune_eval/ (gitignored).
 """
 
 from __future__ import annotations
@@ -276,7 +278,45 @@ def memory_table(results: dict) -> list[str]:
     return lines
 
 
+def adopt(name: str, criterion: str, sparsity: float, args, run_dir: Path) -> dict:
+    """A finished run directory left by an earlier invocation of this script (its results were dropped
+    when the perplexity protocol changed), taken as this configuration's training when its run record
+    shows the same settings; its losses come from the Trainer's log history (logged every 5 of the 40
+    steps, so their mean is the run's mean loss). Its peak RSS and wall time were not kept: None."""
+    record = json.loads((run_dir / "prunedlora_run.json").read_text())
+    recipe = record["training"]
+    want = {
+        ("loraprune", "criterion"): criterion,
+        ("loraprune", "sparsity"): sparsity,
+        ("loraprune", "prune_every"): args.prune_every,
+        ("loraprune", "seed"): args.seed,
+        ("training", "max_steps"): args.steps,
+        ("training", "per_device_train_batch_size"): args.batch,
+        ("training", "gradient_accumulation_steps"): 1,
+        ("training", "warmup_steps"): args.warmup,
+        ("training", "seed"): args.seed,
+        ("data", "max_length"): args.max_length,
+    }
+    wrong = {k: recipe[k[0]][k[1]] for k, v in want.items() if recipe[k[0]][k[1]] != v}
+    if wrong or record["global_step"] != args.steps:
+        raise SystemExit(f"{name}: {run_dir} was trained with other settings ({wrong}); train it again instead")
+    state = json.loads((run_dir / f"checkpoint-{args.steps}" / "trainer_state.json").read_text())
+    losses = [e["loss"] for e in state["log_history"] if "loss" in e]
+    return {
+        "peak_rss_mib": None,
+        "train_wall_s": None,
+        "train_runtime_s": None,
+        "train_loss_mean": round(sum(losses) / len(losses), 4) if losses else None,
+        "last_logged_loss": round(losses[-1], 4) if losses else None,
+        "command": "(adopted) an earlier run of this script with the same settings; run directory reused",
+    }
+
+
 # -- report ---------------------------------------------------------------------------------------
+
+
+def _num(value) -> str:
+    return "-" if value is None else f"{value:.0f}"
 
 
 def write_report(results: dict, out_dir: Path) -> None:
@@ -318,8 +358,8 @@ def write_report(results: dict, out_dir: Path) -> None:
         lines.append(
             f"| {name} | {run['criterion']} | {run['sparsity']} | {run['removed']:.3f} | "
             f"{run['params'] / 1e6:.1f}M{rel_p} | {run['bytes'] / 2**20:.1f} MiB{rel_b} | "
-            f"{run['wikitext2']['ppl']:.2f} | {run['ptb']['ppl']:.2f} | {run['peak_rss_mib']:.0f} | "
-            f"{run['train_wall_s']:.0f} |"
+            f"{run['wikitext2']['ppl']:.2f} | {run['ptb']['ppl']:.2f} | {_num(run['peak_rss_mib'])} | "
+            f"{_num(run['train_wall_s'])} |"
         )
     lines += memory_table(results)
     if results.get("notes"):  # written by hand after a run: what the numbers do and do not show
@@ -392,6 +432,12 @@ def main() -> None:
         "--memory",
         action="store_true",
         help="measure only the live tensor memory of a few training steps per configuration (no training run)",
+    )
+    parser.add_argument(
+        "--adopt",
+        nargs="*",
+        default=[],
+        help="configurations whose finished run directory (same settings) is measured instead of retrained",
     )
     parser.add_argument("--memory-steps", type=int, default=3)
     parser.add_argument(
@@ -483,6 +529,10 @@ def main() -> None:
             continue
         run.update(criterion=criterion, sparsity=sparsity)
         run_dir, pruned_dir = WORK / name, WORK / f"{name}-pruned"
+        if "peak_rss_mib" not in run and name in args.adopt:
+            run.update(adopt(name, criterion, sparsity, args, run_dir))
+            results["runs"][name] = run
+            print(f"{name}: adopted the finished run in {run_dir.relative_to(ROOT)}", flush=True)
         if "peak_rss_mib" not in run:
             print(f"{name}: training ...", flush=True)
             run.update(train(name, criterion, sparsity, args, run_dir))
