@@ -1,0 +1,331 @@
+"""SALR after training: GSM8K answer NLL of each way to spend one adapter budget on a sparse base, and bytes.
+
+Issue 13's task table at a CPU-affordable scale. Every trained cell uses one PEFT LoRA of the same rank
+``r_res + r_task`` with the same scaling (alpha = 2 x rank), data, data order, steps, learning rate and
+seed, through ``prunedlora train`` (the ``salr:`` recipe section for the sparse cells):
+
+=================  ===================================================================================
+``dense-lora``     the dense model, plain LoRA at rank r_res + r_task (the reference SALR aims for)
+``sparse-lora``    magnitude 50%, LoRA at rank r_res + r_task from PEFT's init (no residual)
+``salr-frozen``    magnitude 50%, the residual's rank-r_res SVD + r_task task components, residual frozen
+``salr-trainable`` the same, residual trained with the task components
+``wanda-residual`` Wanda 50% (one calibration pass), residual + task, residual frozen
+``2:4-residual``   magnitude 2:4, residual + task, residual frozen
+=================  ===================================================================================
+
+Two untrained rows frame them: ``dense-base`` (the dense model, no adapter) and ``salr-untrained``
+(magnitude 50% + the residual, task components still zero: what the residual alone gives back).
+
+The score is the quality bench's GSM8K answer NLL (``prunedlora.bench.scoring.score_adapter``: NLL per
+token of the reference solution on the dev split carved from train, which training never sees).
+Bytes on disk are the base as stored (the dense safetensors, or sparsify's compressed bitmap store)
+plus the adapter's safetensors; vLLM would serve the materialised dense base, so these are disk bytes,
+not memory or speed.
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/salr_tasks.py [--steps 30] [--batch 4]
+        [--eval-examples 100] [--cells dense-lora salr-frozen ...]
+
+Each cell is written to benchmarks/results/salr/tasks.json when it finishes (with tasks.md and tasks.png),
+and a rerun with the same settings skips finished cells; an interrupted training resumes from its last
+checkpoint under ``--work`` (default runs/salr-tasks, not committed). Paths in the results are relative.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+OUT_DIR = Path(__file__).parent / "results" / "salr"
+SHARED_GSM8K = REPO.parent / "shared" / "data" / "gsm8k"
+
+# name -> (sparsify options, or None for the dense model; residual mode; trained?)
+CELLS: dict[str, tuple[dict[str, Any] | None, str | None, bool]] = {
+    "dense-lora": (None, None, True),
+    "sparse-lora": ({"mask": "magnitude", "pattern": "unstructured", "residual": 0}, "trainable", True),
+    "salr-frozen": ({"mask": "magnitude", "pattern": "unstructured"}, "frozen", True),
+    "salr-trainable": ({"mask": "magnitude", "pattern": "unstructured"}, "trainable", True),
+    "wanda-residual": ({"mask": "wanda", "pattern": "unstructured"}, "frozen", True),
+    "2:4-residual": ({"mask": "magnitude", "pattern": "2:4"}, "frozen", True),
+    "dense-base": (None, None, False),
+    "salr-untrained": ({"mask": "magnitude", "pattern": "unstructured"}, "frozen", False),
+}
+
+
+@dataclass
+class Settings:
+    """Everything a cell's number depends on; a table holds cells of one Settings only."""
+
+    steps: int = 30
+    batch: int = 4
+    learning_rate: float = 5e-4
+    warmup_steps: int = 3
+    max_length: int = 384
+    eval_examples: int = 100
+    sparsity: float = 0.5
+    residual_rank: int = 16
+    task_rank: int = 8
+    seed: int = 0
+    data: str = "vendored"  # "vendored" (the package's slice) or "../shared/data/gsm8k"
+
+    @property
+    def rank(self) -> int:
+        return self.residual_rank + self.task_rank
+
+    def data_path(self) -> str | None:
+        return None if self.data == "vendored" else str(REPO / self.data)
+
+
+def rel(path: Path) -> str:
+    path = Path(path).resolve()
+    for root, prefix in ((REPO, ""), (REPO.parent, "../")):
+        if path.is_relative_to(root):
+            return prefix + str(path.relative_to(root))
+    return path.name
+
+
+def sparsify_options(cell: str, s: Settings) -> dict[str, Any] | None:
+    spec = CELLS[cell][0]
+    if spec is None:
+        return None
+    residual = spec.get("residual", s.residual_rank)
+    return {
+        "sparsity": s.sparsity,
+        "pattern": spec["pattern"],
+        "mask": spec["mask"],
+        "residual_rank": residual,
+        "task_rank": s.rank - residual,
+        "lora_alpha": float(2 * s.rank),
+        "seed": s.seed,
+    }
+
+
+def folder_name(options: dict[str, Any]) -> str:
+    pattern = "24" if options["pattern"] == "2:4" else f"u{round(options['sparsity'] * 100)}"
+    return f"{options['mask']}-{pattern}-res{options['residual_rank']}-task{options['task_rank']}"
+
+
+def recipe_for(cell: str, s: Settings, work: Path) -> dict[str, Any]:
+    """The ``recipe_from_dict`` mapping of a trained cell."""
+    raw: dict[str, Any] = {
+        "model": "default",
+        "prune": False,
+        "data": {"task": "gsm8k", "path": s.data_path(), "max_length": s.max_length, "seed": s.seed},
+        "training": {
+            "output_dir": str(work / cell.replace(":", "")),
+            "max_steps": s.steps,
+            "per_device_train_batch_size": s.batch,
+            "learning_rate": s.learning_rate,
+            "warmup_steps": s.warmup_steps,
+            "save_steps": max(1, min(10, s.steps)),
+            "save_total_limit": 1,
+            "logging_steps": 5,
+            "seed": s.seed,
+        },
+    }
+    options = sparsify_options(cell, s)
+    if options is None:
+        raw["method"] = {"r0": s.rank, "lora_alpha": float(2 * s.rank), "target_rank": float(s.rank)}
+    else:
+        folder = work / "sparsify" / folder_name(options)
+        raw["salr"] = {"dir": str(folder), "residual": CELLS[cell][1], "sparsify": options}
+    return raw
+
+
+def file_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in Path(folder).glob("*.safetensors"))
+
+
+def ensure_folder(options: dict[str, Any], work: Path) -> Path:
+    from prunedlora.salr.pipeline import RECORD_FILE, sparsify
+    from prunedlora.salr.recipe import SalrSection
+
+    folder = work / "sparsify" / folder_name(options)
+    section = SalrSection.from_dict({"dir": str(folder), "sparsify": options})  # checks a reused folder
+    if not (folder / RECORD_FILE).is_file():
+        sparsify("default", folder, section.sparsify)
+    return folder
+
+
+def run_cell(cell: str, s: Settings, work: Path) -> dict[str, Any]:
+    """Train (resuming) and score one cell; returns its result row."""
+    from prunedlora import metadata
+    from prunedlora.bench.scoring import EvalSettings, score_adapter
+    from prunedlora.models import resolve_model
+    from prunedlora.train.recipe import recipe_from_dict
+    from prunedlora.train.runner import train
+
+    options = sparsify_options(cell, s)
+    trained = CELLS[cell][2]
+    row: dict[str, Any] = {"cell": cell, "residual": CELLS[cell][1], "trained": trained}
+    start = time.time()
+    if options is not None:
+        folder = ensure_folder(options, work)
+        record = json.loads((folder / "salr.json").read_text())
+        base_dir, base_bytes = folder / "base", record["bytes"]["compressed_file"]
+        row.update(sparsify={k: options[k] for k in ("mask", "pattern", "sparsity", "residual_rank", "task_rank")})
+    else:
+        base_dir = resolve_model("default")
+        base_bytes = file_bytes(base_dir)
+    row["sparsify_seconds"] = round(time.time() - start, 1)
+
+    adapter = None
+    if trained:
+        recipe = recipe_from_dict(recipe_for(cell, s, work))
+        run_dir = Path(recipe.training.output_dir)
+        start = time.time()
+        done = (run_dir / metadata.RUN_RECORD_FILE).is_file() and (
+            metadata.read_run_record(run_dir).global_step >= s.steps
+        )
+        result = None if done else train(recipe, resume="auto")
+        row["train_seconds"] = round(time.time() - start, 1)
+        row["train_loss"] = None if result is None else result.train_loss
+        row["losses"] = [] if result is None else result.losses
+        adapter = run_dir / metadata.RUN_ADAPTER_DIR
+    elif options is not None:
+        adapter = base_dir.parent / "adapter"  # residual + zero task components, as sparsify wrote it
+
+    start = time.time()
+    evals = EvalSettings(max_examples=s.eval_examples, max_length=s.max_length, batch_size=8, exact_match_examples=0)
+    scores = score_adapter(base_dir, adapter, "gsm8k", s.data_path(), evals, data_seed=s.seed)
+    row["eval_seconds"] = round(time.time() - start, 1)
+    row["answer_nll"] = scores["answer_nll"]
+    row["eval_examples"] = scores["eval_examples"]
+    row["per_example"] = scores["per_example"]
+    row["bytes"] = {
+        "base_stored": base_bytes,
+        "adapter": file_bytes(adapter) if adapter is not None else 0,
+    }
+    row["bytes"]["total"] = row["bytes"]["base_stored"] + row["bytes"]["adapter"]
+    return row
+
+
+def write_outputs(data: dict, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / "tasks.json.tmp"
+    tmp.write_text(json.dumps(data, indent=1) + "\n")
+    tmp.replace(out / "tasks.json")
+    (out / "tasks.md").write_text(markdown(data))
+    if data["cells"]:
+        plot(data, out / "tasks.png")
+
+
+def markdown(data: dict) -> str:
+    s = data["settings"]
+    cells = data["cells"]
+    dense = cells.get("dense-lora", {}).get("answer_nll")
+    lines = [
+        "# SALR on GSM8K: answer NLL at one adapter budget (benchmarks/salr_tasks.py)",
+        "",
+        f"SmolLM2-135M-Instruct, float32, CPU. Every trained cell: one LoRA of rank {s['residual_rank']} + "
+        f"{s['task_rank']} = {s['residual_rank'] + s['task_rank']} on all seven projections (alpha = 2 x rank), "
+        f"{s['steps']} steps x {s['batch']} examples, lr {s['learning_rate']:g} ({s['warmup_steps']} warm-up "
+        f"steps), seed {s['seed']}, GSM8K data {s['data']}. Score: answer NLL per token of the reference "
+        f"solution on the first {s['eval_examples']} examples of the carved dev split (lower is better). "
+        f"Sparsity {s['sparsity']:.0%}.",
+        "",
+        "| cell | base | residual | trained | answer NLL | vs dense LoRA | base stored (MB) | adapter (MB) "
+        "| total (MB) | train s |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name in [c for c in CELLS if c in cells]:
+        row = cells[name]
+        sp = row.get("sparsify")
+        base, residual = "dense", "-"
+        if sp is not None:
+            base = f"{sp['mask']} " + ("2:4" if sp["pattern"] == "2:4" else f"{sp['sparsity']:.0%}")
+            residual = "none" if sp["residual_rank"] == 0 else f"r{sp['residual_rank']} {row['residual']}"
+        diff = "" if dense is None or not row["trained"] else f"{row['answer_nll'] - dense:+.4f}"
+        b = row["bytes"]
+        lines.append(
+            f"| {name} | {base} | {residual} | {'yes' if row['trained'] else 'no'} | {row['answer_nll']:.4f} | {diff} "
+            f"| {b['base_stored'] / 1e6:.1f} | {b['adapter'] / 1e6:.2f} | {b['total'] / 1e6:.1f} "
+            f"| {row.get('train_seconds', '')} |"
+        )
+    lines += [
+        "",
+        "- Bytes are on disk: the sparse bases are sparsify's compressed store (values + 1-bit bitmap); vLLM "
+        "serves the materialised dense base, so they buy no memory or speed there.",
+        "- One seed and a short run: differences of a few thousandths are within what another seed or data "
+        "order would move; `per_example` in tasks.json allows paired comparisons on the same examples.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def plot(data: dict, path: Path) -> None:
+    from prunedlora.figures import new_figure, save_figure
+
+    fig = new_figure(6.5, 4.2)
+    ax = fig.add_subplot(1, 1, 1)
+    for name, row in data["cells"].items():
+        x, y = row["bytes"]["total"] / 1e6, row["answer_nll"]
+        ax.plot([x], [y], "o" if row["trained"] else "x", color="tab:blue" if row["trained"] else "grey")
+        ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 3), fontsize=7)
+    s = data["settings"]
+    ax.set_xlabel("bytes on disk: base as stored + adapter (MB)")
+    ax.set_ylabel("GSM8K answer NLL per token (dev carve)")
+    ax.set_title(
+        f"SmolLM2-135M, {s['sparsity']:.0%} sparse bases, adapter rank {s['residual_rank']}+{s['task_rank']}, "
+        f"{s['steps']} steps x {s['batch']}",
+        fontsize=9,
+    )
+    ax.grid(True, alpha=0.3)
+    save_figure(fig, path)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    d = Settings()
+    parser.add_argument("--steps", type=int, default=d.steps)
+    parser.add_argument("--batch", type=int, default=d.batch)
+    parser.add_argument("--learning-rate", type=float, default=d.learning_rate)
+    parser.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
+    parser.add_argument("--max-length", type=int, default=d.max_length)
+    parser.add_argument("--eval-examples", type=int, default=d.eval_examples)
+    parser.add_argument("--sparsity", type=float, default=d.sparsity)
+    parser.add_argument("--residual-rank", type=int, default=d.residual_rank)
+    parser.add_argument("--task-rank", type=int, default=d.task_rank)
+    parser.add_argument("--seed", type=int, default=d.seed)
+    parser.add_argument("--data", choices=["vendored", "shared"], default="vendored", help="GSM8K slice or all 7,473")
+    parser.add_argument("--cells", nargs="+", choices=list(CELLS), default=list(CELLS))
+    parser.add_argument("--work", type=Path, default=REPO / "runs" / "salr-tasks", help="runs and sparsify folders")
+    parser.add_argument("--out", type=Path, default=OUT_DIR)
+    args = parser.parse_args()
+    if args.data == "shared" and not SHARED_GSM8K.is_dir():
+        parser.error(f"{rel(SHARED_GSM8K)} is missing; use --data vendored")
+    settings = Settings(
+        steps=args.steps,
+        batch=args.batch,
+        learning_rate=args.learning_rate,
+        warmup_steps=args.warmup_steps,
+        max_length=args.max_length,
+        eval_examples=args.eval_examples,
+        sparsity=args.sparsity,
+        residual_rank=args.residual_rank,
+        task_rank=args.task_rank,
+        seed=args.seed,
+        data="vendored" if args.data == "vendored" else rel(SHARED_GSM8K),
+    )
+    path = args.out / "tasks.json"
+    data = json.loads(path.read_text()) if path.is_file() else None
+    if data is not None and data["settings"] != asdict(settings):
+        parser.error(f"{rel(path)} holds a table with other settings; move it away or pass the same ones")
+    data = data or {"settings": asdict(settings), "cells": {}}
+    for cell in args.cells:
+        if cell in data["cells"]:
+            print(f"{cell}: done (answer NLL {data['cells'][cell]['answer_nll']:.4f})", flush=True)
+            continue
+        row = run_cell(cell, settings, args.work)
+        data["cells"][cell] = row
+        write_outputs(data, args.out)
+        print(f"{cell}: answer NLL {row['answer_nll']:.4f}, {row['bytes']['total']:,} bytes", flush=True)
+    write_outputs(data, args.out)
+
+
+if __name__ == "__main__":
+    main()
