@@ -25,6 +25,7 @@ from prunedlora.fieldtypes import check_field_types
 
 TASKS = ("gsm8k", "codealpaca", "sst2", "rte")
 SPLITS = ("train", "dev")
+LOSS_ON = ("response", "all")  # which tokens of a training example carry the loss (DataConfig.loss_on)
 LABELS: dict[str, tuple[str, ...]] = {
     "sst2": ("negative", "positive"),
     "rte": ("entailment", "not_entailment"),
@@ -75,6 +76,13 @@ class DataConfig:
     tasks without a dev file (gsm8k, codealpaca); for sst2 and rte, None means their own dev file
     and an integer carves from train instead. ``max_examples`` keeps the first N of the split in
     file order, after carving, so the dev split does not depend on it.
+
+    ``mix`` names further tasks whose examples are interleaved with ``task``'s, one of each in turn
+    until each list ends (e.g. LoRAPrune's GSM8K + CodeAlpaca stand-in for instruction data); each is
+    read from its vendored slice with this config's split, seed and carving, and ``max_examples``
+    caps the interleaved list. ``loss_on`` is ``response`` (the default: loss on the assistant's
+    reply only) or ``all`` (every token of the rendered conversation, prompt and template included,
+    as general-purpose instruction tuning and LoRAPrune's recovery training do).
     """
 
     task: str
@@ -84,6 +92,8 @@ class DataConfig:
     max_length: int = 512
     seed: int = 0
     dev_size: int | None = None
+    mix: list[str] | None = None
+    loss_on: str = "response"
 
     def __post_init__(self) -> None:
         check_field_types(self, DataError)  # types first: the range checks below compare values
@@ -97,6 +107,15 @@ class DataConfig:
             raise DataError(f"max_length must be at least 2 tokens, got {self.max_length!r}")
         if self.dev_size is not None and self.dev_size < 0:
             raise DataError(f"dev_size must be >= 0 or None, got {self.dev_size!r}")
+        if self.loss_on not in LOSS_ON:
+            raise DataError(f"loss_on must be one of {', '.join(LOSS_ON)}, got {self.loss_on!r}")
+        if self.mix is not None:
+            self.mix = list(self.mix)
+            unknown = [t for t in self.mix if t not in TASKS]
+            if unknown:
+                raise DataError(f"unknown task(s) {unknown} in mix; known tasks: {', '.join(TASKS)}")
+            if self.task in self.mix or len(set(self.mix)) != len(self.mix):
+                raise DataError(f"mix must name other tasks than {self.task!r}, each once; got {self.mix}")
         if self.path is not None:
             self.path = Path(self.path).expanduser()
 
@@ -326,6 +345,20 @@ def load_examples(config: DataConfig) -> list[Example]:
         examples = train if config.split == "train" else dev
         if not examples:
             raise DataError(f"split='dev' with dev_size=0 selects nothing from {path}; set dev_size > 0")
+    if config.mix:
+        others = [
+            load_examples(DataConfig(task=t, split=config.split, seed=config.seed, max_length=config.max_length))
+            for t in config.mix
+        ]
+        examples = interleave([examples, *others])
     if config.max_examples is not None:
         examples = examples[: config.max_examples]
     return examples
+
+
+def interleave(lists: list[list[Example]]) -> list[Example]:
+    """One element of each list in turn (their order kept), continuing with the longer ones."""
+    out: list[Example] = []
+    for i in range(max(map(len, lists), default=0)):
+        out.extend(items[i] for items in lists if i < len(items))
+    return out

@@ -115,7 +115,9 @@ def _shorten_prompt(tokenizer, example: Example, max_length: int, rendered: _Ren
     return None
 
 
-def _tokenize(tokenizer, example: Example, max_length: int) -> tuple[dict[str, list[int]] | None, str]:
+def _tokenize(
+    tokenizer, example: Example, max_length: int, loss_on: str = "response"
+) -> tuple[dict[str, list[int]] | None, str]:
     _check_template(tokenizer)
     rendered = _render(tokenizer, example.prompt, example.response)
     status = "kept"
@@ -131,11 +133,16 @@ def _tokenize(tokenizer, example: Example, max_length: int) -> tuple[dict[str, l
             return None, "dropped"
     ids = rendered.input_ids
     start, stop = rendered.prompt_len, rendered.prompt_len + rendered.learned
-    labels = [IGNORE_INDEX] * start + ids[start:stop] + [IGNORE_INDEX] * (len(ids) - stop)
+    if loss_on == "all":
+        labels = list(ids)
+    else:
+        labels = [IGNORE_INDEX] * start + ids[start:stop] + [IGNORE_INDEX] * (len(ids) - stop)
     return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}, status
 
 
-def tokenize_example(tokenizer, example: Example, max_length: int) -> dict[str, list[int]] | None:
+def tokenize_example(
+    tokenizer, example: Example, max_length: int, loss_on: str = "response"
+) -> dict[str, list[int]] | None:
     """``input_ids``, ``attention_mask`` and ``labels`` for one example, or None if it cannot fit.
 
     The user turn is the prompt, the assistant turn the response, rendered by the tokenizer's chat
@@ -146,9 +153,10 @@ def tokenize_example(tokenizer, example: Example, max_length: int) -> dict[str, 
 
     Raises ChatTemplateError when the template has no prefix property (the prompt rendered with
     ``add_generation_prompt=True`` is not a token prefix of the full rendering): the split between
-    masked and learned tokens would then be wrong.
+    masked and learned tokens would then be wrong. With ``loss_on="all"`` every kept token is
+    learned (labels equal ``input_ids``); the cutting rules are the same.
     """
-    return _tokenize(tokenizer, example, max_length)[0]
+    return _tokenize(tokenizer, example, max_length, loss_on)[0]
 
 
 class TokenizedDataset(Dataset):
@@ -182,7 +190,7 @@ def build_train_dataset(tokenizer, config: DataConfig, progress: bool | None = N
     features, kept = [], []
     disable = (not progress) if progress is not None else (None if len(examples) >= 2000 else True)
     for example in tqdm(examples, desc=f"tokenizing {config.task}", disable=disable):
-        feature, status = _tokenize(tokenizer, example, config.max_length)
+        feature, status = _tokenize(tokenizer, example, config.max_length, config.loss_on)
         stats[status] += 1
         if feature is not None:
             features.append(feature)

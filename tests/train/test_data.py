@@ -371,3 +371,43 @@ def test_bad_labels_and_malformed_files_are_reported_with_their_line(tmp_path):
     obj.write_text('{"instruction": "i", "input": "", "output": "o"}')
     with pytest.raises(DataError, match="expected a list"):
         load_examples(DataConfig(task="codealpaca", path=obj, dev_size=0))
+
+
+# -- task mixtures and loss on every token ---------------------------------------------------------
+
+
+def test_a_mix_interleaves_the_tasks_in_turn_and_caps_the_result():
+    gsm8k = load_examples(DataConfig(task="gsm8k"))
+    code = load_examples(DataConfig(task="codealpaca"))
+    mixed = load_examples(DataConfig(task="gsm8k", mix=["codealpaca"]))
+    assert mixed[:6] == [gsm8k[0], code[0], gsm8k[1], code[1], gsm8k[2], code[2]]
+    assert len(mixed) == len(gsm8k) + len(code)
+    capped = load_examples(DataConfig(task="gsm8k", mix=["codealpaca"], max_examples=5))
+    assert capped == mixed[:5]
+    dev = load_examples(DataConfig(task="gsm8k", mix=["codealpaca"], split="dev"))
+    assert not {e.prompt for e in dev} & {e.prompt for e in mixed}  # the carved dev split stays out
+
+
+@pytest.mark.parametrize(
+    "mix, message",
+    [(["squad"], "unknown task"), (["gsm8k"], "other tasks"), (["codealpaca", "codealpaca"], "each once")],
+)
+def test_a_bad_mix_is_refused_with_one_line(mix, message):
+    with pytest.raises(DataError, match=message):
+        DataConfig(task="gsm8k", mix=mix)
+
+
+def test_loss_on_must_be_response_or_all():
+    with pytest.raises(DataError, match="loss_on must be one of response, all"):
+        DataConfig(task="gsm8k", loss_on="prompt")
+
+
+def test_loss_on_all_learns_every_token_and_response_only_masks_the_prompt(tokenizer):
+    example = load_examples(DataConfig(task="gsm8k", max_examples=1))[0]
+    everything = tokenize_example(tokenizer, example, 2048, loss_on="all")
+    response = tokenize_example(tokenizer, example, 2048)
+    assert everything["input_ids"] == response["input_ids"] == everything["labels"]
+    assert IGNORE_INDEX in response["labels"] and response["labels"] != everything["labels"]
+    config = DataConfig(task="gsm8k", mix=["codealpaca"], loss_on="all", max_examples=4, max_length=256)
+    dataset = build_train_dataset(tokenizer, config)
+    assert all(f["labels"] == f["input_ids"] for f in dataset.features) and len(dataset) == 4
