@@ -18,7 +18,9 @@ STAGES = ("train", "export", "serve", "bench", "salr", "loraprune")
 FORBIDDEN = {
     "export": ("train", "serve", "bench", "salr", "loraprune"),
     "serve": ("train", "export", "bench", "salr", "loraprune"),
-    "train": ("export", "serve", "bench", "salr"),
+    "train": ("export", "serve", "bench"),
+    # train reads a sparsify folder and keeps SALR's residual frozen through salr's own loader and
+    # callback (a recipe's salr: section); salr itself knows no stage
     "salr": ("train", "export", "serve", "bench", "loraprune"),
     # train drives LoRAPrune's pruner through a callback; the method itself knows no stage
     "loraprune": ("train", "export", "serve", "bench", "salr"),
