@@ -13,8 +13,9 @@ seed, through ``prunedlora train`` (the ``salr:`` recipe section for the sparse 
 ``2:4-residual``   magnitude 2:4, residual + task, residual frozen
 =================  ===================================================================================
 
-Two untrained rows frame them: ``dense-base`` (the dense model, no adapter) and ``salr-untrained``
-(magnitude 50% + the residual, task components still zero: what the residual alone gives back).
+Three untrained rows frame them: ``dense-base`` (the dense model, no adapter), ``sparse-base`` (magnitude
+50%, no adapter) and ``salr-untrained`` (magnitude 50% + the residual, task components still zero: what
+the residual alone gives back).
 
 The score is the quality bench's GSM8K answer NLL (``prunedlora.bench.scoring.score_adapter``: NLL per
 token of the reference solution on the dev split carved from train, which training never sees).
@@ -53,6 +54,7 @@ CELLS: dict[str, tuple[dict[str, Any] | None, str | None, bool]] = {
     "2:4-residual": ({"mask": "magnitude", "pattern": "2:4"}, "frozen", True),
     "dense-base": (None, None, False),
     "salr-untrained": ({"mask": "magnitude", "pattern": "unstructured"}, "frozen", False),
+    "sparse-base": ({"mask": "magnitude", "pattern": "unstructured", "residual": 0}, None, False),
 }
 
 
@@ -186,7 +188,7 @@ def run_cell(cell: str, s: Settings, work: Path) -> dict[str, Any]:
         row["train_loss"] = None if result is None else result.train_loss
         row["losses"] = [] if result is None else result.losses
         adapter = run_dir / metadata.RUN_ADAPTER_DIR
-    elif options is not None:
+    elif options is not None and options["residual_rank"] > 0:
         adapter = base_dir.parent / "adapter"  # residual + zero task components, as sparsify wrote it
 
     start = time.time()
