@@ -180,9 +180,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--prompts", type=int, default=32)
     parser.add_argument("--prompt-tokens", type=int, default=32)
     parser.add_argument("--output-tokens", type=int, default=32)
-    parser.add_argument(
-        "--prefill-tokens", type=int, default=96, help="prompt length of the prefill load (0: skip it)"
-    )
+    parser.add_argument("--prefill-tokens", type=int, default=96, help="prompt length of the prefill load (0: skip it)")
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args(argv)
     if args.rounds < 2 or args.prompts < 1 or args.output_tokens < 2:
