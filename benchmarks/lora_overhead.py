@@ -38,22 +38,12 @@ SLOT = 32
 
 
 def _batch(engine, prompts: list[list[int]], adapter: str | None, max_tokens: int) -> tuple[float, float | None]:
-    """(wall seconds, mean TPOT seconds or None for one-token outputs) of one batch."""
-    from vllm import SamplingParams
-    from vllm.inputs import TokensPrompt
-
+    """(wall seconds, mean TPOT seconds or None for one-token outputs) of one batch, generated as the
+    latency bench's workers do (``latency_worker._generate``: greedy, ``ignore_eos``, no detokenizing)."""
+    from prunedlora.bench.latency_worker import _generate
     from prunedlora.bench.metrics import timing_from_stats
 
-    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, detokenize=False)
-    lora = engine.lora_request(adapter)
-    start = time.perf_counter()
-    outputs = engine.llm.generate(
-        [TokensPrompt(prompt_token_ids=ids) for ids in prompts],
-        params,
-        lora_request=[lora] * len(prompts),
-        use_tqdm=False,
-    )
-    wall = time.perf_counter() - start
+    outputs, wall = _generate(engine, prompts, [adapter] * len(prompts), max_tokens)
     if max_tokens == 1:
         return wall, None
     tpots = [timing_from_stats(o.metrics, len(o.outputs[0].token_ids)).tpot_s for o in outputs]
