@@ -15,7 +15,11 @@ Two loads, both from the same prompts (`prunedlora.bench.latency.bench_prompts`)
 - prefill: N prompts x P_long tokens -> 1 token, the batch's wall time (all prefill arithmetic).
 
 Adapters: the latency bench's synthetic families (weights random, ranks real): r0 (every module at 32),
-pruned-global (ranks of a real pruned run: average 8, max 16), pruned-uniform (every module at 8).
+pruned-global (ranks of a real pruned run: average 8, max 16), pruned-uniform (every module at 8), and
+rank-1 (every module at rank 1): its overhead is the **floor**, what any adapter costs whatever its rank
+(per-layer Python, a GEMM call's fixed cost, the expand's read-modify-write of the layer's whole
+output). Each adapter's overhead above that floor is the part its rank buys, and the ratio of those
+above-floor parts (r0 over pruned-global) is the rank saving the ops deliver.
 
     python benchmarks/lora_overhead.py [--rounds 8] [--prompts 32] [--output-tokens 32]
 
@@ -33,7 +37,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "benchmarks" / "results"
-FAMILIES = ("r0", "pruned-global", "pruned-uniform")
+FAMILIES = ("r0", "pruned-global", "pruned-uniform", "rank-1")
+FLOOR = "rank-1"
 SLOT = 32
 
 
@@ -95,6 +100,18 @@ def summarize(records: list[dict], families: tuple[str, ...]) -> dict:
             continue
         ratio = paired_bootstrap(overheads[f], overheads["pruned-global"])
         out["families"][f]["overhead_over_pruned_global"] = {"mean": ratio.mean, "low": ratio.low, "high": ratio.high}
+    if FLOOR in families:  # the rank-dependent part: each overhead less the rank-1 adapter's, same round
+        above = {f: [o - fl for o, fl in zip(overheads[f], overheads[FLOOR])] for f in families if f != FLOOR}
+        for f, values in above.items():
+            interval = paired_bootstrap(values)
+            out["families"][f]["above_floor"] = {"mean": interval.mean, "low": interval.low, "high": interval.high}
+            if f != "pruned-global":
+                ratio = paired_bootstrap(values, above["pruned-global"])
+                out["families"][f]["above_floor_over_pruned_global"] = {
+                    "mean": ratio.mean,
+                    "low": ratio.low,
+                    "high": ratio.high,
+                }
     return out
 
 
@@ -107,19 +124,26 @@ def markdown(payload: dict) -> str:
         f"(TPOT); prefill: {s['prompts']} prompts x {s['prefill_tokens']} -> 1 token (batch wall time). "
         f"Command: `{payload['command']}`.",
         "",
-        "| load | adapter (ranks) | time x base (mean) | overhead above base, 95% CI | overhead / pruned-global's, 95% CI |",
-        "|---|---|---|---|---|",
+        "| load | adapter (ranks) | time x base (mean) | overhead above base, 95% CI | overhead / pruned-global's, 95% CI "
+        "| above the rank-1 floor, 95% CI | above floor / pruned-global's, 95% CI |",
+        "|---|---|---|---|---|---|---|",
     ]
+
+    def interval(v: dict | None, percent: bool = False, reference: str = "1 (reference)") -> str:
+        if v is None:
+            return reference
+        if percent:
+            return f"{100 * v['mean']:+.1f}% [{100 * v['low']:+.1f}, {100 * v['high']:+.1f}]"
+        return f"{v['mean']:.2f} [{v['low']:.2f}, {v['high']:.2f}]"
+
     for load, summary in payload["loads"].items():
         for f, v in summary["families"].items():
-            o = v["overhead"]
-            ratio = v.get("overhead_over_pruned_global")
-            ratio_cell = (
-                "1 (reference)" if ratio is None else f"{ratio['mean']:.2f} [{ratio['low']:.2f}, {ratio['high']:.2f}]"
-            )
+            floor = "(the floor)" if f == FLOOR else "-"
             lines.append(
                 f"| {load} | {f} ({payload['adapters'][f]}) | {v['seconds_mean'] / summary['base_s']['mean']:.3f} | "
-                f"{100 * o['mean']:+.1f}% [{100 * o['low']:+.1f}, {100 * o['high']:+.1f}] | {ratio_cell} |"
+                f"{interval(v['overhead'], True)} | {interval(v.get('overhead_over_pruned_global'))} | "
+                f"{interval(v.get('above_floor'), True, floor)} | "
+                f"{interval(v.get('above_floor_over_pruned_global'), reference=floor if f == FLOOR else '1 (reference)')} |"
             )
     lines += [
         "",
@@ -153,7 +177,7 @@ def plot(payload: dict, path: Path) -> None:
             means,
             yerr=err,
             capsize=4,
-            color=["#c44", "#4a4", "#48c"],
+            color=["#c44", "#4a4", "#48c", "#999"][: len(fams)],
         )
         ax.axhline(0, color="black", linewidth=0.8)
         ax.set_ylabel("time above the base model (%)")
@@ -176,7 +200,7 @@ def main(argv: list[str]) -> int:
     if args.rounds < 2 or args.prompts < 1 or args.output_tokens < 2:
         parser.error("need --rounds >= 2, --prompts >= 1 and --output-tokens >= 2")
 
-    from prunedlora.bench.adapters import adapter_set_summary, synthetic_adapters
+    from prunedlora.bench.adapters import adapter_set_summary, synthetic_adapters, uniform_rank_adapter
     from prunedlora.bench.latency import _version, bench_prompts
     from prunedlora.bench.report import portable_path
     from prunedlora.cpu import machine_record
@@ -187,7 +211,10 @@ def main(argv: list[str]) -> int:
     adapters = synthetic_adapters(
         model_dir, cache_dir() / "bench" / "latency" / "adapters" / "synthetic", r0=SLOT, per_family=1
     )
-    chosen = {f: adapters.families[f][0] for f in FAMILIES}
+    chosen = {f: adapters.families[f][0] for f in FAMILIES if f != FLOOR}
+    chosen[FLOOR] = uniform_rank_adapter(
+        model_dir, cache_dir() / "bench" / "latency" / "adapters" / "synthetic", 1, name="rank-1", family=FLOOR, r0=SLOT
+    )
     loads = {
         "decode": {
             "prompts": bench_prompts(model_dir, args.prompts, args.prompt_tokens),
@@ -227,9 +254,13 @@ def main(argv: list[str]) -> int:
         "command": "python benchmarks/lora_overhead.py " + " ".join(argv),
         "settings": vars(args) | {"out": portable_path(args.out)},
         "adapters": {
-            f: f"max {e['max_rank']}, average {e['average_rank']:g}"
-            for f in FAMILIES
-            for e in summary["families"][f][:1]
+            **{
+                f: f"max {e['max_rank']}, average {e['average_rank']:g}"
+                for f in FAMILIES
+                if f != FLOOR
+                for e in summary["families"][f][:1]
+            },
+            FLOOR: "every module at 1",
         },
         "loads": {load: summarize(recs, FAMILIES) for load, recs in by_family.items()},
         "rounds": by_family,

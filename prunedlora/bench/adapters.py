@@ -343,21 +343,51 @@ def mixed_rank_adapters(
     ranks = [int(r) for r in ranks]
     if len(ranks) < 2 or len(set(ranks)) != len(ranks) or min(ranks) < 1:
         raise BenchAdapterError(f"mixed ranks must be at least two distinct positive ranks, got {ranks}")
-    modules = list(target_module_shapes(model_dir, target_modules))
     return [
-        _synthetic_adapter(
+        uniform_rank_adapter(
             model_dir,
             work_dir,
-            f"{MIXED_RANK_FAMILY}-r{rank}",
-            MIXED_RANK_FAMILY,
-            dict.fromkeys(modules, rank),
-            r0=max(r0, rank),
+            rank,
+            name=f"{MIXED_RANK_FAMILY}-r{rank}",
+            family=MIXED_RANK_FAMILY,
+            r0=r0,
             lora_alpha=lora_alpha,
-            seed=1000 + rank,
+            target_modules=target_modules,
             source=f"synthetic, every module at rank {rank} (mixed-rank batch)",
         )
         for rank in ranks
     ]
+
+
+def uniform_rank_adapter(
+    model_dir: str | os.PathLike,
+    work_dir: str | os.PathLike,
+    rank: int,
+    *,
+    name: str,
+    family: str,
+    r0: int = 32,
+    lora_alpha: float = 64.0,
+    target_modules=PROJECTIONS,
+    source: str | None = None,
+) -> BenchAdapter:
+    """One exported synthetic adapter with every target module at ``rank`` (built from a run of
+    max(r0, rank) components through the real export; cached like :func:`synthetic_adapters`)."""
+    if int(rank) < 1:
+        raise BenchAdapterError(f"rank must be positive, got {rank}")
+    model_dir, work_dir, rank = Path(model_dir), Path(work_dir), int(rank)
+    modules = list(target_module_shapes(model_dir, target_modules))
+    return _synthetic_adapter(
+        model_dir,
+        work_dir,
+        name,
+        family,
+        dict.fromkeys(modules, rank),
+        r0=max(r0, rank),
+        lora_alpha=lora_alpha,
+        seed=1000 + rank,
+        source=source or f"synthetic, every module at rank {rank}",
+    )
 
 
 def adapters_from_runs(run_dirs: list[str | os.PathLike], work_dir: str | os.PathLike) -> AdapterSet:

@@ -57,15 +57,15 @@ def _write(out: torch.Tensor, rows: Rows, cols: slice, value: torch.Tensor) -> N
         out[rows, cols] = value
 
 
-def _add_product(out: torch.Tensor, rows: Rows, cols: slice, z: torch.Tensor, b: torch.Tensor) -> None:
-    """``out[rows, cols] += z @ b.T``. Where the rows are contiguous (one adapter's tokens, the usual
+def _add_product(out: torch.Tensor, rows: Rows, cols: slice, z: torch.Tensor, b_t: torch.Tensor) -> None:
+    """``out[rows, cols] += z @ b_t``. Where the rows are contiguous (one adapter's tokens, the usual
     case) the product accumulates into ``out`` in place (``addmm_``): the output is read and written
     once, where a product then an add makes three passes over a (tokens, out) block. That block
     traffic, not the rank-sized arithmetic, is most of a LoRA expand's cost at decode batch sizes."""
     if isinstance(rows, slice):
-        out[rows, cols].addmm_(z, b.t())
+        out[rows].narrow(1, cols.start, cols.stop - cols.start).addmm_(z, b_t)
     else:
-        out[rows, cols] += z @ b.t()
+        out[rows, cols] += z @ b_t
 
 
 def shrink(
@@ -77,14 +77,22 @@ def shrink(
     groups: Sequence[SlotGroup],
 ) -> None:
     """``out[t, :width] = scale * A_s x_t`` for each token t of slot s; every other entry of
-    ``out[:, :width]`` is zero (``slot_a[s]``: A's live rows (rank, in), None for nothing live)."""
-    out[:, :width].zero_()
+    ``out[:, :width]`` is zero (``slot_a[s]``: A's live rows (rank, in), None for nothing live).
+    Like :func:`linear`, kept to views and in-place products: it runs on every row-parallel layer."""
+    out.narrow(1, 0, width).zero_()
     for group in groups:
         a = slot_a[group.slot]
         if a is None:
             continue
-        z = x[group.rows].to(out.dtype) @ a.to(out.dtype).t()
-        _write(out, group.rows, slice(0, a.shape[0]), z if scale == 1.0 else z * scale)
+        xs = x[group.rows]
+        if xs.dtype != out.dtype:
+            xs = xs.to(out.dtype)
+        a_t = (a if a.dtype == out.dtype else a.to(out.dtype)).t()
+        if isinstance(group.rows, slice):  # onto the zeros just written: the scaled product, in place
+            out[group.rows].narrow(1, 0, a_t.shape[1]).addmm_(xs, a_t, alpha=scale)
+        else:
+            z = xs @ a_t
+            out[group.rows, : a_t.shape[1]] = z if scale == 1.0 else z * scale
 
 
 def expand(
@@ -100,16 +108,21 @@ def expand(
     tokens without an adapter are untouched (``slot_b[s]``: B's live columns (out, rank), None for
     nothing live: such a slot adds nothing, or writes its zeros when ``add_inputs`` is off)."""
     for group in groups:
-        b = slot_b[group.slot]
+        rows, b = group.rows, slot_b[group.slot]
         if b is None:
             if not add_inputs:
-                out[group.rows, offset : offset + size] = 0
+                out[rows, offset : offset + size] = 0
             continue
-        cols, zg, bg = slice(offset, offset + size), z[group.rows, : b.shape[1]].to(out.dtype), b[:size].to(out.dtype)
+        zg = z[rows].narrow(1, 0, b.shape[1])
+        if zg.dtype != out.dtype:
+            zg = zg.to(out.dtype)
+        b_t = (b if b.shape[0] == size else b[:size]).t()
+        if b_t.dtype != out.dtype:
+            b_t = b_t.to(out.dtype)
         if add_inputs:
-            _add_product(out, group.rows, cols, zg, bg)
+            _add_product(out, rows, slice(offset, offset + size), zg, b_t)
         else:
-            _write(out, group.rows, cols, zg @ bg.t())
+            _write(out, rows, slice(offset, offset + size), zg @ b_t)
 
 
 def linear(
