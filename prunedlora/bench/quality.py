@@ -466,6 +466,8 @@ def run_cell(cell: Cell, config: QualityBenchConfig) -> dict[str, Any]:
         max_rank=values[-1],
         components=sum(values),
         modules=len(ranks),
+        ranks=dict(ranks),
+        adapter_parameters=adapter_parameters(ranks, resolve_model(recipe.model)),
     )
     start = time.perf_counter()
     eval_spec = cell.spec["eval"]
@@ -494,6 +496,19 @@ def run_cell(cell: Cell, config: QualityBenchConfig) -> dict[str, Any]:
     portable["spec"] = json.loads(json.dumps(cell.spec, default=str).replace(str(cell.dir), "CELL_DIR"))
     write_json_atomic(committed, portable)
     return result
+
+
+def adapter_parameters(ranks: dict[str, int], model_dir) -> int:
+    """Parameters of the compact adapter these per-module ranks make: sum of rank x (in + out) over
+    modules (what export writes; bytes are this times the saved dtype's size). Module names are the
+    base model's (``model.layers.0.mlp.down_proj``), as run records and PEFT's rank_pattern give them."""
+    from prunedlora.modelfacts import base_linear_shapes
+
+    shapes = base_linear_shapes(model_dir)
+    missing = [name for name in ranks if name not in shapes]
+    if missing:
+        raise QualityBenchError(f"adapter modules not in the base model: {missing[:3]}")
+    return sum(rank * sum(shapes[name]) for name, rank in ranks.items())
 
 
 def _cell_record(config: QualityBenchConfig, cell: Cell) -> dict[str, Any]:
@@ -578,6 +593,11 @@ def aggregate(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "seeds": sorted(m["seed"] for m in members),
             "average_rank": statistics.fmean(m["train"]["average_rank"] for m in members),
             "max_rank": max(m["train"]["max_rank"] for m in members),
+            "adapter_parameters": (
+                statistics.fmean(m["train"]["adapter_parameters"] for m in members)
+                if all("adapter_parameters" in m["train"] for m in members)
+                else None
+            ),
         }
         for metric, better in TASK_METRICS[task]:
             values = [float(m["eval"][metric]) for m in members if metric in m["eval"]]

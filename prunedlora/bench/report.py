@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import statistics
 from pathlib import Path
 
 from prunedlora.cpu import machine_line
@@ -380,6 +381,10 @@ def _cell_stat(stat: dict | None) -> str:
     return f"{stat['mean']:.3f}{spread} (n={stat['n']})"
 
 
+def _parameters_text(parameters: float) -> str:
+    return f"{parameters / 1e6:.2f}M ({parameters * 4 / 2**20:.1f})" if parameters else "0"
+
+
 def quality_markdown(payload: dict) -> str:
     """Mean ± standard deviation over seeds per method and metric, then every cell with its command."""
     settings = payload["settings"]
@@ -394,11 +399,11 @@ def quality_markdown(payload: dict) -> str:
         "",
     ]
     header = (
-        "| method | final rank: average (largest module) | "
+        "| method | final rank: average (largest module) | adapter parameters (MB in fp32) | "
         + " | ".join(f"{_METRIC_LABELS.get((t, m), f'{t} {m}')} {'↑' if b == 'higher' else '↓'}" for t, m, b in columns)
         + " |"
     )
-    lines += [header, "|" + "---|" * (2 + len(columns))]
+    lines += [header, "|" + "---|" * (3 + len(columns))]
     summary = {(row["task"], row["method"]): row for row in payload["summary"]}
     methods = list(settings["methods"])
     for method in methods:
@@ -408,8 +413,10 @@ def quality_markdown(payload: dict) -> str:
             if not ranks
             else f"{sum(r['average_rank'] for r in ranks) / len(ranks):.2f} ({max(r['max_rank'] for r in ranks)})"
         )
+        params = [r["adapter_parameters"] for r in ranks if r.get("adapter_parameters") is not None]
+        params_text = "-" if len(params) != len(ranks) or not ranks else _parameters_text(statistics.fmean(params))
         cells = [_cell_stat(summary.get((t, method), {}).get(m)) for t, m, _ in columns]
-        lines.append(f"| {method} | {rank_text} | " + " | ".join(cells) + " |")
+        lines.append(f"| {method} | {rank_text} | {params_text} | " + " | ".join(cells) + " |")
     if "lora-target" in methods:
         from prunedlora.bench.paired import paired_markdown
 

@@ -235,6 +235,14 @@ def test_quality_command_end_to_end_resumes_from_its_cache(tiny_model_path, tmp_
         if cell["method"] != "base":
             margins = cell["eval"]["per_example"]["margin"]
             assert any(abs(m - b) > 1e-6 for m, b in zip(margins, base_margins)), cell["method"]
+    # Parameters of the compact adapter: the plain-LoRA cell's saved tensors hold exactly that many.
+    from safetensors.torch import load_file
+
+    by_method = {c["method"]: c for c in payload["cells"]}
+    saved = load_file(Path(by_method["lora-target"]["dir"]) / "run" / "adapter" / "adapter_model.safetensors")
+    assert by_method["lora-target"]["train"]["adapter_parameters"] == sum(t.numel() for t in saved.values()) > 0
+    assert by_method["base"]["train"]["adapter_parameters"] == 0
+    assert "adapter parameters" in (tmp_path / "out" / "quality.md").read_text()
     assert {row["method"] for row in payload["summary"]} == {"base", "lora-target", "pruned-obs-global", "adalora"}
     assert payload["summary"][0]["accuracy"]["n"] == 1
     table = (tmp_path / "out" / "quality.md").read_text()
@@ -254,3 +262,15 @@ def test_the_base_model_is_one_cell_whatever_the_seeds(tiny_model_path, tmp_path
         ("lora-target", 1),
         ("lora-target", 2),
     ]
+
+
+def test_adapter_parameters_count_rank_times_in_plus_out_and_refuse_unknown_modules(tiny_model_path):
+    from prunedlora.bench.quality import adapter_parameters
+    from prunedlora.modelfacts import base_linear_shapes
+
+    shapes = base_linear_shapes(tiny_model_path)
+    (first, (out_f, in_f)), (second, (out_s, in_s)) = list(shapes.items())[:2]
+    assert adapter_parameters({first: 3, second: 1}, tiny_model_path) == 3 * (out_f + in_f) + (out_s + in_s)
+    assert adapter_parameters({}, tiny_model_path) == 0
+    with pytest.raises(QualityBenchError, match="not in the base model"):
+        adapter_parameters({"model.layers.99.mlp.nope": 2}, tiny_model_path)
