@@ -28,6 +28,7 @@ import json
 import statistics
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -114,18 +115,13 @@ def summarize(times: dict[str, list[float]]) -> dict:
         if floor is None or family == FLOOR:
             continue
         above = [t - f for t, f in zip(times[key], floor)]
-        interval = paired_bootstrap(above)
-        out[key]["above_floor_ms"] = {
-            "mean": 1e3 * interval.mean,
-            "low": 1e3 * interval.low,
-            "high": 1e3 * interval.high,
-        }
+        out[key]["above_floor_ms"] = {k: 1e3 * v for k, v in asdict(paired_bootstrap(above)).items()}
         if reference is not None and family != REFERENCE:
             ratio = paired_bootstrap(above, [r - f for r, f in zip(reference, floor)])
-            out[key]["above_floor_over_pruned_global"] = {"mean": ratio.mean, "low": ratio.low, "high": ratio.high}
+            out[key]["above_floor_over_pruned_global"] = asdict(ratio)
         if reference is not None:
             ratio = paired_bootstrap(times[key], reference)
-            out[key]["over_pruned_global"] = {"mean": ratio.mean, "low": ratio.low, "high": ratio.high}
+            out[key]["over_pruned_global"] = asdict(ratio)
     return out
 
 

@@ -33,6 +33,7 @@ import json
 import statistics
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -92,26 +93,22 @@ def summarize(records: list[dict], families: tuple[str, ...]) -> dict:
         interval = paired_bootstrap(overheads[f])
         out["families"][f] = {
             "seconds_mean": statistics.fmean(rec[f] for rec in records),
-            "overhead": {"mean": interval.mean, "low": interval.low, "high": interval.high},
+            "overhead": asdict(interval),
             "per_round": overheads[f],
         }
     for f in families:
         if f == "pruned-global":
             continue
         ratio = paired_bootstrap(overheads[f], overheads["pruned-global"])
-        out["families"][f]["overhead_over_pruned_global"] = {"mean": ratio.mean, "low": ratio.low, "high": ratio.high}
+        out["families"][f]["overhead_over_pruned_global"] = asdict(ratio)
     if FLOOR in families:  # the rank-dependent part: each overhead less the rank-1 adapter's, same round
         above = {f: [o - fl for o, fl in zip(overheads[f], overheads[FLOOR])] for f in families if f != FLOOR}
         for f, values in above.items():
             interval = paired_bootstrap(values)
-            out["families"][f]["above_floor"] = {"mean": interval.mean, "low": interval.low, "high": interval.high}
+            out["families"][f]["above_floor"] = asdict(interval)
             if f != "pruned-global":
                 ratio = paired_bootstrap(values, above["pruned-global"])
-                out["families"][f]["above_floor_over_pruned_global"] = {
-                    "mean": ratio.mean,
-                    "low": ratio.low,
-                    "high": ratio.high,
-                }
+                out["families"][f]["above_floor_over_pruned_global"] = asdict(ratio)
     return out
 
 
