@@ -50,6 +50,14 @@ def group_by_slot(indices: torch.Tensor) -> tuple[SlotGroup, ...]:
     return tuple(groups)
 
 
+def _take(t: torch.Tensor, rows: Rows) -> torch.Tensor:
+    """``t[rows]``, and ``t`` itself where the rows are all of it (one adapter for the whole batch, the
+    common case at decode): a view costs a few microseconds, paid several times per layer per step."""
+    if isinstance(rows, slice) and rows.start == 0 and rows.stop == t.shape[0]:
+        return t
+    return t[rows]
+
+
 def _write(out: torch.Tensor, rows: Rows, cols: slice, value: torch.Tensor) -> None:
     if isinstance(rows, slice):
         out[rows, cols].copy_(value)
@@ -63,7 +71,7 @@ def _add_product(out: torch.Tensor, rows: Rows, cols: slice, z: torch.Tensor, b_
     once, where a product then an add makes three passes over a (tokens, out) block. That block
     traffic, not the rank-sized arithmetic, is most of a LoRA expand's cost at decode batch sizes."""
     if isinstance(rows, slice):
-        out[rows].narrow(1, cols.start, cols.stop - cols.start).addmm_(z, b_t)
+        _take(out, rows).narrow(1, cols.start, cols.stop - cols.start).addmm_(z, b_t)
     else:
         out[rows, cols] += z @ b_t
 
@@ -84,12 +92,12 @@ def shrink(
         a = slot_a[group.slot]
         if a is None:
             continue
-        xs = x[group.rows]
+        xs = _take(x, group.rows)
         if xs.dtype != out.dtype:
             xs = xs.to(out.dtype)
         a_t = (a if a.dtype == out.dtype else a.to(out.dtype)).t()
         if isinstance(group.rows, slice):  # onto the zeros just written: the scaled product, in place
-            out[group.rows].narrow(1, 0, a_t.shape[1]).addmm_(xs, a_t, alpha=scale)
+            _take(out, group.rows).narrow(1, 0, a_t.shape[1]).addmm_(xs, a_t, alpha=scale)
         else:
             z = xs @ a_t
             out[group.rows, : a_t.shape[1]] = z if scale == 1.0 else z * scale
@@ -113,7 +121,7 @@ def expand(
             if not add_inputs:
                 out[rows, offset : offset + size] = 0
             continue
-        zg = z[rows].narrow(1, 0, b.shape[1])
+        zg = _take(z, rows).narrow(1, 0, b.shape[1])
         if zg.dtype != out.dtype:
             zg = zg.to(out.dtype)
         b_t = (b if b.shape[0] == size else b[:size]).t()
@@ -152,14 +160,14 @@ def linear(
         if slot is None:
             continue
         rows = group.rows
-        xs = x[rows]
+        xs = _take(x, rows)
         z = torch.mm(xs if xs.dtype == shrink_dtype else xs.to(shrink_dtype), slot.a_t)
         if scale != 1.0:
             z.mul_(scale)
         if z.dtype != out.dtype:
             z = z.to(out.dtype)
         contiguous = isinstance(rows, slice)
-        target = out[rows] if contiguous else out
+        target = _take(out, rows) if contiguous else out
         for i, lo, rank, b_t in slot.parts:
             size = output_slices[i]
             if b_t.shape[1] != size:

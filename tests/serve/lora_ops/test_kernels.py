@@ -181,3 +181,24 @@ def test_tokens_are_grouped_once_per_slot_and_contiguous_runs_are_slices():
         (3, slice(10, 12)),
     ]
     assert group_by_slot(torch.tensor([-1, -1])) == () and group_by_slot(torch.tensor([], dtype=torch.long)) == ()
+
+
+@pytest.mark.parametrize("add_inputs", [True, False])
+def test_one_adapter_for_the_whole_batch_equals_vllm_and_leaves_rows_past_the_batch_alone(add_inputs):
+    """The common decode case takes a shortcut (no row view when one slot holds every token); the result
+    must not change, and an output with more rows than the batch has tokens keeps the extra rows."""
+    indices = torch.full((6,), 1)
+    g = torch.Generator().manual_seed(11)
+    a, b = _stack("a", seed=12), _stack("b", seed=13)
+    x = torch.randn(6, HIDDEN, generator=g)
+    got, stock = torch.randn(6, RANK, generator=g), torch.zeros(6, RANK)
+    kernels.bgmv_shrink(x, a, got, indices, 0.5)
+    STOCK.bgmv_shrink(x, a, stock, indices, 0.5)
+    torch.testing.assert_close(got, stock)
+
+    initial = torch.randn(8, OUT + 4, generator=g)  # two rows past the batch; this slice at offset 4
+    y, y_stock = initial.clone(), initial.clone()
+    kernels.bgmv_expand_slice(got, b, y, indices, 4, OUT, add_inputs)
+    STOCK.bgmv_expand_slice(stock, b, y_stock[:6], indices, 4, OUT, add_inputs)
+    torch.testing.assert_close(y, y_stock)
+    assert torch.equal(y[6:], initial[6:]) and torch.equal(y[:, :4], initial[:, :4])
