@@ -105,13 +105,16 @@ def seed_interval(per_seed: Sequence[float]) -> Interval | None:
 def example_values(result: dict, metric: str) -> tuple[dict[int, float], dict[int, float]]:
     """(values, weights) by example index from a cell's ``eval.per_example`` for ``metric``.
 
-    accuracy: correct = margin > 0, weight 1; nll / answer_nll: -log-likelihood sum, weight = tokens.
+    accuracy: correct = margin > 0, weight 1; margin: the gold label's log-prob margin itself, weight 1;
+    nll / answer_nll: -log-likelihood sum, weight = tokens.
     """
     per = result["eval"].get("per_example")
     if per is None:
         raise KeyError(f"cell {result.get('method')} seed {result.get('seed')} has no per-example results")
     if metric == "accuracy":
         return ({i: float(m > 0) for i, m in zip(per["index"], per["margin"])}, dict.fromkeys(per["index"], 1.0))
+    if metric == "margin":
+        return ({i: float(m) for i, m in zip(per["index"], per["margin"])}, dict.fromkeys(per["index"], 1.0))
     if metric in ("nll", "answer_nll"):
         return (
             {i: -s for i, s in zip(per["index"], per["logprob_sum"])},
@@ -155,6 +158,12 @@ def compare(method_cells: list[dict], reference_cells: list[dict], metric: str) 
     }
 
 
+# Compared paired besides each task's metrics: the per-example quantity a 0/1 metric is read from.
+# A classifier's accuracy moves only where a margin crosses zero; the margin (the gold label's
+# log-prob minus the other's) moves on every example, so it separates methods with fewer seeds.
+PAIRED_EXTRA: dict[str, tuple[tuple[str, str], ...]] = {"sst2": (("margin", "higher"),), "rte": (("margin", "higher"),)}
+
+
 def paired_markdown(results: list[dict], reference: str = "lora-target") -> str:
     """A markdown section: each method against ``reference`` per task and metric (paired)."""
     from prunedlora.bench.scoring import TASK_METRICS
@@ -168,7 +177,7 @@ def paired_markdown(results: list[dict], reference: str = "lora-target") -> str:
     ok = [r for r in results if "error" not in r]
     for task in sorted({r["task"] for r in ok}):
         refs = [r for r in ok if r["task"] == task and r["method"] == reference]
-        for metric, better in TASK_METRICS[task]:
+        for metric, better in TASK_METRICS[task] + PAIRED_EXTRA.get(task, ()):
             for method in sorted({r["method"] for r in ok if r["task"] == task} - {reference, "base"}):
                 cells = [r for r in ok if r["task"] == task and r["method"] == method]
                 try:

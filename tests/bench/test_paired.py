@@ -70,3 +70,14 @@ def test_nll_differences_are_token_weighted():
     assert found["mean"] == pytest.approx((-3.0 + 1.0) / 12)  # lower NLL: a negative difference
     table = paired_markdown([ref, other])
     assert "| codealpaca | nll (lower is better) | m | 1 | -0.1667 | - |" in table
+
+
+def test_sst2_is_also_compared_on_the_margin_itself():
+    """Accuracy moves only where a margin crosses zero; the paired margin sees every example."""
+    ref = _cell("lora-target", 0, [2.0, -1.0, 0.5, 1.0])
+    other = _cell("m", 0, [3.0, -0.5, 0.7, 1.2])  # every margin higher, no sign changes
+    assert compare([other], [ref], "accuracy")["mean"] == 0
+    assert compare([other], [ref], "margin")["mean"] == pytest.approx((1.0 + 0.5 + 0.2 + 0.2) / 4)
+    table = paired_markdown([ref, other])
+    assert "| sst2 | margin (higher is better) | m | 1 | +0.4750 |" in table
+    assert "| sst2 | accuracy (higher is better) | m | 1 | +0.0000 |" in table
