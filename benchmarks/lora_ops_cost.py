@@ -38,11 +38,13 @@ FAMILIES = ("r0", "pruned-global", "pruned-uniform", "rank-1")
 FLOOR, REFERENCE = "rank-1", "pruned-global"
 PACKED = {"qkv": ("q_proj", "k_proj", "v_proj"), "gate_up": ("gate_proj", "up_proj")}
 ROW_PARALLEL = ("o_proj", "down_proj")
+LAYER_GROUPS = PACKED | {leaf: (leaf,) for leaf in ROW_PARALLEL}  # vLLM's LoRA layers of one transformer layer
 
 
 def layer_slots(shapes: dict[str, tuple[int, int]], adapters: dict[str, dict[str, int]]) -> list[dict]:
-    """Per transformer layer, vLLM's stacked slot tensors: {layer name: (a tuple, b tuple, output slices)}
-    with adapter i in slot i at its own rank per module (A's first rows, B's first columns)."""
+    """Per transformer layer, vLLM's stacked slot tensors: {LoRA layer (qkv, gate_up, o_proj, down_proj):
+    (a tuple, b tuple, output slices)} with adapter i in slot i at its own rank per module (A's first
+    rows, B's first columns)."""
     import torch
 
     generator = torch.Generator().manual_seed(0)
@@ -53,9 +55,8 @@ def layer_slots(shapes: dict[str, tuple[int, int]], adapters: dict[str, dict[str
         layers.setdefault(layer, {})[parts[-1]] = (module, out_f, in_f)
     stacked = []
     for leaves in layers.values():
-        groups = dict(PACKED) | {leaf: (leaf,) for leaf in ROW_PARALLEL}
         entry = {}
-        for name, members in groups.items():
+        for name, members in LAYER_GROUPS.items():
             a_list, b_list = [], []
             for leaf in members:
                 module, out_f, in_f = leaves[leaf]
