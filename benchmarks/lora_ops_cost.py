@@ -105,24 +105,21 @@ def forward_fn(wrapper, layers: list[dict], tokens: int):
 def summarize(times: dict[str, list[float]]) -> dict:
     """Per configuration: median ms per forward; per adapter of each ops/load: time above the floor's
     (same round) and its ratio to pruned-global's, bootstrap over rounds."""
-    from prunedlora.bench.paired import paired_bootstrap
+    from prunedlora.bench.paired import above_floor, paired_bootstrap
 
     out: dict = {}
     for key, values in times.items():
         out[key] = {"median_ms": 1e3 * statistics.median(values), "min_ms": 1e3 * min(values)}
-    for key in times:
-        ops_load, family = key.rsplit("/", 1)
-        floor, reference = times.get(f"{ops_load}/{FLOOR}"), times.get(f"{ops_load}/{REFERENCE}")
-        if floor is None or family == FLOOR:
+    for ops_load in {key.rsplit("/", 1)[0] for key in times}:
+        group = {key.rsplit("/", 1)[1]: values for key, values in times.items() if key.startswith(f"{ops_load}/")}
+        if FLOOR not in group or REFERENCE not in group:
             continue
-        above = [t - f for t, f in zip(times[key], floor)]
-        out[key]["above_floor_ms"] = {k: 1e3 * v for k, v in asdict(paired_bootstrap(above)).items()}
-        if reference is not None and family != REFERENCE:
-            ratio = paired_bootstrap(above, [r - f for r, f in zip(reference, floor)])
-            out[key]["above_floor_over_pruned_global"] = asdict(ratio)
-        if reference is not None:
-            ratio = paired_bootstrap(times[key], reference)
-            out[key]["over_pruned_global"] = asdict(ratio)
+        for family, found in above_floor(group, FLOOR, REFERENCE).items():
+            key = f"{ops_load}/{family}"
+            out[key]["above_floor_ms"] = {k: 1e3 * v for k, v in asdict(found["above_floor"]).items()}
+            if "over_reference" in found:
+                out[key]["above_floor_over_pruned_global"] = asdict(found["over_reference"])
+            out[key]["over_pruned_global"] = asdict(paired_bootstrap(group[family], group[REFERENCE]))
     return out
 
 

@@ -84,7 +84,7 @@ def run_rounds(engine, loads: dict[str, dict], configs: list[str | None], rounds
 def summarize(records: list[dict], families: tuple[str, ...]) -> dict:
     """Per family: overhead above base (time / base - 1, mean over rounds, 95% bootstrap over rounds);
     and each family's overhead over pruned-global's (ratio of mean overheads, bootstrap over rounds)."""
-    from prunedlora.bench.paired import paired_bootstrap
+    from prunedlora.bench.paired import above_floor, paired_bootstrap
 
     base = [rec["base"] for rec in records]
     out: dict = {"base_s": {"mean": statistics.fmean(base), "min": min(base), "max": max(base)}, "families": {}}
@@ -102,13 +102,10 @@ def summarize(records: list[dict], families: tuple[str, ...]) -> dict:
         ratio = paired_bootstrap(overheads[f], overheads["pruned-global"])
         out["families"][f]["overhead_over_pruned_global"] = asdict(ratio)
     if FLOOR in families:  # the rank-dependent part: each overhead less the rank-1 adapter's, same round
-        above = {f: [o - fl for o, fl in zip(overheads[f], overheads[FLOOR])] for f in families if f != FLOOR}
-        for f, values in above.items():
-            interval = paired_bootstrap(values)
-            out["families"][f]["above_floor"] = asdict(interval)
-            if f != "pruned-global":
-                ratio = paired_bootstrap(values, above["pruned-global"])
-                out["families"][f]["above_floor_over_pruned_global"] = asdict(ratio)
+        for f, found in above_floor(overheads, FLOOR, "pruned-global").items():
+            out["families"][f]["above_floor"] = asdict(found["above_floor"])
+            if "over_reference" in found:
+                out["families"][f]["above_floor_over_pruned_global"] = asdict(found["over_reference"])
     return out
 
 

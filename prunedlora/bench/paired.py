@@ -93,6 +93,24 @@ def paired_bootstrap(
     return Interval(float(d.sum() / w.sum()), float(low), float(high))
 
 
+def above_floor(per_round: dict[str, Sequence[float]], floor: str, reference: str) -> dict[str, dict[str, Interval]]:
+    """What each configuration costs above a ``floor`` configuration measured in the same rounds.
+
+    ``per_round``: a cost per round for each name (rounds aligned across names). For every name but the
+    floor: ``above_floor``, its cost less the floor's of the same round (bootstrap over rounds), and,
+    but for the ``reference`` itself, ``over_reference``, the ratio of that above-floor cost to the
+    reference's. A rank-1 adapter as the floor makes this the part of a LoRA adapter's cost its rank buys.
+    """
+    base = per_round[floor]
+    above = {name: [v - f for v, f in zip(values, base)] for name, values in per_round.items() if name != floor}
+    out: dict[str, dict[str, Interval]] = {}
+    for name, values in above.items():
+        out[name] = {"above_floor": paired_bootstrap(values)}
+        if name != reference:
+            out[name]["over_reference"] = paired_bootstrap(values, above[reference])
+    return out
+
+
 def seed_interval(per_seed: Sequence[float]) -> Interval | None:
     """Mean of per-seed differences with a Student-t 95% interval (None with fewer than two seeds)."""
     if len(per_seed) < 2:

@@ -81,3 +81,14 @@ def test_sst2_is_also_compared_on_the_margin_itself():
     table = paired_markdown([ref, other])
     assert "| sst2 | margin (higher is better) | m | 1 | +0.4750 |" in table
     assert "| sst2 | accuracy (higher is better) | m | 1 | +0.0000 |" in table
+
+
+def test_above_floor_subtracts_the_floor_round_by_round_and_ratios_to_the_reference():
+    from prunedlora.bench.paired import above_floor
+
+    per_round = {"floor": [1.0, 2.0, 3.0], "ref": [2.0, 3.0, 4.0], "big": [4.0, 5.0, 6.0]}  # floor drifts; gaps do not
+    found = above_floor(per_round, "floor", "ref")
+    assert set(found) == {"ref", "big"} and "over_reference" not in found["ref"]
+    assert (found["ref"]["above_floor"].mean, found["ref"]["above_floor"].low) == (1.0, 1.0)
+    assert (found["big"]["above_floor"].mean, found["big"]["above_floor"].high) == (3.0, 3.0)
+    assert found["big"]["over_reference"].mean == pytest.approx(3.0)
