@@ -82,6 +82,17 @@ def test_mixed_rank_adapters_have_one_rank_each_and_share_the_slot_of_the_larges
         mixed_rank_adapters(tiny_model_path, tmp_path / "ad", (4,))
 
 
+def test_a_uniform_rank_adapter_has_every_module_at_its_rank_and_refuses_rank_zero(tiny_model_path, tmp_path):
+    from prunedlora.bench.adapters import uniform_rank_adapter
+
+    adapter = uniform_rank_adapter(tiny_model_path, tmp_path / "ad", 1, name="rank-1", family="floor", r0=2)
+    assert (adapter.name, adapter.family, adapter.path.name) == ("rank-1", "floor", "rank-1")
+    assert adapter.ranks == dict.fromkeys(target_module_shapes(tiny_model_path), 1)
+    with pytest.raises(BenchAdapterError, match="rank must be positive, got 0"):
+        uniform_rank_adapter(tiny_model_path, tmp_path / "other", 0, name="rank-0", family="floor")
+    assert not (tmp_path / "other").exists()  # refused before anything is written
+
+
 def test_synthetic_global_family_uses_a_matching_real_pattern(tiny_model_path, tmp_path):
     modules = list(target_module_shapes(tiny_model_path))
     pattern = {m: (3 if i % 2 else 1) for i, m in enumerate(modules)}
