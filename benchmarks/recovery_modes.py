@@ -67,10 +67,10 @@ def main() -> None:
     results = {"unpruned_r0": dev_loss(model, dev_batches), "cells": []}
 
     # (criterion, recovery, hessian_damping): the damping only matters where a recovery update is applied
-    # or the score is "obs"; larger damping pulls the compensation towards plain zeroing.
+    # or the score is "obs-paper"; larger damping pulls the compensation towards plain zeroing.
     cells = (
-        [("obs", r, 0.01) for r in ("none", "compensate", "newton")]
-        + [("obs", "compensate", d) for d in (0.1, 1.0)]
+        [("obs-paper", r, 0.01) for r in ("none", "compensate", "newton")]
+        + [("obs-paper", "compensate", d) for d in (0.1, 1.0)]
         + [(c, r, 0.01) for c in ("taylor", "magnitude", "activation") for r in ("none", "compensate")]
     )
     for criterion, recovery, damping in cells:

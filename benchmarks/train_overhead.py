@@ -49,7 +49,7 @@ def one_run(model: str, prune: bool, steps: int, out: str) -> dict:
                 "r0": 32,
                 "lora_alpha": 64,
                 "target_rank": 8,
-                "criterion": "obs",
+                "criterion": "obs-paper",
                 "allocation": "global",
                 "prune_start_step": max(1, steps // 8),
                 "prune_end_step": end,

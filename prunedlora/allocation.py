@@ -30,9 +30,10 @@ def allocate_global(
 ) -> dict[str, list[int]]:
     """Rank all modules' active components together and remove the lowest scores.
 
-    Scores must be comparable across modules (the obs score is an estimated loss increase). Each
-    module keeps at least ``min_rank`` and at most ``cap`` components: modules above the cap lose their
-    worst components first, then the cheapest components anywhere go until ``total_keep`` remain.
+    Scores must be comparable across modules (estimated loss increases with a common scale, as
+    obs-input's and obs-fisher's are). Each module keeps at least ``min_rank`` and at most ``cap``
+    components: modules above the cap lose their worst components first, then the cheapest components
+    anywhere go until ``total_keep`` remain.
     Ties break on module order then index, so every process takes the same decision.
 
     With ``max_rank`` and ``final_total`` given, no removal is taken that would leave too few

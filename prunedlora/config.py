@@ -10,9 +10,14 @@ from typing import Any
 from prunedlora.errors import PrunedLoraError
 from prunedlora.modelfacts import PROJECTIONS
 
-# "obs" is PrunedLoRA's second-order score as the paper's code computes it (H = G^T G from one batch);
-# "obs-fisher" and "obs-input" are the variants derived in criteria.py. See README ("The method").
+# "obs-paper" is PrunedLoRA's second-order score as the paper's code computes it (H = G^T G from one batch);
+# "obs-fisher" and "obs-input" are the variants derived in criteria.py. "obs" names the second-order score
+# the quality protocol measured best (docs/results.md): obs-input. See README ("The method").
 CRITERIA = ("obs", "obs-paper", "obs-fisher", "obs-input", "taylor", "activation", "magnitude")
+CRITERION_ALIASES = {"obs": "obs-input"}
+# The recovery update measured best for each criterion (benchmarks/score_screening.py: obs-input's own
+# re-fit helps; every other criterion's update, built from gradients, costs more than it recovers).
+DEFAULT_RECOVERY = {"obs-input": "compensate"}
 SCHEDULES = ("cubic", "constant")
 ALLOCATIONS = ("global", "uniform")
 RECOVERIES = ("none", "compensate", "newton")
@@ -48,10 +53,11 @@ class PrunedLoraConfig:
     schedule: str = "cubic"
     components_per_event: int = 2
     allocation: str = "global"
-    criterion: str = "obs"
-    # "none" by measurement (benchmarks/recovery_modes.py): with H built from one batch's gradients,
-    # the OBS compensation overshoots on SmolLM2 and costs far more loss than it recovers.
-    recovery: str = "none"
+    criterion: str = "obs"  # resolved to the concrete score on construction (CRITERION_ALIASES)
+    # None = the update measured best for the criterion (DEFAULT_RECOVERY, else "none"): with H built from
+    # one batch's gradients the OBS compensation overshoots on SmolLM2 (benchmarks/recovery_modes.py), while
+    # obs-input's re-fit over B's inputs has the right scale and recovers loss (score_screening).
+    recovery: str | None = None
     hessian_damping: float = 0.01
 
     def __post_init__(self) -> None:
@@ -62,6 +68,9 @@ class PrunedLoraConfig:
             if problem is not None:
                 raise ConfigError(problem)
         self.target_modules = list(self.target_modules)
+        self.criterion = CRITERION_ALIASES.get(self.criterion, self.criterion)
+        if self.recovery is None:
+            self.recovery = DEFAULT_RECOVERY.get(self.criterion, "none")
         if self.max_rank is None:
             self.max_rank = self.r0
         self._validate()

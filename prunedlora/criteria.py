@@ -1,8 +1,9 @@
 """Scores that say how much the loss would rise if a rank component were removed.
 
 A LoRA module's rank component j is column j of B together with row j of A. Every criterion returns
-one score per *active* component; lower means cheaper to remove. Scores of the "obs" criterion are
-estimated loss increases, so they can be ranked across modules (global allocation).
+one score per *active* component; lower means cheaper to remove. Global allocation ranks scores across
+modules, so a score must be an estimated loss increase with a common scale (see why ``obs-paper``'s is not).
+Criterion ``obs`` names the variant the quality protocol measured best (``config.CRITERION_ALIASES``).
 
 The second-order machinery works on a *row view* of a weight matrix: ``W`` is (n x s), each of its n
 rows is a weight vector over the s active components, ``G`` holds the loss gradients in the same
@@ -18,7 +19,7 @@ Derivation (per row w with gradient g): minimise the quadratic model ``g^T d + 1
 
 and the last term is the same for every j, so the score is ``sum_rows 1/2 lambda^2 Hinv_jj``.
 (The paper's released code multiplies an s x s inverse by a d-long gradient; this is derived from the
-objective instead.) This is criterion ``obs`` (alias ``obs-paper``).
+objective instead.) This is criterion ``obs-paper``.
 
 Why that score hardly sees the weights: with ``H = G^T G + delta I`` from the *same* gradient, the
 gradient-only part of ``lambda^2 Hinv_jj`` is ``[Hinv g]_j^2 / Hinv_jj``, which sums over the rows to

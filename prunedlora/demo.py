@@ -30,14 +30,14 @@ DEMO_TASKS = (
     DemoTask(
         "sst2",
         "demo",
-        "SST-2 sentiment, r0=32 -> average 8, obs criterion, global allocation (variable ranks, max 16)",
+        "SST-2 sentiment, r0=32 -> average 8, obs-paper criterion, global allocation (variable ranks, max 16)",
         "Sentence: a gorgeous, witty, seductive movie.\n\n"
         "Is the sentiment of this sentence positive or negative? Answer with one word.",
     ),
     DemoTask(
         "gsm8k",
         "demo-gsm8k",
-        "GSM8K math, r0=32 -> rank 4 everywhere, obs criterion, uniform allocation",
+        "GSM8K math, r0=32 -> rank 4 everywhere, obs-paper criterion, uniform allocation",
         "Tom has 3 boxes with 12 pencils each. He gives away 10 pencils. How many pencils does he have left?",
         # answer NLL on the whole carve; greedy answers (the slow part) for exact match on a few only
         {"exact_match_examples": 4},

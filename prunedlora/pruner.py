@@ -211,7 +211,7 @@ class RankPruner:
             active = self.masks[name].nonzero().flatten()
             b = module.lora_b.detach()[:, active]
             a = module.lora_a.detach()[active, :]
-            if criterion in ("obs", "obs-paper", "taylor"):
+            if criterion in ("obs-paper", "taylor"):
                 grad_b, grad_a = self._grads(module, active)
                 if criterion == "taylor":
                     active_scores = taylor_scores(b, a, grad_b, grad_a)

@@ -11,6 +11,24 @@ def test_defaults_are_valid_and_scaling_follows_rslora():
 
 
 @pytest.mark.parametrize(
+    ("criterion", "recovery", "resolved"),
+    [
+        ("obs", None, ("obs-input", "compensate")),  # "obs" is the protocol's best second-order score
+        ("obs", "none", ("obs-input", "none")),  # an explicit recovery is kept
+        ("obs-input", None, ("obs-input", "compensate")),
+        ("obs-paper", None, ("obs-paper", "none")),  # gradient-built updates overshoot: none by default
+        ("magnitude", None, ("magnitude", "none")),
+        ("obs-fisher", "newton", ("obs-fisher", "newton")),
+    ],
+)
+def test_criterion_alias_and_recovery_default_resolve_on_construction(criterion, recovery, resolved):
+    config = PrunedLoraConfig(criterion=criterion, recovery=recovery)
+    assert (config.criterion, config.recovery) == resolved
+    again = PrunedLoraConfig.from_dict(config.to_dict())  # what a run records reads back the same
+    assert (again.criterion, again.recovery) == resolved
+
+
+@pytest.mark.parametrize(
     "kwargs, message",
     [
         (dict(r0=8, target_rank=16), "target_rank (16) must be in (0, r0=8]"),

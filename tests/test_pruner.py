@@ -357,10 +357,17 @@ def test_recovery_changes_surviving_components_only_at_events(recovery):
         assert not torch.equal(module.lora_b[:, alive], before[name][:, alive])
 
 
-def test_missing_gradients_give_a_clear_error():
+@pytest.mark.parametrize("criterion", ["obs-paper", "taylor"])  # the scores built from this step's gradient
+def test_missing_gradients_give_a_clear_error(criterion):
     model = tiny_peft(seed=5)
     config = PrunedLoraConfig(
-        r0=8, target_modules=["q_proj"], target_rank=4, prune_start_step=0, prune_end_step=0, prune_every=1
+        r0=8,
+        target_modules=["q_proj"],
+        target_rank=4,
+        prune_start_step=0,
+        prune_end_step=0,
+        prune_every=1,
+        criterion=criterion,
     )
     pruner = RankPruner(model, config)
     with pytest.raises(Exception, match="no gradient on model.layers.0.self_attn.q_proj"):

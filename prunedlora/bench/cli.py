@@ -197,7 +197,8 @@ def _register_quality(kinds) -> None:
     p = kinds.add_parser(
         "quality",
         help="train and score LoRA, PrunedLoRA and AdaLoRA cells over tasks and seeds (cached, resumable)",
-        description="Fill the table tasks x methods x seeds. Every cell trains from recipes/smollm2-<task>.yaml with "
+        description="Fill the table tasks x methods x seeds. Every cell trains from the protocol's frozen copy of "
+        "recipes/smollm2-<task>.yaml (prunedlora/bench/protocol_recipes) with "
         "the same data, steps, learning rate and seed, and is scored on the task's held-out split. Cells are cached "
         "by configuration (run the same command again to resume). The default preset 'small' is a short SST-2 "
         "comparison; '--preset full' is the whole table (hours on a 2-core CPU).",
@@ -209,8 +210,9 @@ def _register_quality(kinds) -> None:
         "--methods",
         type=_str_list,
         default=from_preset,
-        help="comma-separated: base, lora-target, lora-r0, pruned-obs-global, pruned-obs-uniform, "
+        help="comma-separated: base, lora-target, lora-r0, pruned-obs-paper-global, pruned-obs-paper-uniform, "
         "pruned-obs-fisher-global, pruned-obs-fisher-uniform, pruned-obs-input-global, "
+        "pruned-obs-input-compensate-global, pruned-obs-input-compensate-uniform, "
         "pruned-taylor-global, pruned-activation-global, pruned-magnitude-global, adalora",
     )
     p.add_argument("--seeds", type=_int_list, default=from_preset, help="comma-separated training seeds")
@@ -251,7 +253,11 @@ def _register_quality(kinds) -> None:
         default=from_preset,
         help="folder with gsm8k/, codealpaca/, sst2/ (default ../shared/data; 'vendored' for the package slices)",
     )
-    p.add_argument("--recipes-dir", default=from_preset, help="folder with smollm2-<task>.yaml (default: recipes/)")
+    p.add_argument(
+        "--recipes-dir",
+        default=from_preset,
+        help="folder with smollm2-<task>.yaml (default: the protocol's frozen copies)",
+    )
     p.add_argument(
         "--cells-dir", default=from_preset, help="cell cache (default ~/.cache/prunedlora/bench/quality/cells)"
     )

@@ -1,15 +1,16 @@
 """``prunedlora bench quality``: is a pruned adapter as good as the plain LoRA a user would train?
 
-For each task (GSM8K, CodeAlpaca, SST-2) every method trains from the task's shipped recipe
-(``recipes/smollm2-<task>.yaml``) with the same base model, data, data order, steps, learning rate
-and seed, and is scored on the task's held-out split (``scoring``):
+For each task (GSM8K, CodeAlpaca, SST-2) every method trains from the task's protocol recipe
+(``bench/protocol_recipes/smollm2-<task>.yaml``: a frozen copy of the shipped recipe, so that improving
+the shipped recipes does not orphan the committed cells) with the same base model, data, data order,
+steps, learning rate and seed, and is scored on the task's held-out split (``scoring``):
 
 ==========================  ===================================================================
 ``base``                    the base model without an adapter (no training): the reference
 ``lora-target``             plain LoRA at the target rank (prune: false, r0 = target)
 ``lora-r0``                 plain LoRA at r0 (prune: false)
-``pruned-obs-global``       PrunedLoRA r0 -> target, obs criterion (the paper's score), global allocation
-``pruned-obs-uniform``      the same with uniform allocation (every module ends at the target)
+``pruned-obs-paper-global`` PrunedLoRA r0 -> target, obs-paper criterion (the paper's score), global allocation
+``pruned-obs-paper-uniform`` the same with uniform allocation (every module ends at the target)
 ``pruned-obs-fisher-global`` obs-fisher criterion (classic OBS, Fisher accumulated between events)
 ``pruned-obs-fisher-uniform`` the same with uniform allocation
 ``pruned-obs-input-global`` obs-input criterion (SparseGPT's Hessian of B's inputs)
@@ -60,12 +61,13 @@ METHODS: dict[str, dict[str, Any]] = {
     "base": {"base": True, "prune": False},
     "lora-target": {"prune": False, "r0": "target"},
     "lora-r0": {"prune": False},
-    "pruned-obs-global": {"prune": True, "criterion": "obs", "allocation": "global"},
-    "pruned-obs-uniform": {"prune": True, "criterion": "obs", "allocation": "uniform"},
+    "pruned-obs-paper-global": {"prune": True, "criterion": "obs-paper", "allocation": "global"},
+    "pruned-obs-paper-uniform": {"prune": True, "criterion": "obs-paper", "allocation": "uniform"},
     "pruned-obs-fisher-global": {"prune": True, "criterion": "obs-fisher", "allocation": "global"},
     "pruned-obs-fisher-uniform": {"prune": True, "criterion": "obs-fisher", "allocation": "uniform"},
     "pruned-obs-input-global": {"prune": True, "criterion": "obs-input", "allocation": "global"},
-    # the screening's best (benchmarks/results/score_screening.md): obs-input with its compensation update
+    # the screening's best (benchmarks/results/score_screening.md): obs-input with its compensation update,
+    # what criterion "obs" with the default recovery now means
     "pruned-obs-input-compensate-global": {
         "prune": True,
         "criterion": "obs-input",
@@ -83,7 +85,8 @@ METHODS: dict[str, dict[str, Any]] = {
     "pruned-magnitude-global": {"prune": True, "criterion": "magnitude", "allocation": "global"},
     "adalora": {"adalora": True},
 }
-RECIPES_DIR = Path(str(resources.files("prunedlora").joinpath("recipes")))  # shipped as package data
+# The protocol's frozen copies of the task recipes (package data; see the module docstring).
+PROTOCOL_RECIPES_DIR = Path(str(resources.files("prunedlora").joinpath("bench", "protocol_recipes")))
 RESULT_FILE = "result.json"
 CELL_FILE = "cell.json"
 RESULT_FILES = {"json": "quality.json", "markdown": "quality.md", "plot": "quality.png"}
@@ -93,7 +96,7 @@ CELL_FORMAT = 2  # bump when a change to training or scoring makes old cached ce
 PRESETS: dict[str, dict[str, Any]] = {
     "small": {
         "tasks": ["sst2"],
-        "methods": ["base", "lora-target", "lora-r0", "pruned-obs-global", "adalora"],
+        "methods": ["base", "lora-target", "lora-r0", "pruned-obs-input-compensate-global", "adalora"],
         "seeds": [0],
         "max_steps": 40,
         "eval_examples": 200,
@@ -157,7 +160,7 @@ class QualityBenchConfig:
     gen_tokens: int = 256
     eval_batch_size: int = 16
     data_dir: str | None = None
-    recipes_dir: str = str(RECIPES_DIR)
+    recipes_dir: str = str(PROTOCOL_RECIPES_DIR)
     cells_dir: str | None = None
     out_dir: str = "benchmarks/results"
     force: bool = False
@@ -405,7 +408,7 @@ def cell_command(config: QualityBenchConfig, cell: Cell) -> str:
         "--gen-tokens": config.gen_tokens,
         "--eval-batch-size": config.eval_batch_size,
         "--data-dir": config.data_dir,
-        "--recipes-dir": None if Path(config.recipes_dir).resolve() == RECIPES_DIR else config.recipes_dir,
+        "--recipes-dir": None if Path(config.recipes_dir).resolve() == PROTOCOL_RECIPES_DIR else config.recipes_dir,
         "--cells-dir": config.cells_dir,
         "--out": config.out_dir,
     }

@@ -21,6 +21,7 @@ from prunedlora.bench.quality import (
     check_schedule,
     make_cell,
     plan_cells,
+    preset_config,
 )
 from prunedlora.cli import build_parser, main
 from prunedlora.train.recipe import recipe_from_dict
@@ -30,7 +31,7 @@ def _config(model, tmp_path, **kwargs):
     values = dict(
         model=str(model),
         tasks=["sst2"],
-        methods=["lora-target", "pruned-obs-global", "adalora"],
+        methods=["lora-target", "pruned-obs-paper-global", "adalora"],
         seeds=[0],
         max_steps=5,
         r0=8,
@@ -58,7 +59,7 @@ def _cli_args(tmp_path, model, *extra):
         "--tasks",
         "sst2",
         "--methods",
-        "base,lora-target,pruned-obs-global,adalora",
+        "base,lora-target,pruned-obs-paper-global,adalora",
         "--seeds",
         "0",
         "--max-steps",
@@ -99,10 +100,10 @@ def test_methods_share_everything_but_the_method(tiny_model_path, tmp_path):
     target = recipes["lora-target"]["method"]
     assert recipes["lora-target"]["prune"] is False and target["r0"] == 2
     assert target["lora_alpha"] / target["r0"] == recipes["lora-r0"]["method"]["lora_alpha"] / 8  # same scaling
-    assert recipes["pruned-obs-uniform"]["method"]["allocation"] == "uniform"
+    assert recipes["pruned-obs-paper-uniform"]["method"]["allocation"] == "uniform"
     assert {
-        recipes[f"pruned-{c}-global"]["method"]["criterion"] for c in ("obs", "taylor", "activation", "magnitude")
-    } == {"obs", "taylor", "activation", "magnitude"}
+        recipes[f"pruned-{c}-global"]["method"]["criterion"] for c in ("obs-paper", "taylor", "activation", "magnitude")
+    } == {"obs-paper", "taylor", "activation", "magnitude"}
     compensated = recipes["pruned-obs-input-compensate-global"]["method"]
     assert (compensated["criterion"], compensated["recovery"]) == ("obs-input", "compensate")
     assert recipes["pruned-obs-input-global"]["method"].get("recovery", "none") == "none"
@@ -110,11 +111,26 @@ def test_methods_share_everything_but_the_method(tiny_model_path, tmp_path):
         recipe_from_dict(copy.deepcopy(raw))  # every cell is a valid recipe
 
 
+COMMITTED_CELLS = sorted((Path(__file__).parents[2] / "benchmarks/results/quality_protocol/cells").glob("*.json"))
+
+
+@pytest.mark.parametrize("path", COMMITTED_CELLS, ids=lambda p: p.stem)
+def test_the_protocol_recipes_still_give_the_committed_cells_keys(path, tmp_path):
+    """The protocol's recipes are frozen copies: a committed cell must resolve to the same spec and key
+    from them, or the table would silently retrain it (and compare cells trained differently)."""
+    cell = json.loads(path.read_text())
+    config = preset_config("full", cells_dir=str(tmp_path))
+    again = make_cell(config, cell["task"], cell["method"], cell["seed"], tmp_path, quality.SHARED_DATA, tmp_path)
+    spec = copy.deepcopy(again.spec)
+    spec["recipe"]["training"]["output_dir"] = cell["spec"]["recipe"]["training"]["output_dir"]
+    assert (again.key, spec) == (cell["key"], cell["spec"])
+
+
 def test_short_runs_scale_the_pruning_schedule(tiny_model_path, tmp_path):
     raw = cell_recipe(
         _config(tiny_model_path, tmp_path, max_steps=30),
         "sst2",
-        "pruned-obs-global",
+        "pruned-obs-paper-global",
         0,
         Path(tiny_model_path),
         None,
@@ -131,7 +147,7 @@ def test_short_runs_scale_the_pruning_schedule(tiny_model_path, tmp_path):
 def test_cell_keys_follow_the_configuration(tiny_model_path, tmp_path):
     def key(**kwargs):
         config = _config(tiny_model_path, tmp_path, **kwargs)
-        return make_cell(config, "sst2", "pruned-obs-global", 0, Path(tiny_model_path), None, tmp_path).key
+        return make_cell(config, "sst2", "pruned-obs-paper-global", 0, Path(tiny_model_path), None, tmp_path).key
 
     assert key() == key()
     assert key() == key(eval_batch_size=3, out_dir="elsewhere")  # cannot change the result
@@ -243,7 +259,12 @@ def test_quality_command_end_to_end_resumes_from_its_cache(tiny_model_path, tmp_
     assert by_method["lora-target"]["train"]["adapter_parameters"] == sum(t.numel() for t in saved.values()) > 0
     assert by_method["base"]["train"]["adapter_parameters"] == 0
     assert "adapter parameters" in (tmp_path / "out" / "quality.md").read_text()
-    assert {row["method"] for row in payload["summary"]} == {"base", "lora-target", "pruned-obs-global", "adalora"}
+    assert {row["method"] for row in payload["summary"]} == {
+        "base",
+        "lora-target",
+        "pruned-obs-paper-global",
+        "adalora",
+    }
     assert payload["summary"][0]["accuracy"]["n"] == 1
     table = (tmp_path / "out" / "quality.md").read_text()
     assert "SST-2 dev accuracy" in table and table.count("`prunedlora bench quality") == 4

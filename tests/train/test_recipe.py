@@ -40,3 +40,12 @@ def test_unknown_recipe_lists_the_shipped_names(tmp_path):
         load_recipe(tmp_path / "nope.yaml")
     with pytest.raises(ConfigError, match="not found"):
         load_recipe("elsewhere/smollm2-sst2.yaml")  # a path that is not the recipes folder is not guessed
+
+
+@pytest.mark.parametrize("name", ["smollm2-sst2", "smollm2-gsm8k", "smollm2-codealpaca"])
+def test_task_recipes_use_the_protocols_best_settings(name):
+    """What docs/results.md's quality protocol found best: obs (= obs-input with its compensation
+    update), global allocation, every module inside vLLM's 16-slot."""
+    method = load_recipe(name).method
+    assert (method.criterion, method.recovery, method.allocation) == ("obs-input", "compensate", "global")
+    assert method.max_rank == 16 and method.target_rank == 8
