@@ -182,16 +182,12 @@ def compare(method_cells: list[dict], reference_cells: list[dict], metric: str) 
 PAIRED_EXTRA: dict[str, tuple[tuple[str, str], ...]] = {"sst2": (("margin", "higher"),), "rte": (("margin", "higher"),)}
 
 
-def paired_markdown(results: list[dict], reference: str = "lora-target") -> str:
-    """A markdown section: each method against ``reference`` per task and metric (paired)."""
+def paired_comparisons(results: list[dict], reference: str = "lora-target") -> list[dict]:
+    """Every (task, metric, method) that can be compared paired with ``reference``: ``compare``'s
+    result with ``task``, ``better`` and ``method`` added; the table and the plot both read these."""
     from prunedlora.bench.scoring import TASK_METRICS
 
-    lines = [
-        f"### Paired differences against `{reference}` (method - {reference}; same examples, same seeds)",
-        "",
-        "| task | metric | method | seeds | mean diff | 95% interval over seeds | per seed (paired bootstrap 95%) |",
-        "|---|---|---|---|---|---|---|",
-    ]
+    found_all = []
     ok = [r for r in results if "error" not in r]
     for task in sorted({r["task"] for r in ok}):
         refs = [r for r in ok if r["task"] == task and r["method"] == reference]
@@ -202,14 +198,26 @@ def paired_markdown(results: list[dict], reference: str = "lora-target") -> str:
                     found = compare(cells, refs, metric)
                 except KeyError:
                     continue
-                if found is None:
-                    continue
-                interval = "-" if found["low"] is None else f"[{found['low']:+.4f}, {found['high']:+.4f}]"
-                per_seed = "; ".join(
-                    f"s{s['seed']}: {s['diff']:+.4f} [{s['low']:+.4f}, {s['high']:+.4f}]" for s in found["seeds"]
-                )
-                lines.append(
-                    f"| {task} | {metric} ({better} is better) | {method} | {len(found['seeds'])} | "
-                    f"{found['mean']:+.4f} | {interval} | {per_seed} |"
-                )
+                if found is not None:
+                    found_all.append({**found, "task": task, "better": better, "method": method})
+    return found_all
+
+
+def paired_markdown(results: list[dict], reference: str = "lora-target") -> str:
+    """A markdown section: each method against ``reference`` per task and metric (paired)."""
+    lines = [
+        f"### Paired differences against `{reference}` (method - {reference}; same examples, same seeds)",
+        "",
+        "| task | metric | method | seeds | mean diff | 95% interval over seeds | per seed (paired bootstrap 95%) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for found in paired_comparisons(results, reference):
+        interval = "-" if found["low"] is None else f"[{found['low']:+.4f}, {found['high']:+.4f}]"
+        per_seed = "; ".join(
+            f"s{s['seed']}: {s['diff']:+.4f} [{s['low']:+.4f}, {s['high']:+.4f}]" for s in found["seeds"]
+        )
+        lines.append(
+            f"| {found['task']} | {found['metric']} ({found['better']} is better) | {found['method']} | "
+            f"{len(found['seeds'])} | {found['mean']:+.4f} | {interval} | {per_seed} |"
+        )
     return "\n".join(lines) + "\n"

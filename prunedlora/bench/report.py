@@ -360,7 +360,9 @@ def plot_latency(payload: dict, path: str | os.PathLike) -> Path:
 
 _METRIC_LABELS = {
     ("sst2", "accuracy"): "SST-2 dev accuracy",
+    ("sst2", "margin"): "SST-2 gold-label log-prob margin",
     ("rte", "accuracy"): "RTE dev accuracy",
+    ("rte", "margin"): "RTE gold-label log-prob margin",
     ("gsm8k", "exact_match"): "GSM8K exact match",
     ("gsm8k", "answer_nll"): "GSM8K answer NLL",
     ("codealpaca", "nll"): "CodeAlpaca held-out NLL",
@@ -447,17 +449,58 @@ def quality_markdown(payload: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _plot_paired(ax, found: list[dict], reference: str) -> None:
+    """One metric's paired differences against ``reference``: per method, each seed's difference with
+    its paired-bootstrap interval (small, grey) and the mean over seeds with its t interval (black)."""
+    for row, comparison in enumerate(found):
+        seeds = comparison["seeds"]
+        for k, seed in enumerate(seeds):
+            y = row + 0.25 * (k - (len(seeds) - 1) / 2) / max(1, len(seeds) - 1) if len(seeds) > 1 else row
+            ax.errorbar(
+                seed["diff"],
+                y,
+                xerr=[[seed["diff"] - seed["low"]], [seed["high"] - seed["diff"]]],
+                fmt="o",
+                color="tab:gray",
+                markersize=3,
+                elinewidth=1,
+            )
+        low, high = comparison["low"], comparison["high"]
+        xerr = None if low is None else [[comparison["mean"] - low], [high - comparison["mean"]]]
+        ax.errorbar(comparison["mean"], row, xerr=xerr, fmt="D", color="black", markersize=6, elinewidth=2.5)
+    ax.axvline(0.0, color="tab:red", linewidth=1)
+    ax.set_yticks(range(len(found)), labels=[c["method"] for c in found], fontsize=8)
+    ax.set_ylim(-0.6, len(found) - 0.4)
+    first = found[0]
+    label = _METRIC_LABELS.get((first["task"], first["metric"]), f"{first['task']} {first['metric']}")
+    ax.set_title(f"{label}: method - {reference}\n({first['better']} is better)", fontsize=9)
+    ax.grid(axis="x", alpha=0.3)
+
+
 def plot_quality(payload: dict, path: str | os.PathLike) -> Path:
-    """One panel per metric: each method's mean over seeds as a bar, each seed as a dot."""
+    """One panel per metric: each method's mean over seeds as a bar, each seed as a dot; below, where
+    methods can be compared paired with LoRA at the target rank, their differences with intervals
+    (the figure that says whether a method wins: an interval clear of zero)."""
+    from prunedlora.bench.paired import paired_comparisons
+
     columns = _metric_columns(payload)
     methods = list(payload["settings"]["methods"])
     by_cell: dict[tuple[str, str], list[dict]] = {}
     for cell in payload["cells"]:
         if "error" not in cell:
             by_cell.setdefault((cell["task"], cell["method"]), []).append(cell)
+    paired: dict[tuple[str, str], list[dict]] = {}
+    for comparison in paired_comparisons(payload["cells"]):
+        paired.setdefault((comparison["task"], comparison["metric"]), []).append(comparison)
     width = max(4.0, 0.55 * len(methods) + 1.5)
-    fig = new_figure(width * len(columns), 4.2)
-    axes = fig.subplots(1, len(columns), squeeze=False)[0]
+    n_cols = max(len(columns), len(paired))
+    fig = new_figure(width * n_cols, 4.2 + (0.6 * len(methods) + 2.0 if paired else 0.0))
+    grid = fig.subplots(2 if paired else 1, n_cols, squeeze=False)
+    axes = grid[0]
+    for ax in list(grid[0][len(columns) :]) + (list(grid[1][len(paired) :]) if paired else []):
+        ax.set_visible(False)
+    for ax, found in zip(grid[1] if paired else [], paired.values()):
+        _plot_paired(ax, found, "lora-target")
     for ax, (task, metric, better) in zip(axes, columns):
         means = []
         for i, method in enumerate(methods):
@@ -483,9 +526,15 @@ def plot_quality(payload: dict, path: str | os.PathLike) -> Path:
             pad = (high - low) * 0.5 or abs(high) * 0.05 or 0.1
             ax.set_ylim(max(0.0, low - pad), high + pad)
         ax.grid(axis="y", alpha=0.3)
-    fig.suptitle(
+    title = (
         f"{Path(payload['model']).name}: bars = mean over seeds, dots = seeds (blue LoRA, orange "
-        "PrunedLoRA, green AdaLoRA, grey base model)",
-        fontsize=9,
+        "PrunedLoRA, green AdaLoRA, grey base model)"
     )
+    if paired:
+        title += (
+            "\nbelow, paired on the same examples and seeds: black = mean difference over seeds with its t 95% "
+            "interval, grey = each seed with its paired-bootstrap 95% interval; a win clears the red zero line"
+        )
+    fig.suptitle(title, fontsize=9)
+    fig.set_layout_engine("constrained")
     return save_figure(fig, path)

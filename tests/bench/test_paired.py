@@ -4,7 +4,14 @@ import math
 
 import pytest
 
-from prunedlora.bench.paired import compare, paired_bootstrap, paired_markdown, seed_interval, t_quantile_975
+from prunedlora.bench.paired import (
+    compare,
+    paired_bootstrap,
+    paired_comparisons,
+    paired_markdown,
+    seed_interval,
+    t_quantile_975,
+)
 
 
 def test_bootstrap_of_constant_differences_is_that_constant():
@@ -92,3 +99,19 @@ def test_above_floor_subtracts_the_floor_round_by_round_and_ratios_to_the_refere
     assert (found["ref"]["above_floor"].mean, found["ref"]["above_floor"].low) == (1.0, 1.0)
     assert (found["big"]["above_floor"].mean, found["big"]["above_floor"].high) == (3.0, 3.0)
     assert found["big"]["over_reference"].mean == pytest.approx(3.0)
+
+
+def test_paired_comparisons_are_what_the_table_prints():
+    ref = _cell("lora-target", 0, [2.0, -1.0, 0.5, 1.0])
+    other = _cell("m", 0, [3.0, -0.5, 0.7, 1.2])
+    base = _cell("base", 0, [-1.0, -1.0, -1.0, -1.0])  # never compared
+    found = paired_comparisons([ref, other, base])
+    assert [(f["task"], f["metric"], f["better"], f["method"]) for f in found] == [
+        ("sst2", "accuracy", "higher", "m"),
+        ("sst2", "margin", "higher", "m"),
+    ]
+    table = paired_markdown([ref, other, base])
+    for f in found:
+        assert (
+            f"| {f['task']} | {f['metric']} ({f['better']} is better) | {f['method']} | 1 | {f['mean']:+.4f} |" in table
+        )

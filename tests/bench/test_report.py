@@ -192,3 +192,58 @@ def test_the_demo_prints_stock_and_rank_aware_ratios_side_by_side(payload, monke
     assert r0.split()[-5:] == ["6.00x", "2.00x", "6.00x", "2.00x", "0.33x"]
     assert "  mixed-rank-r16 in the batch" in out
     assert f"plot: {tmp_path / 'latency.png'}" in out
+
+
+def _quality_payload() -> dict:
+    def cell(method, seed, margins):
+        return {
+            "task": "sst2",
+            "method": method,
+            "seed": seed,
+            "eval": {
+                "accuracy": sum(m > 0 for m in margins) / len(margins),
+                "per_example": {"index": list(range(len(margins))), "margin": margins},
+            },
+        }
+
+    cells = [cell("lora-target", s, [1.0, -1.0, 0.5, -0.2]) for s in (0, 1)]
+    cells += [cell("pruned-x", s, [1.5, 0.3, 0.9, -0.1 + s]) for s in (0, 1)]
+    cells.append(cell("base", 0, [-1.0, -1.0, 0.5, -0.2]))
+    return {
+        "model": "default",
+        "settings": {"tasks": ["sst2"], "methods": ["base", "lora-target", "pruned-x"]},
+        "cells": cells,
+    }
+
+
+def test_the_quality_plot_adds_the_paired_differences_under_the_bars(tmp_path, monkeypatch):
+    """Below the bars, one panel per paired metric (SST-2: accuracy and the margin), each with the
+    method's mean difference, its seeds and the zero line. Break: drop the paired row -> red."""
+    from prunedlora.bench import report
+
+    figures = []
+    real_save = report.save_figure
+    monkeypatch.setattr(report, "save_figure", lambda fig, path: figures.append(fig) or real_save(fig, path))
+    path = report.plot_quality(_quality_payload(), tmp_path / "quality.png")
+    assert path.read_bytes().startswith(PNG_MAGIC)
+    titles = [ax.get_title() for ax in figures[0].axes if ax.get_visible()]
+    assert titles == [
+        "SST-2 dev accuracy (higher is better)",
+        "SST-2 dev accuracy: method - lora-target\n(higher is better)",
+        "SST-2 gold-label log-prob margin: method - lora-target\n(higher is better)",
+    ]
+    paired = [ax for ax in figures[0].axes if ax.get_visible()][1:]
+    for ax in paired:
+        assert [t.get_text() for t in ax.get_yticklabels()] == ["pruned-x"]  # base is not compared
+        assert any(list(line.get_xdata()) == [0.0, 0.0] for line in ax.get_lines())  # the zero line
+
+
+def test_the_quality_plot_has_no_paired_row_without_the_reference(tmp_path, monkeypatch):
+    from prunedlora.bench import report
+
+    payload = _quality_payload()
+    payload["cells"] = [c for c in payload["cells"] if c["method"] != "lora-target"]
+    figures = []
+    monkeypatch.setattr(report, "save_figure", lambda fig, path: figures.append(fig) or Path(path))
+    report.plot_quality(payload, tmp_path / "quality.png")
+    assert [ax.get_title() for ax in figures[0].axes if ax.get_visible()] == ["SST-2 dev accuracy (higher is better)"]
