@@ -107,13 +107,11 @@ def test_train_help_and_a_one_step_train_from_a_packaged_recipe(installed, tmp_p
     assert set(record["ranks"].values()) <= set(range(5)) and len(record["ranks"]) == 2 * 2  # 2 layers x q, v
 
 
-def test_the_quality_protocol_finds_its_frozen_recipes_in_the_wheel(installed, tmp_path):
+def test_the_quality_protocol_finds_its_frozen_recipes_in_the_wheel(installed, tmp_path, tiny_model_path):
     """The protocol's recipes are package data (bench/protocol_recipes): listing the full table's cells
     reads every task's recipe, and fails with 'recipe ... not found' if the wheel does not ship them."""
     cli = installed / "bin" / "prunedlora"
-    done = _run(
-        [cli, "bench", "quality", "--preset", "full", "--seeds", "0", "--list", "--cells-dir", tmp_path / "cells"],
-        cwd=tmp_path,
-    )
+    args = ["--preset", "full", "--seeds", "0", "--list", "--model", tiny_model_path, "--cells-dir", tmp_path / "c"]
+    done = _run([cli, "bench", "quality", *args], cwd=tmp_path)
     for task in ("sst2", "gsm8k", "codealpaca"):
         assert f"{task}-pruned-obs-input-compensate-global-s0-" in done.stdout, done.stdout[-2000:]
