@@ -94,3 +94,24 @@ def test_latency_measures_both_lora_ops_and_the_mixed_rank_batch_unless_told(mon
     assert default.lora_ops == "both" and default.mixed_ranks == [4, 8, 16]
     assert stock.lora_ops == "stock" and stock.mixed_ranks == []
     assert rank_aware.lora_ops == "rank-aware" and rank_aware.mixed_ranks == [2, 8]
+
+
+def _quality_option_help(dest: str) -> str:
+    """The help text of one `bench quality` option, read from the parser (not the wrapped --help)."""
+    import argparse
+
+    def subparser(parser, name):
+        action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        return action.choices[name]
+
+    quality = subparser(subparser(build_parser(), "bench"), "quality")
+    return next(a.help for a in quality._actions if a.dest == dest)
+
+
+@pytest.mark.parametrize("dest, names", [("methods", "METHODS"), ("tasks", "QUALITY_TASKS")])
+def test_the_help_lists_exactly_the_bench_names(dest, names):
+    # cli.py keeps these lists as text (it imports the quality bench lazily): this keeps the copies honest.
+    from prunedlora.bench import quality
+
+    listed = _quality_option_help(dest).split(":", 1)[1].replace(" ", "").split(",")
+    assert listed == list(getattr(quality, names))
