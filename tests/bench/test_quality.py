@@ -126,6 +126,19 @@ def test_the_protocol_recipes_still_give_the_committed_cells_keys(path, tmp_path
     assert (again.key, spec) == (cell["key"], cell["spec"])
 
 
+@pytest.mark.parametrize("task", quality.QUALITY_TASKS)
+def test_every_protocol_recipe_prunes_on_the_protocols_schedule(task):
+    """Issue 9's schedule for every task alike: the first event after warm-up (B has grown), the last by
+    70% of training, so at least 30% of the steps train at the final ranks."""
+    from prunedlora.schedule import PruningSchedule
+    from prunedlora.train.recipe import load_recipe
+
+    recipe = load_recipe(quality.PROTOCOL_RECIPES_DIR / f"smollm2-{task}.yaml")
+    events = PruningSchedule.build(recipe.method, num_modules=210).events  # SmolLM2: 30 layers x 7 projections
+    assert events[0].step >= recipe.training.warmup_steps
+    assert events[-1].step <= 0.7 * recipe.training.max_steps
+
+
 def test_short_runs_scale_the_pruning_schedule(tiny_model_path, tmp_path):
     raw = cell_recipe(
         _config(tiny_model_path, tmp_path, max_steps=30),
