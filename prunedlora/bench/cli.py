@@ -272,6 +272,13 @@ def _register_quality(kinds) -> None:
         help="keep each run's Trainer checkpoints after it finished",
     )
     p.add_argument(
+        "--report-only",
+        action="store_true",
+        default=from_preset,
+        help="write the table from the cells already finished (cached or committed); train nothing, and list the "
+        "others as not run yet",
+    )
+    p.add_argument(
         "--list", action="store_true", help="print every cell, whether it is cached and its command; run nothing"
     )
     p.add_argument("--quiet", action="store_true", help="print only the result")
@@ -302,14 +309,14 @@ _QUALITY_KEYS = (
     "out_dir",
     "force",
     "keep_checkpoints",
+    "report_only",
 )
 
 
 def _quality(args) -> int:
     from prunedlora.bench.quality import (
-        RESULT_FILE,
         cell_command,
-        committed_cell_path,
+        is_cached,
         plan_cells,
         preset_config,
         run_quality_bench,
@@ -319,8 +326,7 @@ def _quality(args) -> int:
     config = preset_config(args.preset, echo=not args.quiet, **overrides)
     if args.list:
         for cell in plan_cells(config):
-            done = (cell.dir / RESULT_FILE).is_file() or committed_cell_path(config, cell).is_file()
-            state = "cached" if done else "to run"
+            state = "cached" if is_cached(config, cell) else "to run"
             print(f"{cell.label} [{state}] {cell.dir}\n  {cell_command(config, cell)}")
         return 0
     payload = run_quality_bench(config)

@@ -188,7 +188,7 @@ def paired_comparisons(results: list[dict], reference: str = "lora-target") -> l
     from prunedlora.bench.scoring import TASK_METRICS
 
     found_all = []
-    ok = [r for r in results if "error" not in r]
+    ok = [r for r in results if "eval" in r]  # finished cells only (not failed, not pending)
     for task in sorted({r["task"] for r in ok}):
         refs = [r for r in ok if r["task"] == task and r["method"] == reference]
         for metric, better in TASK_METRICS[task] + PAIRED_EXTRA.get(task, ()):

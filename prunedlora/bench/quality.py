@@ -165,6 +165,7 @@ class QualityBenchConfig:
     out_dir: str = "benchmarks/results"
     force: bool = False
     keep_checkpoints: bool = False
+    report_only: bool = False  # build the table from the finished cells; train nothing, list the rest as pending
     echo: bool = True
 
     def __post_init__(self) -> None:
@@ -176,6 +177,8 @@ class QualityBenchConfig:
             raise QualityBenchError(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
         if not self.tasks or not self.methods or not self.seeds:
             raise QualityBenchError("give at least one task, one method and one seed")
+        if self.report_only and self.force:
+            raise QualityBenchError("--report-only trains nothing, so it cannot --force a cell to run again")
         for name in (
             "max_steps",
             "batch_size",
@@ -531,6 +534,11 @@ def committed_cell_path(config: QualityBenchConfig, cell: Cell) -> Path:
     return Path(config.out_dir) / "cells" / f"{cell.dir.name}.json"
 
 
+def is_cached(config: QualityBenchConfig, cell: Cell) -> bool:
+    """Whether the cell has finished: in the cache, or committed under the results folder."""
+    return (cell.dir / RESULT_FILE).is_file() or committed_cell_path(config, cell).is_file()
+
+
 def check_schedule(recipe) -> None:
     """Refuse a pruned cell whose last pruning event would not happen before the run ends (the run
     would stop above the target rank and the comparison would not be at the same budget)."""
@@ -585,7 +593,7 @@ def aggregate(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
     groups: dict[tuple[str, str], list[dict]] = {}
     for result in results:
-        if "error" in result:
+        if "eval" not in result:  # failed, or not run yet
             continue
         groups.setdefault((result["task"], result["method"]), []).append(result)
     rows = []
@@ -636,7 +644,11 @@ def run_quality_bench(config: QualityBenchConfig) -> dict[str, Any]:
     )
     results = []
     for i, cell in enumerate(cells, start=1):
-        cached = (cell.dir / RESULT_FILE).is_file() and not config.force
+        cached = is_cached(config, cell) and not config.force
+        if config.report_only and not cached:
+            say(f"[{i}/{len(cells)}] {cell.label}: not run yet ({cell.dir.name})")
+            results.append({**_cell_record(config, cell), "pending": True})
+            continue
         say(f"[{i}/{len(cells)}] {cell.label}: {'cached' if cached else 'running'} ({cell.dir.name})")
         if not cached:
             say(f"    rerun alone: {cell_command(config, cell)}")
@@ -662,7 +674,7 @@ def run_quality_bench(config: QualityBenchConfig) -> dict[str, Any]:
         "settings": {
             k: (portable_path(v) if k.endswith("_dir") and v else v)
             for k, v in asdict(config).items()
-            if k not in ("echo", "force")
+            if k not in ("echo", "force", "report_only")
         },
         "data_dir": resolve_data_dir(config.data_dir),
         "cells": [_home_relative(cell) for cell in results],

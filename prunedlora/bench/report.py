@@ -427,6 +427,13 @@ def quality_markdown(payload: dict) -> str:
     if failed:
         lines += ["", f"{len(failed)} cell(s) failed:"]
         lines += [f"- {c['task']} {c['method']} seed {c['seed']}: {c['error']}" for c in failed]
+    pending = [c for c in payload["cells"] if c.get("pending")]
+    if pending:
+        lines += [
+            "",
+            f"{len(pending)} cell(s) not run yet: the tables above are without them; the cells below give the "
+            "command that runs each one.",
+        ]
     lines += [
         "",
         "Cells (rerun one alone with its command; results are cached by configuration):",
@@ -435,8 +442,8 @@ def quality_markdown(payload: dict) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     for cell in payload["cells"]:
-        if "error" in cell:
-            metrics = "error"
+        if "eval" not in cell:
+            metrics = "error" if "error" in cell else "not run yet"
             train_s = eval_s = "-"
         else:
             metrics = ", ".join(f"{k} {v:.4g}" for k, v in cell["eval"].items() if isinstance(v, float))
@@ -487,7 +494,7 @@ def plot_quality(payload: dict, path: str | os.PathLike) -> Path:
     methods = list(payload["settings"]["methods"])
     by_cell: dict[tuple[str, str], list[dict]] = {}
     for cell in payload["cells"]:
-        if "error" not in cell:
+        if "eval" in cell:
             by_cell.setdefault((cell["task"], cell["method"]), []).append(cell)
     paired: dict[tuple[str, str], list[dict]] = {}
     for comparison in paired_comparisons(payload["cells"]):

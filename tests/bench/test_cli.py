@@ -27,6 +27,7 @@ def test_bench_needs_a_kind(capsys):
         (["bench", "latency", "--output-tokens", "1"], "at least 2"),
         (["bench", "quality", "--methods", "lora,adalora"], "unknown method"),
         (["bench", "quality", "--tasks", "mnli"], "unknown task"),
+        (["bench", "quality", "--report-only", "--force"], "cannot --force"),
         (["bench", "quality", "--data-dir", "/nonexistent/data", "--list"], "is not a folder"),
     ],
 )

@@ -287,6 +287,17 @@ def test_quality_command_end_to_end_resumes_from_its_cache(tiny_model_path, tmp_
     listing = capsys.readouterr().out
     assert listing.count("[cached]") == 4 and "[to run]" not in listing
 
+    # --report-only: the table from what has finished; a seed not run yet is listed, not trained.
+    cells_before = sorted(p.name for p in (tmp_path / "cells").iterdir())
+    assert main([*_cli_args(tmp_path, tiny_model_path), "--seeds", "0,1", "--report-only"]) == 0
+    assert sorted(p.name for p in (tmp_path / "cells").iterdir()) == cells_before
+    payload = json.loads((tmp_path / "out" / "quality.json").read_text())
+    pending = [(c["method"], c["seed"]) for c in payload["cells"] if c.get("pending")]
+    assert pending == [("lora-target", 1), ("pruned-obs-paper-global", 1), ("adalora", 1)]
+    assert all(row["accuracy"]["n"] == 1 for row in payload["summary"])  # the table holds the finished cells
+    table = (tmp_path / "out" / "quality.md").read_text()
+    assert "3 cell(s) not run yet" in table and table.count("| not run yet |") == 3
+
 
 def test_the_base_model_is_one_cell_whatever_the_seeds(tiny_model_path, tmp_path):
     cells = plan_cells(_config(tiny_model_path, tmp_path, methods=["base", "lora-target"], seeds=[0, 1, 2]))
