@@ -113,9 +113,16 @@ def dev_examples(
     return load_examples(config)
 
 
-def _batches(items: list, size: int):
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
+def _batches(items: list, size: int, desc: str):
+    """``items`` in chunks of ``size``, with a progress bar: scoring a whole dev split takes minutes
+    to tens of minutes on a CPU, and a cell's log should show it moving."""
+    from tqdm.auto import tqdm
+
+    with tqdm(total=len(items), desc=desc, unit="ex", leave=False, dynamic_ncols=True) as bar:
+        for start in range(0, len(items), size):
+            chunk = items[start : start + size]
+            yield chunk
+            bar.update(len(chunk))
 
 
 def _pad(features: list[dict[str, list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
@@ -154,7 +161,7 @@ def token_logprob_sums(
 ) -> list[tuple[float, int]]:
     """(sum of log p over the learned tokens, number of learned tokens) for each feature."""
     results = []
-    for chunk in _batches(features, batch_size):
+    for chunk in _batches(features, batch_size, "log-likelihoods"):
         batch = _pad(chunk, tokenizer.pad_token_id)
         targets = batch["labels"][:, 1:]
         rows, positions = (targets != IGNORE_INDEX).nonzero(as_tuple=True)  # logits at t predict token t + 1
@@ -217,7 +224,7 @@ def classification_margins(
     if not items:
         raise ScoringError(f"no example fits max_length={settings.max_length}; raise it")
     margins = []
-    for chunk in _batches(items, settings.batch_size):
+    for chunk in _batches(items, settings.batch_size, "label margins"):
         batch = _pad([{"input_ids": prefix, "labels": prefix} for _, prefix, _, _ in chunk], tokenizer.pad_token_id)
         rows = torch.arange(len(chunk))
         last = torch.tensor([len(prefix) - 1 for _, prefix, _, _ in chunk])
@@ -245,7 +252,7 @@ def greedy_answers(model, tokenizer, prompts: list[str], settings: EvalSettings)
     tokenizer.padding_side = "left"
     answers = []
     try:
-        for chunk in _batches(texts, settings.batch_size):
+        for chunk in _batches(texts, settings.batch_size, "greedy answers"):
             batch = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False)
             out = model.generate(
                 **batch, max_new_tokens=settings.max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
