@@ -459,6 +459,8 @@ def quality_markdown(payload: dict) -> str:
 def _plot_paired(ax, found: list[dict], reference: str) -> None:
     """One metric's paired differences against ``reference``: per method, each seed's difference with
     its paired-bootstrap interval (small, grey) and the mean over seeds with its t interval (black)."""
+    from matplotlib.ticker import MaxNLocator
+
     for row, comparison in enumerate(found):
         seeds = comparison["seeds"]
         for k, seed in enumerate(seeds):
@@ -481,6 +483,7 @@ def _plot_paired(ax, found: list[dict], reference: str) -> None:
     first = found[0]
     label = _METRIC_LABELS.get((first["task"], first["metric"]), f"{first['task']} {first['metric']}")
     ax.set_title(f"{label}: method - {reference}\n({first['better']} is better)", fontsize=9)
+    ax.xaxis.set_major_locator(MaxNLocator(nbins=3))  # small differences (NLL: -0.0075) otherwise overlap
     ax.grid(axis="x", alpha=0.3)
 
 
@@ -499,16 +502,35 @@ def plot_quality(payload: dict, path: str | os.PathLike) -> Path:
     paired: dict[tuple[str, str], list[dict]] = {}
     for comparison in paired_comparisons(payload["cells"]):
         paired.setdefault((comparison["task"], comparison["metric"]), []).append(comparison)
+    # Columns grouped by task, so each task's paired panels sit under its bars: a task takes as many
+    # columns as it has bar panels or paired panels (SST-2: one bar metric, two paired ones).
+    tasks = list(dict.fromkeys([t for t, _, _ in columns] + [t for t, _ in paired]))
+    blocks = []
+    for task in tasks:
+        bars = [column for column in columns if column[0] == task]
+        order = {metric: i for i, (_, metric, _) in enumerate(bars)}
+        pairs = sorted(
+            (found for (t, _), found in paired.items() if t == task),
+            key=lambda f: order.get(f[0]["metric"], len(order)),
+        )
+        blocks.append((bars, pairs))
+    n_cols = max(1, sum(max(len(bars), len(pairs)) for bars, pairs in blocks))
     width = max(4.0, 0.55 * len(methods) + 1.5)
-    n_cols = max(len(columns), len(paired))
     fig = new_figure(width * n_cols, 4.2 + (0.6 * len(methods) + 2.0 if paired else 0.0))
     grid = fig.subplots(2 if paired else 1, n_cols, squeeze=False)
-    axes = grid[0]
-    for ax in list(grid[0][len(columns) :]) + (list(grid[1][len(paired) :]) if paired else []):
-        ax.set_visible(False)
-    for ax, found in zip(grid[1] if paired else [], paired.values()):
-        _plot_paired(ax, found, "lora-target")
-    for ax, (task, metric, better) in zip(axes, columns):
+    bar_axes, used = [], set()
+    start = 0
+    for bars, pairs in blocks:
+        bar_axes += [(grid[0][start + i], column) for i, column in enumerate(bars)]
+        used |= {(0, start + i) for i in range(len(bars))} | {(1, start + i) for i in range(len(pairs))}
+        for i, found in enumerate(pairs):
+            _plot_paired(grid[1][start + i], found, "lora-target")
+        start += max(len(bars), len(pairs))
+    for row, axes_row in enumerate(grid):
+        for col, ax in enumerate(axes_row):
+            if (row, col) not in used:
+                ax.set_visible(False)
+    for ax, (task, metric, better) in bar_axes:
         means = []
         for i, method in enumerate(methods):
             values = [float(c["eval"][metric]) for c in by_cell.get((task, method), []) if metric in c["eval"]]

@@ -238,6 +238,51 @@ def test_the_quality_plot_adds_the_paired_differences_under_the_bars(tmp_path, m
         assert any(list(line.get_xdata()) == [0.0, 0.0] for line in ax.get_lines())  # the zero line
 
 
+def test_each_tasks_paired_panels_sit_under_its_own_bars(tmp_path, monkeypatch):
+    """Two tasks: SST-2 (one bar metric, two paired) then CodeAlpaca (one of each). CodeAlpaca's paired
+    panel is in the column of its bars, not under SST-2's. Break: fill the paired row left to right in
+    the order comparisons come (CodeAlpaca's first) -> red."""
+    from prunedlora.bench import report
+
+    payload = _quality_payload()
+
+    def code_cell(method, seed, nlls):
+        return {
+            "task": "codealpaca",
+            "method": method,
+            "seed": seed,
+            "eval": {
+                "nll": sum(nlls) / len(nlls),
+                "per_example": {"index": list(range(len(nlls))), "logprob_sum": [-x for x in nlls], "tokens": [1] * 4},
+            },
+        }
+
+    # CodeAlpaca's cells first, so a layout in comparison order would put its panel in column 0.
+    payload["cells"] = (
+        [code_cell("lora-target", s, [0.9, 0.8, 0.7, 0.6]) for s in (0, 1)]
+        + [code_cell("pruned-x", s, [0.8, 0.8, 0.6, 0.5 + 0.05 * s]) for s in (0, 1)]
+        + payload["cells"]
+    )
+    payload["settings"]["tasks"] = ["sst2", "codealpaca"]
+    figures = []
+    monkeypatch.setattr(report, "save_figure", lambda fig, path: figures.append(fig) or Path(path))
+    report.plot_quality(payload, tmp_path / "quality.png")
+    placed = {
+        (ax.get_subplotspec().rowspan.start, ax.get_subplotspec().colspan.start): ax.get_title()
+        .split(" (")[0]
+        .split(":")[0]
+        for ax in figures[0].axes
+        if ax.get_visible()
+    }
+    assert placed == {
+        (0, 0): "SST-2 dev accuracy",
+        (1, 0): "SST-2 dev accuracy",
+        (1, 1): "SST-2 gold-label log-prob margin",
+        (0, 2): "CodeAlpaca held-out NLL",
+        (1, 2): "CodeAlpaca held-out NLL",
+    }
+
+
 def test_the_quality_plot_has_no_paired_row_without_the_reference(tmp_path, monkeypatch):
     from prunedlora.bench import report
 
