@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -182,9 +182,17 @@ def compare(method_cells: list[dict], reference_cells: list[dict], metric: str) 
 PAIRED_EXTRA: dict[str, tuple[tuple[str, str], ...]] = {"sst2": (("margin", "higher"),), "rte": (("margin", "higher"),)}
 
 
-def paired_comparisons(results: list[dict], reference: str = "lora-target") -> list[dict]:
+# The second question the quality table answers (issue 9): does the score choose better components,
+# or does any pruning from r0 do as well? Every other pruned method is also compared with this one.
+PRUNING_REFERENCE = "pruned-magnitude-global"
+
+
+def paired_comparisons(
+    results: list[dict], reference: str = "lora-target", methods: Collection[str] | None = None
+) -> list[dict]:
     """Every (task, metric, method) that can be compared paired with ``reference``: ``compare``'s
-    result with ``task``, ``better`` and ``method`` added; the table and the plot both read these."""
+    result with ``task``, ``better`` and ``method`` added; the table and the plot both read these.
+    ``methods`` keeps only those methods (default: every method but the reference and the base model)."""
     from prunedlora.bench.scoring import TASK_METRICS
 
     found_all = []
@@ -192,7 +200,8 @@ def paired_comparisons(results: list[dict], reference: str = "lora-target") -> l
     for task in sorted({r["task"] for r in ok}):
         refs = [r for r in ok if r["task"] == task and r["method"] == reference]
         for metric, better in TASK_METRICS[task] + PAIRED_EXTRA.get(task, ()):
-            for method in sorted({r["method"] for r in ok if r["task"] == task} - {reference, "base"}):
+            compared = {r["method"] for r in ok if r["task"] == task} - {reference, "base"}
+            for method in sorted(compared if methods is None else compared & set(methods)):
                 cells = [r for r in ok if r["task"] == task and r["method"] == method]
                 try:
                     found = compare(cells, refs, metric)
@@ -203,15 +212,16 @@ def paired_comparisons(results: list[dict], reference: str = "lora-target") -> l
     return found_all
 
 
-def paired_markdown(results: list[dict], reference: str = "lora-target") -> str:
-    """A markdown section: each method against ``reference`` per task and metric (paired)."""
+def paired_markdown(results: list[dict], reference: str = "lora-target", methods: Collection[str] | None = None) -> str:
+    """A markdown section: each method (of ``methods``, default all) against ``reference`` per task and
+    metric (paired)."""
     lines = [
         f"### Paired differences against `{reference}` (method - {reference}; same examples, same seeds)",
         "",
         "| task | metric | method | seeds | mean diff | 95% interval over seeds | per seed (paired bootstrap 95%) |",
         "|---|---|---|---|---|---|---|",
     ]
-    for found in paired_comparisons(results, reference):
+    for found in paired_comparisons(results, reference, methods):
         interval = "-" if found["low"] is None else f"[{found['low']:+.4f}, {found['high']:+.4f}]"
         per_seed = "; ".join(
             f"s{s['seed']}: {s['diff']:+.4f} [{s['low']:+.4f}, {s['high']:+.4f}]" for s in found["seeds"]

@@ -292,3 +292,45 @@ def test_the_quality_plot_has_no_paired_row_without_the_reference(tmp_path, monk
     monkeypatch.setattr(report, "save_figure", lambda fig, path: figures.append(fig) or Path(path))
     report.plot_quality(payload, tmp_path / "quality.png")
     assert [ax.get_title() for ax in figures[0].axes if ax.get_visible()] == ["SST-2 dev accuracy (higher is better)"]
+
+
+def test_the_quality_table_compares_each_pruned_method_with_magnitude_pruning():
+    """Issue 9's second question: does the score matter, or only pruning from r0? Below the table against
+    LoRA r8, every other pruned method is compared paired with magnitude pruning (LoRA r8 and the base
+    model are not). Break: drop the second table, or compare every method with it -> red."""
+    from prunedlora.bench.quality import aggregate
+    from prunedlora.bench.report import quality_markdown
+
+    def cell(method, seed, margins):
+        return {
+            "task": "sst2",
+            "method": method,
+            "seed": seed,
+            "command": f"prunedlora bench quality --methods {method} --seeds {seed}",
+            "train": {"average_rank": 8.0, "max_rank": 16, "adapter_parameters": 1000, "seconds": 1.0},
+            "eval": {
+                "accuracy": sum(m > 0 for m in margins) / len(margins),
+                "per_example": {"index": list(range(len(margins))), "margin": margins},
+            },
+        }
+
+    methods = ["base", "lora-target", "pruned-obs-x", "pruned-magnitude-global"]
+    cells = [cell("base", 0, [-1.0, -1.0, 0.5, -0.2])]
+    for seed in (0, 1):
+        cells += [
+            cell("lora-target", seed, [1.0, -1.0, 0.5, -0.2]),
+            cell("pruned-obs-x", seed, [1.5, 0.3, 0.9, 0.1]),
+            cell("pruned-magnitude-global", seed, [1.2, -0.3, 0.9, 0.1]),
+        ]
+    payload = {
+        "model": "default",
+        "machine": {"cpu": "test CPU", "flags": ["avx2"], "cores": 2, "dtype": "float32", "thread_binding": "0-1"},
+        "settings": {"tasks": ["sst2"], "methods": methods, "seeds": [0, 1], "max_steps": 150, "eval_examples": None},
+        "cells": cells,
+        "summary": aggregate(cells),
+    }
+    text = quality_markdown(payload)
+    section = text.split("### Paired differences against `pruned-magnitude-global`")[1].split("\n\n")[1]
+    rows = [line for line in section.splitlines() if line.startswith("| sst2 ")]
+    assert [row.split(" | ")[2] for row in rows] == ["pruned-obs-x", "pruned-obs-x"]  # accuracy, margin
+    assert "| sst2 | accuracy (higher is better) | pruned-obs-x | 2 | +0.2500 |" in section  # one more right of 4
