@@ -194,21 +194,25 @@ def test_the_demo_prints_stock_and_rank_aware_ratios_side_by_side(payload, monke
     assert f"plot: {tmp_path / 'latency.png'}" in out
 
 
-def _quality_payload() -> dict:
-    def cell(method, seed, margins):
-        return {
-            "task": "sst2",
-            "method": method,
-            "seed": seed,
-            "eval": {
-                "accuracy": sum(m > 0 for m in margins) / len(margins),
-                "per_example": {"index": list(range(len(margins))), "margin": margins},
-            },
-        }
+def _sst2_cell(method: str, seed: int, margins: list[float]) -> dict:
+    """A finished SST-2 cell as the quality bench records it, from its per-example gold-label margins."""
+    return {
+        "task": "sst2",
+        "method": method,
+        "seed": seed,
+        "command": f"prunedlora bench quality --methods {method} --seeds {seed}",
+        "train": {"average_rank": 8.0, "max_rank": 16, "adapter_parameters": 1000, "seconds": 1.0},
+        "eval": {
+            "accuracy": sum(m > 0 for m in margins) / len(margins),
+            "per_example": {"index": list(range(len(margins))), "margin": margins},
+        },
+    }
 
-    cells = [cell("lora-target", s, [1.0, -1.0, 0.5, -0.2]) for s in (0, 1)]
-    cells += [cell("pruned-x", s, [1.5, 0.3, 0.9, -0.1 + s]) for s in (0, 1)]
-    cells.append(cell("base", 0, [-1.0, -1.0, 0.5, -0.2]))
+
+def _quality_payload() -> dict:
+    cells = [_sst2_cell("lora-target", s, [1.0, -1.0, 0.5, -0.2]) for s in (0, 1)]
+    cells += [_sst2_cell("pruned-x", s, [1.5, 0.3, 0.9, -0.1 + s]) for s in (0, 1)]
+    cells.append(_sst2_cell("base", 0, [-1.0, -1.0, 0.5, -0.2]))
     return {
         "model": "default",
         "settings": {"tasks": ["sst2"], "methods": ["base", "lora-target", "pruned-x"]},
@@ -301,19 +305,7 @@ def test_the_quality_table_compares_each_pruned_method_with_magnitude_pruning():
     from prunedlora.bench.quality import aggregate
     from prunedlora.bench.report import quality_markdown
 
-    def cell(method, seed, margins):
-        return {
-            "task": "sst2",
-            "method": method,
-            "seed": seed,
-            "command": f"prunedlora bench quality --methods {method} --seeds {seed}",
-            "train": {"average_rank": 8.0, "max_rank": 16, "adapter_parameters": 1000, "seconds": 1.0},
-            "eval": {
-                "accuracy": sum(m > 0 for m in margins) / len(margins),
-                "per_example": {"index": list(range(len(margins))), "margin": margins},
-            },
-        }
-
+    cell = _sst2_cell
     methods = ["base", "lora-target", "pruned-obs-x", "pruned-magnitude-global"]
     cells = [cell("base", 0, [-1.0, -1.0, 0.5, -0.2])]
     for seed in (0, 1):
