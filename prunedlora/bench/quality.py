@@ -53,7 +53,7 @@ from typing import Any
 
 import yaml
 
-from prunedlora.cpu import machine_record
+from prunedlora.cpu import machine_line, machine_record
 from prunedlora.errors import PrunedLoraError
 
 QUALITY_TASKS = ("gsm8k", "codealpaca", "sst2")  # the tasks the table covers (tasks.TASKS also has rte)
@@ -493,6 +493,9 @@ def run_cell(cell: Cell, config: QualityBenchConfig) -> dict[str, Any]:
         "eval": metrics,
         "eval_seconds": time.perf_counter() - start,
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        # where it ran: cells are filled across sessions on machines that differ, so each keeps its own
+        # (the seconds above are this machine's); the table's "machine" is only the one that built it
+        "machine": machine_record(dtype=recipe.training.dtype),
     }
     from prunedlora.metadata import write_json_atomic
 
@@ -626,6 +629,17 @@ def aggregate(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
+def cell_machines(results: list[dict[str, Any]]) -> dict[str, int]:
+    """How many finished cells ran on each machine (its one-line description); cells that predate the
+    record count under ``not recorded``."""
+    counts: dict[str, int] = {}
+    for result in results:
+        if "eval" in result:
+            line = machine_line(result["machine"]) if result.get("machine") else "not recorded"
+            counts[line] = counts.get(line, 0) + 1
+    return counts
+
+
 def run_quality_bench(config: QualityBenchConfig) -> dict[str, Any]:
     """Run (or reuse) every cell, then write quality.json, quality.md and quality.png to ``out_dir``.
 
@@ -671,6 +685,7 @@ def run_quality_bench(config: QualityBenchConfig) -> dict[str, Any]:
         "bench": "quality",
         "model": str(cells[0].spec["recipe"]["model"]),
         "machine": machine_record(dtype=cells[0].spec["recipe"].get("training", {}).get("dtype", "float32")),
+        "cell_machines": cell_machines(results),
         "settings": {
             k: (portable_path(v) if k.endswith("_dir") and v else v)
             for k, v in asdict(config).items()

@@ -387,13 +387,20 @@ def _parameters_text(parameters: float) -> str:
     return f"{parameters / 1e6:.2f}M ({parameters * 4 / 2**20:.1f})" if parameters else "0"
 
 
+def _cell_machines_text(payload: dict) -> str:
+    """The machines the table's finished cells ran on, with how many each (seconds compare only within one)."""
+    counts = payload.get("cell_machines") or {}
+    return "; ".join(f"{line} ({n} cell{'s' if n != 1 else ''})" for line, n in counts.items()) or "no finished cell"
+
+
 def quality_markdown(payload: dict) -> str:
     """Mean ± standard deviation over seeds per method and metric, then every cell with its command."""
     settings = payload["settings"]
     columns = _metric_columns(payload)
     steps = settings["max_steps"] if settings["max_steps"] is not None else "the recipe's"
     lines = [
-        f"Machine: {machine_line(payload['machine'])}; model `{Path(payload['model']).name}`; data: "
+        f"Table built on: {machine_line(payload['machine'])}; cells ran on: {_cell_machines_text(payload)}; "
+        f"model `{Path(payload['model']).name}`; data: "
         f"{payload.get('data_dir') or 'slices vendored in the package'}; {steps} optimizer steps per run; "
         f"seeds {settings['seeds']}; held-out examples per task: "
         f"{settings['eval_examples'] if settings['eval_examples'] is not None else 'all'}. "
@@ -441,8 +448,8 @@ def quality_markdown(payload: dict) -> str:
         "",
         "Cells (rerun one alone with its command; results are cached by configuration):",
         "",
-        "| task | method | seed | metrics | train s | eval s | command |",
-        "|---|---|---|---|---|---|---|",
+        "| task | method | seed | metrics | train s | eval s | machine | command |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for cell in payload["cells"]:
         if "eval" not in cell:
@@ -452,9 +459,11 @@ def quality_markdown(payload: dict) -> str:
             metrics = ", ".join(f"{k} {v:.4g}" for k, v in cell["eval"].items() if isinstance(v, float))
             train_s = f"{cell['train'].get('seconds', 0):.0f}"
             eval_s = f"{cell.get('eval_seconds', 0):.0f}"
+        machine = cell.get("machine")
+        machine_text = f"{machine.get('cpu')} ({', '.join(machine.get('flags') or [])})" if machine else "-"
         lines.append(
             f"| {cell['task']} | {cell['method']} | {cell['seed']} | {metrics} | {train_s} | {eval_s} "
-            f"| `{cell['command']}` |"
+            f"| {machine_text} | `{cell['command']}` |"
         )
     return "\n".join(lines) + "\n"
 

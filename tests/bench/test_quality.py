@@ -225,6 +225,7 @@ def test_unknown_names_are_refused(tiny_model_path, tmp_path):
 def test_quality_command_end_to_end_resumes_from_its_cache(tiny_model_path, tmp_path, monkeypatch, capsys):
     # First run: the adalora cell fails in scoring; the others finish and are cached.
     from prunedlora.bench import scoring
+    from prunedlora.cpu import machine_line, machine_record
 
     real = scoring.score_adapter
 
@@ -257,6 +258,8 @@ def test_quality_command_end_to_end_resumes_from_its_cache(tiny_model_path, tmp_
         assert cell["eval"]["accuracy"] == sum(m > 0 for m in margins) / 6
         assert (Path(cell["dir"]) / "result.json").is_file() and (Path(cell["dir"]) / "cell.json").is_file()
         assert not list(Path(cell["dir"]).rglob("checkpoint-*"))  # checkpoints removed once finished
+        assert cell["machine"] == machine_record(dtype="float32")  # where it ran, kept with the cell
+    assert payload["cell_machines"] == {machine_line(machine_record(dtype="float32")): 4}
     # Each trained cell was scored with its own adapter: its margins are not the base model's (after 5
     # steps AdaLoRA moves some by less than 1e-6). Break: score the base model for every cell -> red.
     base_margins = next(c["eval"]["per_example"]["margin"] for c in payload["cells"] if c["method"] == "base")

@@ -326,3 +326,47 @@ def test_the_quality_table_compares_each_pruned_method_with_magnitude_pruning():
     rows = [line for line in section.splitlines() if line.startswith("| sst2 ")]
     assert [row.split(" | ")[2] for row in rows] == ["pruned-obs-x", "pruned-obs-x"]  # accuracy, margin
     assert "| sst2 | accuracy (higher is better) | pruned-obs-x | 2 | +0.2500 |" in section  # one more right of 4
+
+
+def test_the_quality_table_says_where_each_cell_ran():
+    """Cells are filled across sessions on machines that differ: the table names each cell's own machine
+    and counts the cells per machine, not only the machine that rebuilt it. Break: report only the
+    builder's machine, or drop the per-cell column -> red."""
+    from prunedlora.bench.quality import aggregate, cell_machines
+    from prunedlora.bench.report import quality_markdown
+
+    avx2 = {"cpu": "EPYC", "flags": ["avx2"], "cores": 2, "dtype": "float32"}
+    bf16 = {"cpu": "EPYC", "flags": ["avx2", "avx512_bf16"], "cores": 2, "dtype": "float32"}
+    cells = [
+        {**_sst2_cell("lora-target", 0, [1.0, -1.0]), "machine": avx2},
+        {**_sst2_cell("lora-target", 1, [1.0, 1.0]), "machine": bf16},
+        _sst2_cell("lora-target", 2, [1.0, 1.0]),  # committed before cells recorded their machine
+        {"task": "sst2", "method": "lora-target", "seed": 3, "command": "c", "pending": True},
+    ]
+    counts = cell_machines(cells)
+    assert counts == {
+        "EPYC (avx2), 2 cores, float32": 1,
+        "EPYC (avx2, avx512_bf16), 2 cores, float32": 1,
+        "not recorded": 1,
+    }
+    payload = {
+        "model": "default",
+        "machine": {"cpu": "builder CPU", "flags": ["avx2"], "cores": 2},
+        "cell_machines": counts,
+        "settings": {
+            "tasks": ["sst2"],
+            "methods": ["lora-target"],
+            "seeds": [0, 1, 2, 3],
+            "max_steps": 150,
+            "eval_examples": None,
+        },
+        "cells": cells,
+        "summary": aggregate(cells),
+    }
+    text = quality_markdown(payload)
+    assert text.startswith(
+        "Table built on: builder CPU (avx2), 2 cores; cells ran on: EPYC (avx2), 2 cores, float32 "
+        "(1 cell); EPYC (avx2, avx512_bf16), 2 cores, float32 (1 cell); not recorded (1 cell);"
+    )
+    rows = [line for line in text.splitlines() if line.startswith("| sst2 | lora-target |")]
+    assert [row.split(" | ")[6] for row in rows] == ["EPYC (avx2)", "EPYC (avx2, avx512_bf16)", "-", "-"]
