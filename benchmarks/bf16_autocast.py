@@ -132,20 +132,19 @@ def paired_scoring(results: dict[str, dict], task: str) -> dict:
         raise SystemExit("the two modes scored different examples")
     if "margin" in a:
         diffs = [y - x for x, y in zip(a["margin"], b["margin"])]
-        agree = sum((x > 0) == (y > 0) for x, y in zip(a["margin"], b["margin"])) / len(diffs)
-        flips = [(x > 0) != (y > 0) for x, y in zip(a["margin"], b["margin"])]
-        correct = [[float(m > 0) for m in results[mode]["per_example"]["margin"]] for mode in MODES]
+        correct = [[float(m > 0) for m in per["margin"]] for per in (a, b)]  # the gold label wins
+        flipped = sum(x != y for x, y in zip(*correct))
         accuracy = paired_bootstrap([y - x for x, y in zip(*correct)])
         margin = paired_bootstrap(diffs)
         return {
-            "prediction_agreement": agree,
-            "predictions_flipped": sum(flips),
+            "prediction_agreement": 1 - flipped / len(diffs),
+            "predictions_flipped": flipped,
             "accuracy_difference": vars(accuracy) | {"excludes_zero": accuracy.excludes_zero},
             "margin_difference": vars(margin) | {"excludes_zero": margin.excludes_zero},
             "max_abs_margin_difference": max(abs(d) for d in diffs),
         }
-    # NLL tasks: log-likelihood per token, token-weighted (the metric is -sum(logprob)/sum(tokens))
-    diffs = [x - y for x, y in zip(a["logprob_sum"], b["logprob_sum"])]  # NLL(bf16) - NLL(fp32), summed
+    # NLL tasks, token-weighted as the metric is (-sum(logprob) / sum(tokens)): NLL(bf16) - NLL(fp32) per example
+    diffs = [x - y for x, y in zip(a["logprob_sum"], b["logprob_sum"])]
     nll = paired_bootstrap(diffs, a["tokens"])
     return {"nll_difference": vars(nll) | {"excludes_zero": nll.excludes_zero}}
 
