@@ -10,6 +10,8 @@ seed, through ``prunedlora train`` (the ``salr:`` recipe section for the sparse 
 ``salr-frozen``    magnitude 50%, the residual's rank-r_res SVD + r_task task components, residual frozen
 ``salr-trainable`` the same, residual trained with the task components
 ``wanda-residual`` Wanda 50% (one calibration pass), residual + task, residual frozen
+``wanda-trainable`` the same, residual trained
+``wanda-lora``     Wanda 50%, LoRA from PEFT's init (no residual): what the Wanda residual cells beat or not
 ``2:4-residual``   magnitude 2:4, residual + task, residual frozen
 =================  ===================================================================================
 
@@ -18,7 +20,9 @@ Three untrained rows frame them: ``dense-base`` (the dense model, no adapter), `
 the residual alone gives back).
 
 The score is the quality bench's GSM8K answer NLL (``prunedlora.bench.scoring.score_adapter``: NLL per
-token of the reference solution on the dev split carved from train, which training never sees).
+token of the reference solution on the dev split carved from train, which training never sees), compared
+paired on the same examples, and WikiText-2 test perplexity of each cell's merged model (what the sparse
+base lost in general, beyond the task).
 Bytes on disk are the base as stored (the dense safetensors, or sparsify's compressed bitmap store)
 plus the adapter's safetensors; vLLM would serve the materialised dense base, so these are disk bytes,
 not memory or speed.
@@ -51,11 +55,29 @@ CELLS: dict[str, tuple[dict[str, Any] | None, str | None, bool]] = {
     "salr-frozen": ({"mask": "magnitude", "pattern": "unstructured"}, "frozen", True),
     "salr-trainable": ({"mask": "magnitude", "pattern": "unstructured"}, "trainable", True),
     "wanda-residual": ({"mask": "wanda", "pattern": "unstructured"}, "frozen", True),
+    "wanda-trainable": ({"mask": "wanda", "pattern": "unstructured"}, "trainable", True),
+    "wanda-lora": ({"mask": "wanda", "pattern": "unstructured", "residual": 0}, "trainable", True),
     "2:4-residual": ({"mask": "magnitude", "pattern": "2:4"}, "frozen", True),
     "dense-base": (None, None, False),
     "salr-untrained": ({"mask": "magnitude", "pattern": "unstructured"}, "frozen", False),
     "sparse-base": ({"mask": "magnitude", "pattern": "unstructured", "residual": 0}, None, False),
 }
+
+# Each residual cell against the cell with the same sparse base and no residual: the share of the gap
+# between that cell and dense LoRA the residual closes is the issue's "recovers most of what the
+# sparse base lost" (2:4 has no such cell: its row is compared with dense LoRA only).
+NO_RESIDUAL = {
+    "salr-frozen": "sparse-lora",
+    "salr-trainable": "sparse-lora",
+    "wanda-residual": "wanda-lora",
+    "wanda-trainable": "wanda-lora",
+}
+
+
+# WikiText-2 test perplexity of every cell, trained or not, over its first windows of 512 tokens, as
+# benchmarks/salr_eval.py measures the untrained bases: the general language ability the sparse base
+# lost, besides the task the adapter was trained on.
+PPL_WINDOWS = 8
 
 
 @dataclass
@@ -157,6 +179,7 @@ def run_cell(cell: str, s: Settings, work: Path) -> dict[str, Any]:
     """Train (resuming) and score one cell; returns its result row."""
     from prunedlora import metadata
     from prunedlora.bench.scoring import EvalSettings, score_adapter
+    from prunedlora.cpu import machine_record
     from prunedlora.models import resolve_model
     from prunedlora.train.recipe import recipe_from_dict
     from prunedlora.train.runner import train
@@ -164,6 +187,7 @@ def run_cell(cell: str, s: Settings, work: Path) -> dict[str, Any]:
     options = sparsify_options(cell, s)
     trained = CELLS[cell][2]
     row: dict[str, Any] = {"cell": cell, "residual": CELLS[cell][1], "trained": trained}
+    row["machine"] = machine_record(dtype="float32")
     start = time.time()
     if options is not None:
         folder = ensure_folder(options, work)
@@ -196,6 +220,7 @@ def run_cell(cell: str, s: Settings, work: Path) -> dict[str, Any]:
     scores = score_adapter(base_dir, adapter, "gsm8k", s.data_path(), evals, data_seed=s.seed)
     row["eval_seconds"] = round(time.time() - start, 1)
     row["answer_nll"] = scores["answer_nll"]
+    row["wikitext2"] = wikitext_perplexity(base_dir, adapter)
     row["eval_examples"] = scores["eval_examples"]
     row["per_example"] = scores["per_example"]
     row["bytes"] = {
@@ -204,6 +229,62 @@ def run_cell(cell: str, s: Settings, work: Path) -> dict[str, Any]:
     }
     row["bytes"]["total"] = row["bytes"]["base_stored"] + row["bytes"]["adapter"]
     return row
+
+
+def wikitext_perplexity(base_dir: Path, adapter: Path | None) -> dict[str, Any]:
+    """WikiText-2 test perplexity of the base with the cell's adapter merged (first PPL_WINDOWS windows)."""
+    from prunedlora.bench.scoring import load_model, load_tokenizer
+    from prunedlora.perplexity import PerplexityConfig, perplexity
+
+    model = load_model(base_dir, adapter)
+    config = PerplexityConfig(window=512, max_windows=PPL_WINDOWS)
+    return perplexity(model, load_tokenizer(base_dir), "wikitext2", config).to_dict()
+
+
+def paired_nll(row: dict, reference: dict, seed: int) -> Any:
+    """Token-weighted answer NLL of ``row`` minus ``reference`` on their common dev examples, with a
+    paired bootstrap 95% interval (``prunedlora.bench.paired``)."""
+    from prunedlora.bench.paired import paired_bootstrap
+
+    def by_index(r: dict) -> dict[int, tuple[float, float]]:
+        per = r["per_example"]
+        return {i: (-lp, float(n)) for i, lp, n in zip(per["index"], per["logprob_sum"], per["tokens"])}
+
+    mine, ref = by_index(row), by_index(reference)
+    common = sorted(set(mine) & set(ref))
+    return paired_bootstrap([mine[i][0] - ref[i][0] for i in common], [mine[i][1] for i in common], seed=seed)
+
+
+def paired_lines(data: dict) -> list[str]:
+    """The paired table: each trained sparse cell against dense LoRA and against its no-residual cell."""
+    cells, seed = data["cells"], data["settings"]["seed"]
+    dense = cells.get("dense-lora")
+    if dense is None:
+        return []
+    lines = [
+        "",
+        "Paired on the same dev examples (answer NLL, cell - reference; paired bootstrap 95%). Gap closed: the "
+        "share of the no-residual cell's distance to dense LoRA that the residual removes (1 = dense LoRA's NLL).",
+        "",
+        "| cell | vs dense LoRA | no-residual cell | vs it | gap closed |",
+        "|---|---|---|---|---:|",
+    ]
+    for name in [c for c in CELLS if c in cells and c != "dense-lora" and CELLS[c][2]]:
+        row = cells[name]
+        vs_dense = paired_nll(row, dense, seed)
+        ref_name = NO_RESIDUAL.get(name)
+        ref = cells.get(ref_name) if ref_name else None
+        vs_ref, closed = "-", "-"
+        if ref is not None:
+            d = paired_nll(row, ref, seed)
+            vs_ref = f"{d.mean:+.4f} [{d.low:+.4f}, {d.high:+.4f}]"
+            gap = ref["answer_nll"] - dense["answer_nll"]
+            closed = f"{(ref['answer_nll'] - row['answer_nll']) / gap:.0%}" if gap > 0 else "-"
+        lines.append(
+            f"| {name} | {vs_dense.mean:+.4f} [{vs_dense.low:+.4f}, {vs_dense.high:+.4f}] | {ref_name or '-'} "
+            f"| {vs_ref} | {closed} |"
+        )
+    return lines
 
 
 def write_outputs(data: dict, out: Path) -> None:
@@ -217,6 +298,8 @@ def write_outputs(data: dict, out: Path) -> None:
 
 
 def markdown(data: dict) -> str:
+    from prunedlora.cpu import machine_line
+
     s = data["settings"]
     cells = data["cells"]
     dense = cells.get("dense-lora", {}).get("answer_nll")
@@ -230,9 +313,9 @@ def markdown(data: dict) -> str:
         f"solution on the first {s['eval_examples']} examples of the carved dev split (lower is better). "
         f"Sparsity {s['sparsity']:.0%}.",
         "",
-        "| cell | base | residual | trained | answer NLL | vs dense LoRA | base stored (MB) | adapter (MB) "
-        "| total (MB) | train s |",
-        "|---|---|---|---|---:|---:|---:|---:|---:|---:|",
+        "| cell | base | residual | trained | answer NLL | vs dense LoRA | WikiText-2 ppl | base stored (MB) "
+        "| adapter (MB) | total (MB) | train s |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name in [c for c in CELLS if c in cells]:
         row = cells[name]
@@ -243,13 +326,18 @@ def markdown(data: dict) -> str:
             residual = "none" if sp["residual_rank"] == 0 else f"r{sp['residual_rank']} {row['residual']}"
         diff = "" if dense is None or not row["trained"] else f"{row['answer_nll'] - dense:+.4f}"
         b = row["bytes"]
+        ppl = f"{row['wikitext2']['ppl']:.1f}" if "wikitext2" in row else "-"
         lines.append(
             f"| {name} | {base} | {residual} | {'yes' if row['trained'] else 'no'} | {row['answer_nll']:.4f} | {diff} "
+            f"| {ppl} "
             f"| {b['base_stored'] / 1e6:.1f} | {b['adapter'] / 1e6:.2f} | {b['total'] / 1e6:.1f} "
             f"| {row.get('train_seconds', '')} |"
         )
+    lines += paired_lines(data)
+    machines = sorted({machine_line(r.get("machine")) for r in cells.values() if r.get("machine")})
     lines += [
         "",
+        f"- Machine: {'; '.join(machines) or 'not recorded'}.",
         "- Bytes are on disk: the sparse bases are sparsify's compressed store (values + 1-bit bitmap); vLLM "
         "serves the materialised dense base, so they buy no memory or speed there.",
         "- One seed and a short run: differences of a few thousandths are within what another seed or data "
@@ -260,23 +348,32 @@ def markdown(data: dict) -> str:
 
 
 def plot(data: dict, path: Path) -> None:
+    """Answer NLL (and, where measured, WikiText-2 perplexity) of every cell against its bytes on disk."""
     from prunedlora.figures import new_figure, save_figure
 
-    fig = new_figure(6.5, 4.2)
-    ax = fig.add_subplot(1, 1, 1)
-    for name, row in data["cells"].items():
-        x, y = row["bytes"]["total"] / 1e6, row["answer_nll"]
-        ax.plot([x], [y], "o" if row["trained"] else "x", color="tab:blue" if row["trained"] else "grey")
-        ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 3), fontsize=7)
+    panels = [("answer_nll", "GSM8K answer NLL per token (dev carve)")]
+    if any("wikitext2" in row for row in data["cells"].values()):
+        panels.append(("wikitext2", "WikiText-2 test perplexity (log)"))
+    fig = new_figure(6.5 * len(panels), 4.2)
     s = data["settings"]
-    ax.set_xlabel("bytes on disk: base as stored + adapter (MB)")
-    ax.set_ylabel("GSM8K answer NLL per token (dev carve)")
-    ax.set_title(
+    for k, (key, label) in enumerate(panels):
+        ax = fig.add_subplot(1, len(panels), k + 1)
+        for name, row in data["cells"].items():
+            if key not in row:
+                continue
+            x, y = row["bytes"]["total"] / 1e6, row[key]["ppl"] if key == "wikitext2" else row[key]
+            ax.plot([x], [y], "o" if row["trained"] else "x", color="tab:blue" if row["trained"] else "grey")
+            ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 3), fontsize=7)
+        if key == "wikitext2":
+            ax.set_yscale("log")
+        ax.set_xlabel("bytes on disk: base as stored + adapter (MB)")
+        ax.set_ylabel(label)
+        ax.grid(True, alpha=0.3)
+    fig.suptitle(
         f"SmolLM2-135M, {s['sparsity']:.0%} sparse bases, adapter rank {s['residual_rank']}+{s['task_rank']}, "
         f"{s['steps']} steps x {s['batch']}",
         fontsize=9,
     )
-    ax.grid(True, alpha=0.3)
     save_figure(fig, path)
 
 
