@@ -1,4 +1,4 @@
-"""SALR after training: GSM8K answer NLL of each way to spend one adapter budget on a sparse base, and bytes.
+"""SALR after training: GSM8K answer NLL (or SST-2 accuracy) of each way to spend one adapter budget on a sparse base.
 
 Issue 13's task table at a CPU-affordable scale. Every trained cell uses one PEFT LoRA of the same rank
 ``r_res + r_task`` with the same scaling (alpha = 2 x rank), data, data order, steps, learning rate and
@@ -19,8 +19,10 @@ Three untrained rows frame them: ``dense-base`` (the dense model, no adapter), `
 50%, no adapter) and ``salr-untrained`` (magnitude 50% + the residual, task components still zero: what
 the residual alone gives back).
 
-The score is the quality bench's GSM8K answer NLL (``prunedlora.bench.scoring.score_adapter``: NLL per
-token of the reference solution on the dev split carved from train, which training never sees), compared
+The score is the quality bench's (``prunedlora.bench.scoring.score_adapter``): for GSM8K (``--task gsm8k``,
+the default) the answer NLL per token of the reference solution on the dev split carved from train, which
+training never sees; for SST-2 (``--task sst2``) the accuracy on its dev file from one forward pass per
+sentence, with the gold label's log-prob margin kept per example. Each is compared
 paired on the same examples, and WikiText-2 test perplexity of each cell's merged model (what the sparse
 base lost in general, beyond the task).
 Bytes on disk are the base as stored (the dense safetensors, or sparsify's compressed bitmap store)
@@ -46,7 +48,13 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 OUT_DIR = Path(__file__).parent / "results" / "salr"
-SHARED_GSM8K = REPO.parent / "shared" / "data" / "gsm8k"
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+# The metric each task is scored by: (key in the scores, what the tables call it, lower is better?)
+METRICS = {"gsm8k": ("answer_nll", "answer NLL", True), "sst2": ("accuracy", "accuracy", False)}
+TASK_NAMES = {"gsm8k": "GSM8K", "sst2": "SST-2"}
+# The training file's first N examples, as the quality protocol reads SST-2's 67,349 (None: all of it).
+TRAIN_EXAMPLES = {"sst2": 2000}
 
 # name -> (sparsify options, or None for the dense model; residual mode; trained?)
 CELLS: dict[str, tuple[dict[str, Any] | None, str | None, bool]] = {
@@ -94,7 +102,8 @@ class Settings:
     residual_rank: int = 16
     task_rank: int = 8
     seed: int = 0
-    data: str = "vendored"  # "vendored" (the package's slice) or "../shared/data/gsm8k"
+    data: str = "vendored"  # "vendored" (the package's slice) or "../shared/data/<task>"
+    task: str = "gsm8k"
 
     @property
     def rank(self) -> int:
@@ -138,7 +147,13 @@ def recipe_for(cell: str, s: Settings, work: Path) -> dict[str, Any]:
     raw: dict[str, Any] = {
         "model": "default",
         "prune": False,
-        "data": {"task": "gsm8k", "path": s.data_path(), "max_length": s.max_length, "seed": s.seed},
+        "data": {
+            "task": s.task,
+            "path": s.data_path(),
+            "max_examples": TRAIN_EXAMPLES.get(s.task),
+            "max_length": s.max_length,
+            "seed": s.seed,
+        },
         "training": {
             "output_dir": str(work / cell.replace(":", "")),
             "max_steps": s.steps,
@@ -217,9 +232,9 @@ def run_cell(cell: str, s: Settings, work: Path) -> dict[str, Any]:
 
     start = time.time()
     evals = EvalSettings(max_examples=s.eval_examples, max_length=s.max_length, batch_size=8, exact_match_examples=0)
-    scores = score_adapter(base_dir, adapter, "gsm8k", s.data_path(), evals, data_seed=s.seed)
+    scores = score_adapter(base_dir, adapter, s.task, s.data_path(), evals, data_seed=s.seed)
     row["eval_seconds"] = round(time.time() - start, 1)
-    row["answer_nll"] = scores["answer_nll"]
+    row[METRICS[s.task][0]] = scores[METRICS[s.task][0]]
     row["wikitext2"] = wikitext_perplexity(base_dir, adapter)
     row["eval_examples"] = scores["eval_examples"]
     row["per_example"] = scores["per_example"]
@@ -241,45 +256,44 @@ def wikitext_perplexity(base_dir: Path, adapter: Path | None) -> dict[str, Any]:
     return perplexity(model, load_tokenizer(base_dir), "wikitext2", config).to_dict()
 
 
-def paired_nll(row: dict, reference: dict, seed: int) -> Any:
-    """Token-weighted answer NLL of ``row`` minus ``reference`` on their common dev examples, with a
-    paired bootstrap 95% interval (``prunedlora.bench.paired``)."""
-    from prunedlora.bench.paired import paired_bootstrap
+def paired_metric(row: dict, reference: dict, metric: str, seed: int) -> Any:
+    """``metric`` of ``row`` minus ``reference`` on their common dev examples (token-weighted for an NLL),
+    with a paired bootstrap 95% interval (``prunedlora.bench.paired``)."""
+    from prunedlora.bench.paired import example_values, paired_bootstrap
 
-    def by_index(r: dict) -> dict[int, tuple[float, float]]:
-        per = r["per_example"]
-        return {i: (-lp, float(n)) for i, lp, n in zip(per["index"], per["logprob_sum"], per["tokens"])}
-
-    mine, ref = by_index(row), by_index(reference)
+    mine, weights = example_values({"eval": row}, metric)
+    ref, _ = example_values({"eval": reference}, metric)
     common = sorted(set(mine) & set(ref))
-    return paired_bootstrap([mine[i][0] - ref[i][0] for i in common], [mine[i][1] for i in common], seed=seed)
+    return paired_bootstrap([mine[i] - ref[i] for i in common], [weights[i] for i in common], seed=seed)
 
 
 def paired_lines(data: dict) -> list[str]:
     """The paired table: each trained sparse cell against dense LoRA and against its no-residual cell."""
     cells, seed = data["cells"], data["settings"]["seed"]
+    metric, label, lower = METRICS[data["settings"].get("task", "gsm8k")]
     dense = cells.get("dense-lora")
     if dense is None:
         return []
     lines = [
         "",
-        "Paired on the same dev examples (answer NLL, cell - reference; paired bootstrap 95%). Gap closed: the "
-        "share of the no-residual cell's distance to dense LoRA that the residual removes (1 = dense LoRA's NLL).",
+        f"Paired on the same dev examples ({label}, cell - reference; paired bootstrap 95%). Gap closed: the "
+        f"share of the no-residual cell's distance to dense LoRA that the residual removes (100% = dense LoRA's {label}).",
         "",
         "| cell | vs dense LoRA | no-residual cell | vs it | gap closed |",
         "|---|---|---|---|---:|",
     ]
     for name in [c for c in CELLS if c in cells and c != "dense-lora" and CELLS[c][2]]:
         row = cells[name]
-        vs_dense = paired_nll(row, dense, seed)
+        vs_dense = paired_metric(row, dense, metric, seed)
         ref_name = NO_RESIDUAL.get(name)
         ref = cells.get(ref_name) if ref_name else None
         vs_ref, closed = "-", "-"
         if ref is not None:
-            d = paired_nll(row, ref, seed)
+            d = paired_metric(row, ref, metric, seed)
             vs_ref = f"{d.mean:+.4f} [{d.low:+.4f}, {d.high:+.4f}]"
-            gap = ref["answer_nll"] - dense["answer_nll"]
-            closed = f"{(ref['answer_nll'] - row['answer_nll']) / gap:.0%}" if gap > 0 else "-"
+            gap = dense[metric] - ref[metric]
+            dense_better = gap < 0 if lower else gap > 0
+            closed = f"{(row[metric] - ref[metric]) / gap:.0%}" if dense_better else "-"
         lines.append(
             f"| {name} | {vs_dense.mean:+.4f} [{vs_dense.low:+.4f}, {vs_dense.high:+.4f}] | {ref_name or '-'} "
             f"| {vs_ref} | {closed} |"
@@ -301,19 +315,26 @@ def markdown(data: dict) -> str:
     from prunedlora.cpu import machine_line
 
     s = data["settings"]
+    task = s.get("task", "gsm8k")
+    metric, label, lower = METRICS[task]
     cells = data["cells"]
-    dense = cells.get("dense-lora", {}).get("answer_nll")
+    dense = cells.get("dense-lora", {}).get(metric)
+    score = (
+        f"answer NLL per token of the reference solution on the first {s['eval_examples']} examples of the carved "
+        "dev split (lower is better)"
+        if task == "gsm8k"
+        else f"accuracy on the first {s['eval_examples']} sentences of the dev file (higher is better)"
+    )
     lines = [
-        "# SALR on GSM8K: answer NLL at one adapter budget (benchmarks/salr_tasks.py)",
+        f"# SALR on {TASK_NAMES[task]}: {label} at one adapter budget (benchmarks/salr_tasks.py)",
         "",
         f"SmolLM2-135M-Instruct, float32, CPU. Every trained cell: one LoRA of rank {s['residual_rank']} + "
         f"{s['task_rank']} = {s['residual_rank'] + s['task_rank']} on all seven projections (alpha = 2 x rank), "
         f"{s['steps']} steps x {s['batch']} examples, lr {s['learning_rate']:g} ({s['warmup_steps']} warm-up "
-        f"steps), seed {s['seed']}, GSM8K data {s['data']}. Score: answer NLL per token of the reference "
-        f"solution on the first {s['eval_examples']} examples of the carved dev split (lower is better). "
+        f"steps), seed {s['seed']}, {TASK_NAMES[task]} data {s['data']}. Score: {score}. "
         f"Sparsity {s['sparsity']:.0%}.",
         "",
-        "| cell | base | residual | trained | answer NLL | vs dense LoRA | WikiText-2 ppl | base stored (MB) "
+        f"| cell | base | residual | trained | {label} | vs dense LoRA | WikiText-2 ppl | base stored (MB) "
         "| adapter (MB) | total (MB) | train s |",
         "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
@@ -324,11 +345,11 @@ def markdown(data: dict) -> str:
         if sp is not None:
             base = f"{sp['mask']} " + ("2:4" if sp["pattern"] == "2:4" else f"{sp['sparsity']:.0%}")
             residual = "none" if sp["residual_rank"] == 0 else f"r{sp['residual_rank']} {row['residual']}"
-        diff = "" if dense is None or not row["trained"] else f"{row['answer_nll'] - dense:+.4f}"
+        diff = "" if dense is None or not row["trained"] else f"{row[metric] - dense:+.4f}"
         b = row["bytes"]
         ppl = f"{row['wikitext2']['ppl']:.1f}" if "wikitext2" in row else "-"
         lines.append(
-            f"| {name} | {base} | {residual} | {'yes' if row['trained'] else 'no'} | {row['answer_nll']:.4f} | {diff} "
+            f"| {name} | {base} | {residual} | {'yes' if row['trained'] else 'no'} | {row[metric]:.4f} | {diff} "
             f"| {ppl} "
             f"| {b['base_stored'] / 1e6:.1f} | {b['adapter'] / 1e6:.2f} | {b['total'] / 1e6:.1f} "
             f"| {row.get('train_seconds', '')} |"
@@ -351,11 +372,12 @@ def plot(data: dict, path: Path) -> None:
     """Answer NLL (and, where measured, WikiText-2 perplexity) of every cell against its bytes on disk."""
     from prunedlora.figures import new_figure, save_figure
 
-    panels = [("answer_nll", "GSM8K answer NLL per token (dev carve)")]
+    s = data["settings"]
+    metric, label, _ = METRICS[s.get("task", "gsm8k")]
+    panels = [(metric, f"{TASK_NAMES[s.get('task', 'gsm8k')]} {label} (dev)")]
     if any("wikitext2" in row for row in data["cells"].values()):
         panels.append(("wikitext2", "WikiText-2 test perplexity (log)"))
     fig = new_figure(6.5 * len(panels), 4.2)
-    s = data["settings"]
     for k, (key, label) in enumerate(panels):
         ax = fig.add_subplot(1, len(panels), k + 1)
         for name, row in data["cells"].items():
@@ -390,13 +412,20 @@ def main() -> None:
     parser.add_argument("--residual-rank", type=int, default=d.residual_rank)
     parser.add_argument("--task-rank", type=int, default=d.task_rank)
     parser.add_argument("--seed", type=int, default=d.seed)
-    parser.add_argument("--data", choices=["vendored", "shared"], default="vendored", help="GSM8K slice or all 7,473")
+    parser.add_argument("--task", choices=list(METRICS), default=d.task)
+    parser.add_argument(
+        "--data",
+        choices=["vendored", "shared"],
+        default="vendored",
+        help="the package's slice or all of ../shared/data/<task>",
+    )
     parser.add_argument("--cells", nargs="+", choices=list(CELLS), default=list(CELLS))
     parser.add_argument("--work", type=Path, default=REPO / "runs" / "salr-tasks", help="runs and sparsify folders")
     parser.add_argument("--out", type=Path, default=OUT_DIR)
     args = parser.parse_args()
-    if args.data == "shared" and not SHARED_GSM8K.is_dir():
-        parser.error(f"{rel(SHARED_GSM8K)} is missing; use --data vendored")
+    shared = SHARED_DATA / args.task
+    if args.data == "shared" and not shared.is_dir():
+        parser.error(f"{rel(shared)} is missing; use --data vendored")
     settings = Settings(
         steps=args.steps,
         batch=args.batch,
@@ -408,21 +437,23 @@ def main() -> None:
         residual_rank=args.residual_rank,
         task_rank=args.task_rank,
         seed=args.seed,
-        data="vendored" if args.data == "vendored" else rel(SHARED_GSM8K),
+        data="vendored" if args.data == "vendored" else rel(shared),
+        task=args.task,
     )
+    metric, label, _ = METRICS[args.task]
     path = args.out / "tasks.json"
     data = json.loads(path.read_text()) if path.is_file() else None
-    if data is not None and data["settings"] != asdict(settings):
+    if data is not None and {"task": "gsm8k", **data["settings"]} != asdict(settings):  # older tables: GSM8K
         parser.error(f"{rel(path)} holds a table with other settings; move it away or pass the same ones")
     data = data or {"settings": asdict(settings), "cells": {}}
     for cell in args.cells:
         if cell in data["cells"]:
-            print(f"{cell}: done (answer NLL {data['cells'][cell]['answer_nll']:.4f})", flush=True)
+            print(f"{cell}: done ({label} {data['cells'][cell][metric]:.4f})", flush=True)
             continue
         row = run_cell(cell, settings, args.work)
         data["cells"][cell] = row
         write_outputs(data, args.out)
-        print(f"{cell}: answer NLL {row['answer_nll']:.4f}, {row['bytes']['total']:,} bytes", flush=True)
+        print(f"{cell}: {label} {row[metric]:.4f}, {row['bytes']['total']:,} bytes", flush=True)
     write_outputs(data, args.out)
 
 
