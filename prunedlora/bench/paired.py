@@ -186,6 +186,10 @@ PAIRED_EXTRA: dict[str, tuple[tuple[str, str], ...]] = {"sst2": (("margin", "hig
 # or does any pruning from r0 do as well? Every other pruned method is also compared with this one.
 PRUNING_REFERENCE = "pruned-magnitude-global"
 
+# The third: what does pruning r0 = 32 down to the target cost against keeping all of r0 (four times the
+# parameters)? Every pruned method is also compared with plain LoRA trained at r0.
+R0_REFERENCE = "lora-r0"
+
 
 def paired_comparisons(
     results: list[dict], reference: str = "lora-target", methods: Collection[str] | None = None

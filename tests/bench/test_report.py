@@ -328,6 +328,38 @@ def test_the_quality_table_compares_each_pruned_method_with_magnitude_pruning():
     assert "| sst2 | accuracy (higher is better) | pruned-obs-x | 2 | +0.2500 |" in section  # one more right of 4
 
 
+def test_the_quality_table_compares_each_pruned_method_with_lora_at_r0():
+    """The third question: what does pruning from r0 to the target cost against keeping all of r0? Every
+    pruned method, magnitude included, is compared paired with LoRA r0; LoRA r8 and the base model are
+    not. Break: drop the third table, or leave magnitude out of it -> red."""
+    from prunedlora.bench.quality import aggregate
+    from prunedlora.bench.report import quality_markdown
+
+    cell = _sst2_cell
+    methods = ["base", "lora-target", "lora-r0", "pruned-obs-x", "pruned-magnitude-global"]
+    cells = [cell("base", 0, [-1.0, -1.0, 0.5, -0.2])]
+    for seed in (0, 1):
+        cells += [
+            cell("lora-target", seed, [1.0, -1.0, 0.5, -0.2]),
+            cell("lora-r0", seed, [1.5, 0.3, -0.9, 0.1]),
+            cell("pruned-obs-x", seed, [1.5, 0.3, 0.9, 0.1]),
+            cell("pruned-magnitude-global", seed, [1.2, -0.3, 0.9, -0.1]),
+        ]
+    payload = {
+        "model": "default",
+        "machine": {"cpu": "test CPU", "flags": ["avx2"], "cores": 2, "dtype": "float32", "thread_binding": "0-1"},
+        "settings": {"tasks": ["sst2"], "methods": methods, "seeds": [0, 1], "max_steps": 150, "eval_examples": None},
+        "cells": cells,
+        "summary": aggregate(cells),
+    }
+    text = quality_markdown(payload)
+    section = text.split("### Paired differences against `lora-r0`")[1].split("\n\n")[1]
+    rows = [line for line in section.splitlines() if line.startswith("| sst2 ")]
+    assert sorted({row.split(" | ")[2] for row in rows}) == ["pruned-magnitude-global", "pruned-obs-x"]
+    assert "| sst2 | accuracy (higher is better) | pruned-obs-x | 2 | +0.2500 |" in section  # one more right of 4
+    assert "| sst2 | accuracy (higher is better) | pruned-magnitude-global | 2 | -0.2500 |" in section  # 2 of 4 vs 3
+
+
 def test_the_quality_table_says_where_each_cell_ran():
     """Cells are filled across sessions on machines that differ: the table names each cell's own machine
     and counts the cells per machine, not only the machine that rebuilt it. Break: report only the
