@@ -20,6 +20,7 @@ steps, learning rate and seed, and is scored on the task's held-out split (``sco
 ``pruned-activation-global`` activation criterion, global allocation, same final budget
 ``pruned-magnitude-global`` magnitude criterion, global allocation, same final budget
 ``adalora``                 PEFT's AdaLoRA, init_r = r0 -> target_r = target (same budget)
+``adalora-lr5x``            the same at 5x the recipe's learning rate (AdaLoRA's init needs it; see METHODS)
 ==========================  ===================================================================
 
 A *cell* is one (task, method, seed) with everything that determines its result (the resolved
@@ -84,6 +85,11 @@ METHODS: dict[str, dict[str, Any]] = {
     "pruned-activation-global": {"prune": True, "criterion": "activation", "allocation": "global"},
     "pruned-magnitude-global": {"prune": True, "criterion": "magnitude", "allocation": "global"},
     "adalora": {"adalora": True},
+    # AdaLoRA at five times the recipe's learning rate (1e-3 at the protocol's 2e-4, the AdaLoRA paper's
+    # range for SST-2). PEFT starts AdaLoRA with E = 0 and P, Q ~ N(0, 0.02), so at LoRA's learning rate
+    # its update P·diag(E)·Q stays about 30x smaller than LoRA's B·A over 150 steps and it barely learns
+    # (docs/results.md); a method is compared at a learning rate it can train at, not only at LoRA's.
+    "adalora-lr5x": {"adalora": True, "lr_scale": 5.0},
 }
 # The protocol's frozen copies of the task recipes (package data; see the module docstring).
 PROTOCOL_RECIPES_DIR = Path(str(resources.files("prunedlora").joinpath("bench", "protocol_recipes")))
@@ -280,6 +286,11 @@ def cell_recipe(
     training.update(output_dir=str(run_dir), max_steps=steps, seed=seed)
     if config.learning_rate is not None:
         training["learning_rate"] = config.learning_rate
+    if "lr_scale" in METHODS[method]:  # a method trained at its own multiple of the shared learning rate
+        from prunedlora.train.recipe import TrainingOptions
+
+        shared = float(training.get("learning_rate", TrainingOptions.learning_rate))
+        training["learning_rate"] = shared * METHODS[method]["lr_scale"]
     if config.batch_size is not None:
         training["per_device_train_batch_size"] = config.batch_size
     training["save_steps"] = max(1, min(int(training.get("save_steps", 50)), steps))
