@@ -209,6 +209,21 @@ def _sst2_cell(method: str, seed: int, margins: list[float]) -> dict:
     }
 
 
+def _sst2_two_seed_markdown(methods: list[str], cells: list[dict]) -> str:
+    """The quality table's markdown for SST-2 cells of seeds 0 and 1, as the bench writes it."""
+    from prunedlora.bench.quality import aggregate
+    from prunedlora.bench.report import quality_markdown
+
+    payload = {
+        "model": "default",
+        "machine": {"cpu": "test CPU", "flags": ["avx2"], "cores": 2, "dtype": "float32", "thread_binding": "0-1"},
+        "settings": {"tasks": ["sst2"], "methods": methods, "seeds": [0, 1], "max_steps": 150, "eval_examples": None},
+        "cells": cells,
+        "summary": aggregate(cells),
+    }
+    return quality_markdown(payload)
+
+
 def _quality_payload() -> dict:
     cells = [_sst2_cell("lora-target", s, [1.0, -1.0, 0.5, -0.2]) for s in (0, 1)]
     cells += [_sst2_cell("pruned-x", s, [1.5, 0.3, 0.9, -0.1 + s]) for s in (0, 1)]
@@ -302,9 +317,6 @@ def test_the_quality_table_compares_each_pruned_method_with_magnitude_pruning():
     """Issue 9's second question: does the score matter, or only pruning from r0? Below the table against
     LoRA r8, every other pruned method is compared paired with magnitude pruning (LoRA r8 and the base
     model are not). Break: drop the second table, or compare every method with it -> red."""
-    from prunedlora.bench.quality import aggregate
-    from prunedlora.bench.report import quality_markdown
-
     cell = _sst2_cell
     methods = ["base", "lora-target", "pruned-obs-x", "pruned-magnitude-global"]
     cells = [cell("base", 0, [-1.0, -1.0, 0.5, -0.2])]
@@ -314,14 +326,7 @@ def test_the_quality_table_compares_each_pruned_method_with_magnitude_pruning():
             cell("pruned-obs-x", seed, [1.5, 0.3, 0.9, 0.1]),
             cell("pruned-magnitude-global", seed, [1.2, -0.3, 0.9, 0.1]),
         ]
-    payload = {
-        "model": "default",
-        "machine": {"cpu": "test CPU", "flags": ["avx2"], "cores": 2, "dtype": "float32", "thread_binding": "0-1"},
-        "settings": {"tasks": ["sst2"], "methods": methods, "seeds": [0, 1], "max_steps": 150, "eval_examples": None},
-        "cells": cells,
-        "summary": aggregate(cells),
-    }
-    text = quality_markdown(payload)
+    text = _sst2_two_seed_markdown(methods, cells)
     section = text.split("### Paired differences against `pruned-magnitude-global`")[1].split("\n\n")[1]
     rows = [line for line in section.splitlines() if line.startswith("| sst2 ")]
     assert [row.split(" | ")[2] for row in rows] == ["pruned-obs-x", "pruned-obs-x"]  # accuracy, margin
@@ -332,9 +337,6 @@ def test_the_quality_table_compares_each_pruned_method_with_lora_at_r0():
     """The third question: what does pruning from r0 to the target cost against keeping all of r0? Every
     pruned method, magnitude included, is compared paired with LoRA r0; LoRA r8 and the base model are
     not. Break: drop the third table, or leave magnitude out of it -> red."""
-    from prunedlora.bench.quality import aggregate
-    from prunedlora.bench.report import quality_markdown
-
     cell = _sst2_cell
     methods = ["base", "lora-target", "lora-r0", "pruned-obs-x", "pruned-magnitude-global"]
     cells = [cell("base", 0, [-1.0, -1.0, 0.5, -0.2])]
@@ -345,14 +347,7 @@ def test_the_quality_table_compares_each_pruned_method_with_lora_at_r0():
             cell("pruned-obs-x", seed, [1.5, 0.3, 0.9, 0.1]),
             cell("pruned-magnitude-global", seed, [1.2, -0.3, 0.9, -0.1]),
         ]
-    payload = {
-        "model": "default",
-        "machine": {"cpu": "test CPU", "flags": ["avx2"], "cores": 2, "dtype": "float32", "thread_binding": "0-1"},
-        "settings": {"tasks": ["sst2"], "methods": methods, "seeds": [0, 1], "max_steps": 150, "eval_examples": None},
-        "cells": cells,
-        "summary": aggregate(cells),
-    }
-    text = quality_markdown(payload)
+    text = _sst2_two_seed_markdown(methods, cells)
     section = text.split("### Paired differences against `lora-r0`")[1].split("\n\n")[1]
     rows = [line for line in section.splitlines() if line.startswith("| sst2 ")]
     assert sorted({row.split(" | ")[2] for row in rows}) == ["pruned-magnitude-global", "pruned-obs-x"]
