@@ -370,7 +370,7 @@ def markdown(data: dict) -> str:
 
 def plot(data: dict, path: Path) -> None:
     """Answer NLL (and, where measured, WikiText-2 perplexity) of every cell against its bytes on disk."""
-    from prunedlora.figures import new_figure, save_figure
+    from prunedlora.figures import label_points, new_figure, save_figure
 
     s = data["settings"]
     metric, label, _ = METRICS[s.get("task", "gsm8k")]
@@ -380,14 +380,16 @@ def plot(data: dict, path: Path) -> None:
     fig = new_figure(6.5 * len(panels), 4.2)
     for k, (key, label) in enumerate(panels):
         ax = fig.add_subplot(1, len(panels), k + 1)
+        points = []
         for name, row in data["cells"].items():
             if key not in row:
                 continue
             x, y = row["bytes"]["total"] / 1e6, row[key]["ppl"] if key == "wikitext2" else row[key]
             ax.plot([x], [y], "o" if row["trained"] else "x", color="tab:blue" if row["trained"] else "grey")
-            ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 3), fontsize=7)
+            points.append((name, x, y))
         if key == "wikitext2":
             ax.set_yscale("log")
+        label_points(ax, points)
         ax.set_xlabel("bytes on disk: base as stored + adapter (MB)")
         ax.set_ylabel(label)
         ax.grid(True, alpha=0.3)
