@@ -13,7 +13,9 @@ start: the table reports each score's mean over seeds and its mean difference ag
     python benchmarks/score_screening.py [--seeds 0 1 2] [--warm-steps 40] [--after-steps 5]
 
 Writes benchmarks/results/score_screening.json and .md (each seed's cells are written as they finish,
-so an interrupted run keeps what it measured; rerunning skips seeds already in the file).
+so an interrupted run keeps what it measured; rerunning runs only the cells a seed lacks, e.g. a score
+added to CELLS later, and refuses when the file comes from another machine or the warm start does not
+reproduce the recorded one, since the new cells would then not be paired with the old).
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ CELLS = [
     ("obs-fisher", "compensate"),
     ("obs-input", "none"),
     ("obs-input", "compensate"),
+    ("sensitivity", "none"),
     ("taylor", "none"),
     ("activation", "none"),
 ]
@@ -58,7 +61,7 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     from prunedlora.config import PrunedLoraConfig
-    from prunedlora.cpu import machine_record
+    from prunedlora.cpu import machine_line, machine_record
     from prunedlora.models import resolve_model
     from prunedlora.pruner import RankPruner
     from prunedlora.schedule import PruningEvent
@@ -68,6 +71,12 @@ def main() -> None:
 
     out = Path(args.out)
     results = json.loads(out.read_text()) if out.is_file() else {"seeds": {}}
+    here = machine_record(dtype="float32")
+    if results["seeds"] and machine_line(results.get("machine")) != machine_line(here):
+        parser.error(
+            f"{out} was measured on {machine_line(results.get('machine'))}; cells from this machine "
+            f"({machine_line(here)}) cannot be paired with those: pass another --out"
+        )
     model_dir = resolve_model(args.model)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     data = shared_data_dir() / "sst2"
@@ -95,7 +104,9 @@ def main() -> None:
     }
 
     for seed in args.seeds:
-        if str(seed) in results["seeds"]:
+        done = results["seeds"].get(str(seed), {"cells": []})
+        todo = [c for c in CELLS if not any((d["criterion"], d["recovery"]) == c for d in done["cells"])]
+        if not todo:
             print(f"seed {seed}: already in {out}, skipped", flush=True)
             continue
         torch.manual_seed(seed)
@@ -119,9 +130,14 @@ def main() -> None:
             f"seed {seed}: warm-up {args.warm_steps} steps in {time.time() - t0:.0f}s; dev loss {unpruned:.4f}",
             flush=True,
         )
+        if "unpruned_r0" in done and unpruned != done["unpruned_r0"]:  # a cell added to a seed already run
+            raise SystemExit(
+                f"seed {seed}: the warm start's dev loss {unpruned!r} is not the recorded {done['unpruned_r0']!r}, "
+                "so new cells would not be paired with the seed's others: pass another --out"
+            )
         trained, trained_opt = copy.deepcopy(model.state_dict()), copy.deepcopy(optimizer.state_dict())
-        cells = []
-        for criterion, recovery in CELLS:
+        cells = list(done["cells"])
+        for criterion, recovery in todo:
             model.load_state_dict(trained)
             optimizer.load_state_dict(trained_opt)
             pruner = RankPruner(model, PrunedLoraConfig(**config_kwargs, criterion=criterion, recovery=recovery))
@@ -129,8 +145,7 @@ def main() -> None:
                 optimizer.zero_grad()
                 model(**batches[(args.warm_steps + k) % len(batches)]).loss.backward()
                 torch.nn.utils.clip_grad_norm_(params, 1.0)
-                if pruner.fisher_b:
-                    pruner.accumulate_fisher()
+                pruner.accumulate_gradient_statistics()
             final = pruner.schedule.events[-1]
             pruner.prune(PruningEvent(0, final.total, final.per_module, final.cap), optimizer)
             optimizer.zero_grad()
@@ -147,12 +162,12 @@ def main() -> None:
             cells.append(cell)
             print(json.dumps(cell), flush=True)
             pruner.remove_hooks()
-        results["seeds"][str(seed)] = {"unpruned_r0": unpruned, "cells": cells}
+        results["seeds"][str(seed)] = {"unpruned_r0": done.get("unpruned_r0", unpruned), "cells": cells}
         results.update(
             model=args.model,
             data="sst2 (../shared/data when present, else the vendored slice)",
             settings={k: v for k, v in vars(args).items() if k not in ("out", "seeds")},
-            machine=machine_record(dtype="float32"),
+            machine=here,
         )
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(results, indent=2) + "\n")
@@ -177,14 +192,11 @@ def markdown(results: dict) -> str:
     unpruned = [results["seeds"][k]["unpruned_r0"] for k in seeds]
 
     def cell_values(criterion, recovery, key):
-        return [
-            next(
-                c[key]
-                for c in results["seeds"][k]["cells"]
-                if c["criterion"] == criterion and c["recovery"] == recovery
-            )
+        found = [
+            [c[key] for c in results["seeds"][k]["cells"] if (c["criterion"], c["recovery"]) == (criterion, recovery)]
             for k in seeds
         ]
+        return [v[0] for v in found] if all(found) else None  # a cell added later: not in every seed yet
 
     def fmt(values):
         return f"{statistics.fmean(values):.4f}" + (f" ± {statistics.stdev(values):.4f}" if len(values) > 1 else "")
@@ -193,7 +205,7 @@ def markdown(results: dict) -> str:
         row = [criterion, recovery]
         for key in ("dev_loss_after_prune", "dev_loss_after_steps"):
             values, ref = cell_values(criterion, recovery, key), cell_values("magnitude", "none", key)
-            row += [fmt(values), fmt([v - r for v, r in zip(values, ref)])]
+            row += ["-", "-"] if values is None else [fmt(values), fmt([v - r for v, r in zip(values, ref)])]
         lines.append("| " + " | ".join(row) + " |")
     lines += ["", f"Unpruned r0=32: {fmt(unpruned)}", ""]
     return "\n".join(lines)

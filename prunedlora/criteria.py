@@ -39,6 +39,13 @@ estimated loss increase with a common scale across modules, which global allocat
 since the last event costs ``1/2 s^2 sum_i B_ij^2 / [H_z^-1]_jj`` with ``H_z = sum z z^T`` (damped),
 and the re-fit is ``B -= B[:, j] [H_z^-1]_{j,:} / [H_z^-1]_jj`` (recovery ``compensate``), the same
 update as above with a Hessian of the right scale.
+
+``sensitivity`` -- AdaLoRA's smoothed importance (Zhang et al. 2023, as PEFT's ``RankAllocator``): per entry,
+``I = |w * g|`` (the first-order loss change of zeroing it), its exponential moving average ``Ibar`` (beta1)
+and the moving average of ``|I - Ibar|`` as its uncertainty ``Ubar`` (beta2), both 0.85 as PEFT's defaults,
+updated at every optimizer step and never reset (a running average, not a sum since the last event). A
+component scores ``mean_i Ibar*Ubar`` over B's column plus the same over A's row (PEFT's mean over the
+entries; LoRA has no E). It scales with ``|g|^2 |w|^2`` like obs-fisher, so global allocation can compare it.
 """
 
 from __future__ import annotations
@@ -192,3 +199,30 @@ def magnitude_scores(lora_b: torch.Tensor, lora_a: torch.Tensor) -> torch.Tensor
 def activation_scores(lora_b: torch.Tensor, activation_sq_sum: torch.Tensor) -> torch.Tensor:
     """Wanda-style ``||X A_j^T|| * ||B[:, j]||`` from the squared activations summed since the last event."""
     return activation_sq_sum.to(_COMPUTE_DTYPE).clamp_min(0).sqrt() * lora_b.to(_COMPUTE_DTYPE).norm(dim=0)
+
+
+SENSITIVITY_BETAS = (0.85, 0.85)  # PEFT AdaLoraConfig's beta1, beta2
+
+
+def update_sensitivity(
+    importance: torch.Tensor,
+    uncertainty: torch.Tensor,
+    weight: torch.Tensor,
+    grad: torch.Tensor,
+    betas: tuple[float, float] = SENSITIVITY_BETAS,
+) -> None:
+    """One step of AdaLoRA's moving averages, in place: ``Ibar <- b1 Ibar + (1-b1) I``, then
+    ``Ubar <- b2 Ubar + (1-b2) |I - Ibar|`` with ``I = |w * g|`` (the order PEFT's ``update_ipt`` uses)."""
+    beta1, beta2 = betas
+    entry = (weight.detach() * grad.detach()).abs().to(importance.dtype)
+    importance.mul_(beta1).add_(entry, alpha=1 - beta1)
+    uncertainty.mul_(beta2).add_((entry - importance).abs(), alpha=1 - beta2)
+
+
+def sensitivity_scores(
+    importance_b: torch.Tensor, uncertainty_b: torch.Tensor, importance_a: torch.Tensor, uncertainty_a: torch.Tensor
+) -> torch.Tensor:
+    """AdaLoRA's score of each component: mean of ``Ibar*Ubar`` over B's column (out x s) plus over A's row (s x in)."""
+    b = (importance_b.to(_COMPUTE_DTYPE) * uncertainty_b.to(_COMPUTE_DTYPE)).mean(dim=0)
+    a = (importance_a.to(_COMPUTE_DTYPE) * uncertainty_a.to(_COMPUTE_DTYPE)).mean(dim=1)
+    return b + a

@@ -37,7 +37,9 @@ from prunedlora.criteria import (
     obs_input_scores,
     obs_scores,
     remove_components,
+    sensitivity_scores,
     taylor_scores,
+    update_sensitivity,
 )
 from prunedlora.errors import PrunedLoraError
 from prunedlora.schedule import PruningEvent, PruningSchedule
@@ -121,11 +123,16 @@ class RankPruner:
         # Statistics gathered between events (zeroed at each event, saved with checkpoints):
         # "activation": sum of z^2 per component; "obs-input": sum of z z^T (z = A x, the LoRA input
         # to B); "obs-fisher": sums of G_B^T G_B / out and G_A G_A^T / in over optimizer steps.
+        # "sensitivity" keeps AdaLoRA's per-entry moving averages instead, never zeroed at events.
         self.activation_sq: dict[str, torch.Tensor] = {}
         self.input_cov: dict[str, torch.Tensor] = {}
         self.fisher_b: dict[str, torch.Tensor] = {}
         self.fisher_a: dict[str, torch.Tensor] = {}
         self.fisher_steps = 0
+        self.importance_b: dict[str, torch.Tensor] = {}
+        self.uncertainty_b: dict[str, torch.Tensor] = {}
+        self.importance_a: dict[str, torch.Tensor] = {}
+        self.uncertainty_a: dict[str, torch.Tensor] = {}
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
         if config.criterion in ("activation", "obs-input"):
             self._install_activation_hooks()
@@ -133,13 +140,22 @@ class RankPruner:
             for name in self.modules:
                 self.fisher_b[name] = torch.zeros(config.r0, config.r0, dtype=torch.float64)
                 self.fisher_a[name] = torch.zeros(config.r0, config.r0, dtype=torch.float64)
+        if config.criterion == "sensitivity":
+            for name, module in self.modules.items():
+                for stats, param in (
+                    (self.importance_b, module.lora_b),
+                    (self.uncertainty_b, module.lora_b),
+                    (self.importance_a, module.lora_a),
+                    (self.uncertainty_a, module.lora_a),
+                ):
+                    stats[name] = torch.zeros(param.shape, dtype=torch.float32, device=param.device)
 
     # -- what the training loop calls ---------------------------------------------------------
     def before_optimizer_step(self, step: int, optimizer: torch.optim.Optimizer | None = None) -> PruningEvent | None:
         """Prune if ``step`` is an event, then mask the gradients. Call after backward and clipping."""
         event = self.schedule.event_at(step)
-        if self.fisher_b and not self.finished:
-            self.accumulate_fisher()
+        if not self.finished:
+            self.accumulate_gradient_statistics()
         if event is not None:
             self.prune(event, optimizer)
         self.mask_gradients()
@@ -223,6 +239,13 @@ class RankPruner:
             elif criterion == "obs-input":
                 cov = self.input_cov[name][active][:, active]
                 active_scores = obs_input_scores(b, cov, self.config.hessian_damping, self.config.scaling)
+            elif criterion == "sensitivity":
+                active_scores = sensitivity_scores(
+                    self.importance_b[name][:, active],
+                    self.uncertainty_b[name][:, active],
+                    self.importance_a[name][active, :],
+                    self.uncertainty_a[name][active, :],
+                )
             elif criterion == "magnitude":
                 active_scores = magnitude_scores(b, a)
             else:
@@ -232,11 +255,24 @@ class RankPruner:
             scores[name] = full
         return scores
 
-    def accumulate_fisher(self) -> None:
-        """Add this step's ``G_B^T G_B / out`` and ``G_A G_A^T / in`` to the running sums (obs-fisher)."""
-        for name, module in self.modules.items():
+    def accumulate_gradient_statistics(self) -> None:
+        """Fold this step's gradients into the criterion's statistics (obs-fisher, sensitivity; else nothing)."""
+        if not (self.fisher_b or self.importance_b):
+            return
+        for module in self.modules.values():
             if module.lora_b.grad is None or module.lora_a.grad is None:
                 return  # no backward this step (e.g. a custom loop calling us early): nothing to add
+        if self.fisher_b:
+            self._accumulate_fisher()
+        with torch.no_grad():
+            for name in self.importance_b:
+                module = self.modules[name]
+                grad_b, grad_a = module.lora_b.grad, module.lora_a.grad
+                update_sensitivity(self.importance_b[name], self.uncertainty_b[name], module.lora_b, grad_b)
+                update_sensitivity(self.importance_a[name], self.uncertainty_a[name], module.lora_a, grad_a)
+
+    def _accumulate_fisher(self) -> None:
+        """Add this step's ``G_B^T G_B / out`` and ``G_A G_A^T / in`` to the running sums (obs-fisher)."""
         with torch.no_grad():
             for name, module in self.modules.items():
                 grad_b = module.lora_b.grad.detach().to(torch.float64)
@@ -392,7 +428,17 @@ class RankPruner:
 
     # -- checkpointing --------------------------------------------------------------------------
     # The per-module tensors a checkpoint holds, by kind (also their key prefix in the file).
-    _STATE_KINDS = ("masks", "activation_sq", "input_cov", "fisher_b", "fisher_a")
+    _STATE_KINDS = (
+        "masks",
+        "activation_sq",
+        "input_cov",
+        "fisher_b",
+        "fisher_a",
+        "importance_b",
+        "uncertainty_b",
+        "importance_a",
+        "uncertainty_a",
+    )
 
     def state_dict(self) -> dict[str, Any]:
         state: dict[str, Any] = {
@@ -412,7 +458,8 @@ class RankPruner:
             for name, stats in state.get(kind, {}).items():
                 if name in getattr(self, kind):  # process 0 holds the sum (see consolidate_statistics)
                     getattr(self, kind)[name].copy_(stats if _rank() == 0 else torch.zeros_like(stats))
-        for kind in ("fisher_b", "fisher_a"):  # from all-reduced gradients: the same on every process
+        # from all-reduced gradients: the same on every process
+        for kind in ("fisher_b", "fisher_a", "importance_b", "uncertainty_b", "importance_a", "uncertainty_a"):
             for name, stats in state.get(kind, {}).items():
                 if name in getattr(self, kind):
                     getattr(self, kind)[name].copy_(stats)

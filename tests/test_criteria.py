@@ -254,3 +254,50 @@ def _module(seed, out=12, s=5, inp=10):
         torch.randn(out, s, generator=gen, dtype=torch.float64) * 1e-4,
         torch.randn(s, inp, generator=gen, dtype=torch.float64) * 1e-4,
     )
+
+
+# --- sensitivity: AdaLoRA's smoothed importance x uncertainty -----------------------------------------
+def test_sensitivity_moving_averages_follow_peft_update_ipt_step_by_step():
+    """Two steps by hand: Ibar_1 = .15 I_1, Ubar_1 = .15 |I_1 - Ibar_1|; then the same again from there."""
+    from prunedlora.criteria import update_sensitivity
+
+    w = torch.tensor([[2.0, -1.0]], dtype=torch.float64)
+    importance, uncertainty = torch.zeros_like(w), torch.zeros_like(w)
+    update_sensitivity(importance, uncertainty, w, torch.tensor([[0.5, 0.25]], dtype=torch.float64))
+    i1 = torch.tensor([[1.0, 0.25]], dtype=torch.float64)
+    torch.testing.assert_close(importance, 0.15 * i1, rtol=1e-12, atol=0)
+    torch.testing.assert_close(uncertainty, 0.15 * (i1 - 0.15 * i1).abs(), rtol=1e-12, atol=0)
+    update_sensitivity(importance, uncertainty, w, torch.tensor([[-0.1, 1.0]], dtype=torch.float64))
+    i2 = torch.tensor([[0.2, 1.0]], dtype=torch.float64)
+    ibar2 = 0.85 * 0.15 * i1 + 0.15 * i2
+    torch.testing.assert_close(importance, ibar2, rtol=1e-12, atol=0)
+    torch.testing.assert_close(
+        uncertainty, 0.85 * 0.15 * (i1 - 0.15 * i1).abs() + 0.15 * (i2 - ibar2).abs(), rtol=1e-12, atol=0
+    )
+
+
+def test_sensitivity_score_is_the_mean_over_bs_column_plus_the_mean_over_as_row():
+    from prunedlora.criteria import sensitivity_scores
+
+    ib = torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]])  # B: out 3 x s 2
+    ub = torch.tensor([[1.0, 1.0], [2.0, 0.5], [0.0, 1.0]])
+    ia = torch.tensor([[1.0, 1.0, 1.0, 1.0], [2.0, 0.0, 2.0, 0.0]])  # A: s 2 x in 4
+    ua = torch.tensor([[4.0, 0.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0]])
+    expected = torch.tensor([(1 + 6 + 0) / 3 + 4 / 4, (2 + 2 + 6) / 3 + 4 / 4], dtype=torch.float64)
+    torch.testing.assert_close(sensitivity_scores(ib, ub, ia, ua), expected, rtol=1e-12, atol=0)
+
+
+def test_sensitivity_scales_with_the_gradient_squared():
+    """I = |w g| scales with g, Ubar too, so the score goes with g^2: comparable across modules like obs-fisher."""
+    from prunedlora.criteria import sensitivity_scores, update_sensitivity
+
+    b, a, gb, ga = _module(seed=8)
+
+    def score(c):
+        stats = [torch.zeros_like(t) for t in (b, b, a, a)]
+        for step in range(3):
+            update_sensitivity(stats[0], stats[1], b, c * gb * (1 + step))
+            update_sensitivity(stats[2], stats[3], a, c * ga * (1 - 0.3 * step))
+        return sensitivity_scores(*stats)
+
+    torch.testing.assert_close(score(3.0), 9.0 * score(1.0), rtol=1e-10, atol=0)

@@ -56,7 +56,7 @@ def run_loop(model, pruner, steps, accumulation=2, seed=0, lr=1e-2):
 
 
 @pytest.mark.parametrize(
-    "criterion", ["obs", "obs-paper", "obs-fisher", "obs-input", "taylor", "activation", "magnitude"]
+    "criterion", ["obs", "obs-paper", "obs-fisher", "obs-input", "sensitivity", "taylor", "activation", "magnitude"]
 )
 def test_pruned_components_stay_exactly_zero_with_zero_optimizer_state(criterion):
     model = tiny_peft()
@@ -372,3 +372,35 @@ def test_missing_gradients_give_a_clear_error(criterion):
     pruner = RankPruner(model, config)
     with pytest.raises(Exception, match="no gradient on model.layers.0.self_attn.q_proj"):
         pruner.before_optimizer_step(0)
+
+
+def test_sensitivity_averages_survive_a_checkpoint_and_are_not_reset_at_events(tmp_path):
+    """AdaLoRA's moving averages are running, not sums since the last event: an event keeps them."""
+    config = PrunedLoraConfig(
+        r0=8,
+        lora_alpha=16,
+        target_modules=["q_proj", "v_proj", "down_proj"],
+        target_rank=4,
+        criterion="sensitivity",
+        prune_start_step=3,
+        prune_end_step=9,
+        prune_every=3,
+    )
+    model = tiny_peft(seed=6)
+    pruner = RankPruner(model, config)
+    run_loop(model, pruner, steps=2)
+    kinds = ("importance_b", "uncertainty_b", "importance_a", "uncertainty_a")
+    for kind in kinds:
+        stats = getattr(pruner, kind)
+        assert set(stats) == set(pruner.modules) and all(s.abs().sum() > 0 for s in stats.values())
+    pruner.save(tmp_path)
+    other = RankPruner(tiny_peft(seed=6), config)
+    other.load(tmp_path)
+    for kind in kinds:
+        assert all(torch.equal(getattr(other, kind)[n], getattr(pruner, kind)[n]) for n in pruner.modules)
+    before = {n: t.clone() for n, t in pruner.importance_b.items()}
+    ids = batches(1, seed=9)[0]
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert pruner.before_optimizer_step(3) is not None  # the event: one more update, no reset
+    for name, stats in pruner.importance_b.items():
+        assert stats.abs().sum() > 0 and not torch.equal(stats, before[name])

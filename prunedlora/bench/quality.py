@@ -16,6 +16,7 @@ steps, learning rate and seed, and is scored on the task's held-out split (``sco
 ``pruned-obs-input-global`` obs-input criterion (SparseGPT's Hessian of B's inputs)
 ``pruned-obs-input-compensate-global`` the same with SparseGPT's compensation of the kept components
 ``pruned-obs-input-compensate-uniform`` the same with uniform allocation
+``pruned-sensitivity-global`` sensitivity criterion (AdaLoRA's smoothed importance x uncertainty)
 ``pruned-taylor-global``    taylor criterion, global allocation, same final budget
 ``pruned-activation-global`` activation criterion, global allocation, same final budget
 ``pruned-magnitude-global`` magnitude criterion, global allocation, same final budget
@@ -81,6 +82,7 @@ METHODS: dict[str, dict[str, Any]] = {
         "recovery": "compensate",
         "allocation": "uniform",
     },
+    "pruned-sensitivity-global": {"prune": True, "criterion": "sensitivity", "allocation": "global"},
     "pruned-taylor-global": {"prune": True, "criterion": "taylor", "allocation": "global"},
     "pruned-activation-global": {"prune": True, "criterion": "activation", "allocation": "global"},
     "pruned-magnitude-global": {"prune": True, "criterion": "magnitude", "allocation": "global"},
