@@ -428,17 +428,9 @@ class RankPruner:
 
     # -- checkpointing --------------------------------------------------------------------------
     # The per-module tensors a checkpoint holds, by kind (also their key prefix in the file).
-    _STATE_KINDS = (
-        "masks",
-        "activation_sq",
-        "input_cov",
-        "fisher_b",
-        "fisher_a",
-        "importance_b",
-        "uncertainty_b",
-        "importance_a",
-        "uncertainty_a",
-    )
+    # Statistics from gradients, which DDP has all-reduced, so every process holds the same ones.
+    _GRADIENT_KINDS = ("fisher_b", "fisher_a", "importance_b", "uncertainty_b", "importance_a", "uncertainty_a")
+    _STATE_KINDS = ("masks", "activation_sq", "input_cov", *_GRADIENT_KINDS)
 
     def state_dict(self) -> dict[str, Any]:
         state: dict[str, Any] = {
@@ -458,8 +450,7 @@ class RankPruner:
             for name, stats in state.get(kind, {}).items():
                 if name in getattr(self, kind):  # process 0 holds the sum (see consolidate_statistics)
                     getattr(self, kind)[name].copy_(stats if _rank() == 0 else torch.zeros_like(stats))
-        # from all-reduced gradients: the same on every process
-        for kind in ("fisher_b", "fisher_a", "importance_b", "uncertainty_b", "importance_a", "uncertainty_a"):
+        for kind in self._GRADIENT_KINDS:
             for name, stats in state.get(kind, {}).items():
                 if name in getattr(self, kind):
                     getattr(self, kind)[name].copy_(stats)
