@@ -259,10 +259,9 @@ def test_state_round_trip(tmp_path):
         assert torch.all(module.lora_b[:, ~other.masks[name]] == 0)
 
 
-@pytest.mark.parametrize("criterion", ["obs-fisher", "obs-input"])
-def test_statistics_between_events_round_trip_and_reset_at_events(tmp_path, criterion):
-    """obs-fisher's Fisher sums and obs-input's z z^T sums survive a checkpoint and restart at each event."""
-    config = PrunedLoraConfig(
+def _events_at_3_6_9(criterion: str) -> PrunedLoraConfig:
+    """r0 8 -> 4 on three modules of the tiny model, pruning events at steps 3, 6 and 9."""
+    return PrunedLoraConfig(
         r0=8,
         lora_alpha=16,
         target_modules=["q_proj", "v_proj", "down_proj"],
@@ -272,6 +271,12 @@ def test_statistics_between_events_round_trip_and_reset_at_events(tmp_path, crit
         prune_end_step=9,
         prune_every=3,
     )
+
+
+@pytest.mark.parametrize("criterion", ["obs-fisher", "obs-input"])
+def test_statistics_between_events_round_trip_and_reset_at_events(tmp_path, criterion):
+    """obs-fisher's Fisher sums and obs-input's z z^T sums survive a checkpoint and restart at each event."""
+    config = _events_at_3_6_9(criterion)
     model = tiny_peft(seed=6)
     pruner = RankPruner(model, config)
     run_loop(model, pruner, steps=2)  # before the first event: statistics only
@@ -376,16 +381,7 @@ def test_missing_gradients_give_a_clear_error(criterion):
 
 def test_sensitivity_averages_survive_a_checkpoint_and_are_not_reset_at_events(tmp_path):
     """AdaLoRA's moving averages are running, not sums since the last event: an event keeps them."""
-    config = PrunedLoraConfig(
-        r0=8,
-        lora_alpha=16,
-        target_modules=["q_proj", "v_proj", "down_proj"],
-        target_rank=4,
-        criterion="sensitivity",
-        prune_start_step=3,
-        prune_end_step=9,
-        prune_every=3,
-    )
+    config = _events_at_3_6_9("sensitivity")
     model = tiny_peft(seed=6)
     pruner = RankPruner(model, config)
     run_loop(model, pruner, steps=2)
