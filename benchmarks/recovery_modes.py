@@ -75,7 +75,7 @@ def main() -> None:
     )
     for criterion, recovery, damping in cells:
         model.load_state_dict(trained)
-        optimizer.load_state_dict(trained_opt)
+        optimizer.load_state_dict(copy.deepcopy(trained_opt))  # a copy: Adam updates the state in place
         config = PrunedLoraConfig(
             r0=32,
             lora_alpha=64,

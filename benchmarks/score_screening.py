@@ -138,11 +138,10 @@ def main() -> None:
         trained, trained_opt = copy.deepcopy(model.state_dict()), copy.deepcopy(optimizer.state_dict())
         cells = list(done["cells"])
         for criterion, recovery in todo:
-            # the same dropout draws for every cell, whatever its place in CELLS: without this a cell's
-            # "after steps" loss moved by up to 0.03 when a score was added before it (docs/results.md)
-            torch.manual_seed(10_000 + seed)
             model.load_state_dict(trained)
-            optimizer.load_state_dict(trained_opt)
+            # a copy: load_state_dict keeps the given tensors, so Adam's in-place updates would carry one
+            # cell's moments into the next (docs/results.md, "Screening again")
+            optimizer.load_state_dict(copy.deepcopy(trained_opt))
             pruner = RankPruner(model, PrunedLoraConfig(**config_kwargs, criterion=criterion, recovery=recovery))
             for k in range(args.calib_steps):  # statistics since the "last event", as in training
                 optimizer.zero_grad()
