@@ -32,6 +32,8 @@ import torch
 from oneshot import batches_of, dev_loss, train_steps
 
 RESULTS = Path(__file__).parent / "results" / "score_screening.json"
+# Recorded in the results: files without it come from the script whose cells shared Adam's moments.
+OPTIMIZER_RESTORE = "a copy per cell"
 # (criterion, recovery): recovery "compensate" where the score comes with a Hessian of the right scale.
 CELLS = [
     ("magnitude", "none"),
@@ -72,6 +74,11 @@ def main() -> None:
     out = Path(args.out)
     results = json.loads(out.read_text()) if out.is_file() else {"seeds": {}}
     here = machine_record(dtype="float32")
+    if results["seeds"] and results.get("optimizer_restore") != OPTIMIZER_RESTORE:
+        parser.error(
+            f"{out} was written before each cell restored its own copy of the optimizer state, so its "
+            "after-steps losses are not comparable with new cells: pass another --out"
+        )
     if results["seeds"] and machine_line(results.get("machine")) != machine_line(here):
         parser.error(
             f"{out} was measured on {machine_line(results.get('machine'))}; cells from this machine "
@@ -170,6 +177,7 @@ def main() -> None:
             data="sst2 (../shared/data when present, else the vendored slice)",
             settings={k: v for k, v in vars(args).items() if k not in ("out", "seeds")},
             machine=here,
+            optimizer_restore=OPTIMIZER_RESTORE,
         )
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(results, indent=2) + "\n")
