@@ -44,6 +44,7 @@ CELLS = [
     ("obs-input", "compensate"),
     ("sensitivity", "none"),
     ("taylor", "none"),
+    ("taylor-ema", "none"),
     ("activation", "none"),
 ]
 

@@ -12,9 +12,19 @@ from prunedlora.modelfacts import PROJECTIONS
 
 # "obs-paper" is PrunedLoRA's second-order score as the paper's code computes it (H = G^T G from one batch);
 # "obs-fisher" and "obs-input" are the variants derived in criteria.py, "sensitivity" AdaLoRA's smoothed
-# importance on LoRA's components. "obs" names the second-order score
+# importance on LoRA's components, "taylor-ema" LoRAPrune's moving average of taylor. "obs" names the second-order score
 # the quality protocol measured best (docs/results.md): obs-input. See README ("The method").
-CRITERIA = ("obs", "obs-paper", "obs-fisher", "obs-input", "sensitivity", "taylor", "activation", "magnitude")
+CRITERIA = (
+    "obs",
+    "obs-paper",
+    "obs-fisher",
+    "obs-input",
+    "sensitivity",
+    "taylor",
+    "taylor-ema",
+    "activation",
+    "magnitude",
+)
 CRITERION_ALIASES = {"obs": "obs-input"}
 # The recovery update measured best for each criterion (benchmarks/score_screening.py: obs-input's own
 # re-fit helps; every other criterion's update, built from gradients, costs more than it recovers).

@@ -46,6 +46,12 @@ and the moving average of ``|I - Ibar|`` as its uncertainty ``Ubar`` (beta2), bo
 updated at every optimizer step and never reset (a running average, not a sum since the last event). A
 component scores ``mean_i Ibar*Ubar`` over B's column plus the same over A's row (PEFT's mean over the
 entries; LoRA has no E). It scales with ``|g|^2 |w|^2`` like obs-fisher, so global allocation can compare it.
+
+``taylor-ema`` -- LoRAPrune's moving average (Zhang et al. 2023, ``update_sensitivity_dict`` in its code):
+the first-order score ``taylor`` of each component, ``sum |g * w|`` over its entries, smoothed over steps as
+``Sbar <- 0.9 Sbar + 0.1 S`` at every optimizer step and never reset, so one noisy batch does not decide. It
+scales with ``|g| |w|``. (LoRAPrune scores groups of the *base* weight and divides by each module's norm
+because it prunes every module by the same ratio; global allocation needs the raw scale, so no division.)
 """
 
 from __future__ import annotations
@@ -217,6 +223,14 @@ def update_sensitivity(
     entry = (weight.detach() * grad.detach()).abs().to(importance.dtype)
     importance.mul_(beta1).add_(entry, alpha=1 - beta1)
     uncertainty.mul_(beta2).add_((entry - importance).abs(), alpha=1 - beta2)
+
+
+TAYLOR_EMA_BETA = 0.9  # LoRAPrune's s_dict = 0.9 * s_dict + 0.1 * s
+
+
+def update_taylor_ema(average: torch.Tensor, scores: torch.Tensor, beta: float = TAYLOR_EMA_BETA) -> None:
+    """One step of LoRAPrune's moving average of the per-component first-order score, in place."""
+    average.mul_(beta).add_(scores.to(average.dtype), alpha=1 - beta)
 
 
 def sensitivity_scores(

@@ -40,6 +40,7 @@ from prunedlora.criteria import (
     sensitivity_scores,
     taylor_scores,
     update_sensitivity,
+    update_taylor_ema,
 )
 from prunedlora.errors import PrunedLoraError
 from prunedlora.schedule import PruningEvent, PruningSchedule
@@ -123,7 +124,8 @@ class RankPruner:
         # Statistics gathered between events (zeroed at each event, saved with checkpoints):
         # "activation": sum of z^2 per component; "obs-input": sum of z z^T (z = A x, the LoRA input
         # to B); "obs-fisher": sums of G_B^T G_B / out and G_A G_A^T / in over optimizer steps.
-        # "sensitivity" keeps AdaLoRA's per-entry moving averages instead, never zeroed at events.
+        # "sensitivity" keeps AdaLoRA's per-entry moving averages instead, "taylor-ema" LoRAPrune's moving
+        # average of each component's taylor score; neither is zeroed at events.
         self.activation_sq: dict[str, torch.Tensor] = {}
         self.input_cov: dict[str, torch.Tensor] = {}
         self.fisher_b: dict[str, torch.Tensor] = {}
@@ -133,6 +135,7 @@ class RankPruner:
         self.uncertainty_b: dict[str, torch.Tensor] = {}
         self.importance_a: dict[str, torch.Tensor] = {}
         self.uncertainty_a: dict[str, torch.Tensor] = {}
+        self.taylor_ema: dict[str, torch.Tensor] = {}
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
         if config.criterion in ("activation", "obs-input"):
             self._install_activation_hooks()
@@ -149,6 +152,8 @@ class RankPruner:
                     (self.uncertainty_a, module.lora_a),
                 ):
                     stats[name] = torch.zeros(param.shape, dtype=torch.float32, device=param.device)
+        if config.criterion == "taylor-ema":
+            self.taylor_ema = {name: torch.zeros(config.r0, dtype=torch.float64) for name in self.modules}
 
     # -- what the training loop calls ---------------------------------------------------------
     def before_optimizer_step(self, step: int, optimizer: torch.optim.Optimizer | None = None) -> PruningEvent | None:
@@ -246,6 +251,8 @@ class RankPruner:
                     self.importance_a[name][active, :],
                     self.uncertainty_a[name][active, :],
                 )
+            elif criterion == "taylor-ema":
+                active_scores = self.taylor_ema[name][active]
             elif criterion == "magnitude":
                 active_scores = magnitude_scores(b, a)
             else:
@@ -256,8 +263,9 @@ class RankPruner:
         return scores
 
     def accumulate_gradient_statistics(self) -> None:
-        """Fold this step's gradients into the criterion's statistics (obs-fisher, sensitivity; else nothing)."""
-        if not (self.fisher_b or self.importance_b):
+        """Fold this step's gradients into the criterion's statistics (obs-fisher, sensitivity, taylor-ema; else
+        nothing)."""
+        if not (self.fisher_b or self.importance_b or self.taylor_ema):
             return
         for module in self.modules.values():
             if module.lora_b.grad is None or module.lora_a.grad is None:
@@ -270,6 +278,10 @@ class RankPruner:
                 grad_b, grad_a = module.lora_b.grad, module.lora_a.grad
                 update_sensitivity(self.importance_b[name], self.uncertainty_b[name], module.lora_b, grad_b)
                 update_sensitivity(self.importance_a[name], self.uncertainty_a[name], module.lora_a, grad_a)
+            for name, average in self.taylor_ema.items():
+                module = self.modules[name]  # a pruned component's weights are zero, so it adds nothing
+                step_scores = taylor_scores(module.lora_b, module.lora_a, module.lora_b.grad, module.lora_a.grad)
+                update_taylor_ema(average, step_scores.cpu())
 
     def _accumulate_fisher(self) -> None:
         """Add this step's ``G_B^T G_B / out`` and ``G_A G_A^T / in`` to the running sums (obs-fisher)."""
@@ -429,7 +441,15 @@ class RankPruner:
     # -- checkpointing --------------------------------------------------------------------------
     # The per-module tensors a checkpoint holds, by kind (also their key prefix in the file).
     # Statistics from gradients, which DDP has all-reduced, so every process holds the same ones.
-    _GRADIENT_KINDS = ("fisher_b", "fisher_a", "importance_b", "uncertainty_b", "importance_a", "uncertainty_a")
+    _GRADIENT_KINDS = (
+        "fisher_b",
+        "fisher_a",
+        "importance_b",
+        "uncertainty_b",
+        "importance_a",
+        "uncertainty_a",
+        "taylor_ema",
+    )
     _STATE_KINDS = ("masks", "activation_sq", "input_cov", *_GRADIENT_KINDS)
 
     def state_dict(self) -> dict[str, Any]:

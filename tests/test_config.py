@@ -36,7 +36,7 @@ def test_criterion_alias_and_recovery_default_resolve_on_construction(criterion,
         (dict(r0=8, max_rank=12), "max_rank (12) is above r0 (8)"),
         (
             dict(criterion="fisher"),
-            "criterion must be one of obs, obs-paper, obs-fisher, obs-input, sensitivity, taylor, activation, magnitude",
+            "criterion must be one of obs, obs-paper, obs-fisher, obs-input, sensitivity, taylor, taylor-ema, activation, magnitude",
         ),
         (dict(schedule="linear"), "schedule must be one of cubic, constant"),
         (dict(target_rank=None), "give exactly one of target_rank"),

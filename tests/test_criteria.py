@@ -301,3 +301,35 @@ def test_sensitivity_scales_with_the_gradient_squared():
         return sensitivity_scores(*stats)
 
     torch.testing.assert_close(score(3.0), 9.0 * score(1.0), rtol=1e-10, atol=0)
+
+
+# --- taylor-ema: LoRAPrune's moving average of the first-order score ---------------------------------
+def test_taylor_ema_is_loraprunes_moving_average_step_by_step():
+    """S_1 = .1 s_1, then S_2 = .9 S_1 + .1 s_2, as LoRAPrune's ``s_dict = 0.9 s_dict + 0.1 s``."""
+    from prunedlora.criteria import update_taylor_ema
+
+    average = torch.zeros(3, dtype=torch.float64)
+    s1, s2 = torch.tensor([1.0, 4.0, 0.0]), torch.tensor([3.0, 0.0, 2.0])
+    update_taylor_ema(average, s1)
+    torch.testing.assert_close(average, 0.1 * s1.double(), rtol=1e-12, atol=0)
+    update_taylor_ema(average, s2)
+    torch.testing.assert_close(average, 0.9 * 0.1 * s1.double() + 0.1 * s2.double(), rtol=1e-12, atol=0)
+
+
+def test_taylor_ema_scales_with_the_gradient_and_ranks_by_the_averaged_taylor_score():
+    """Linear in g (first order), and the average of steps whose taylor ranking flips follows the larger."""
+    from prunedlora.criteria import taylor_scores, update_taylor_ema
+
+    b, a, gb, ga = _module(seed=9)
+
+    def score(c):
+        average = torch.zeros(b.shape[1], dtype=torch.float64)
+        for step in range(3):
+            update_taylor_ema(average, taylor_scores(b, a, c * gb * (1 + step), c * ga * (1 - 0.3 * step)))
+        return average
+
+    torch.testing.assert_close(score(3.0), 3.0 * score(1.0), rtol=1e-10, atol=0)
+    average = torch.zeros(2, dtype=torch.float64)
+    for step_scores in ([1.0, 0.0], [1.0, 0.0], [0.0, 1.5]):  # component 1 wins the last batch only
+        update_taylor_ema(average, torch.tensor(step_scores))
+    assert average[0] > average[1]  # one batch does not decide (taylor alone would keep component 1)

@@ -56,7 +56,8 @@ def run_loop(model, pruner, steps, accumulation=2, seed=0, lr=1e-2):
 
 
 @pytest.mark.parametrize(
-    "criterion", ["obs", "obs-paper", "obs-fisher", "obs-input", "sensitivity", "taylor", "activation", "magnitude"]
+    "criterion",
+    ["obs", "obs-paper", "obs-fisher", "obs-input", "sensitivity", "taylor", "taylor-ema", "activation", "magnitude"],
 )
 def test_pruned_components_stay_exactly_zero_with_zero_optimizer_state(criterion):
     model = tiny_peft()
@@ -379,13 +380,19 @@ def test_missing_gradients_give_a_clear_error(criterion):
         pruner.before_optimizer_step(0)
 
 
-def test_sensitivity_averages_survive_a_checkpoint_and_are_not_reset_at_events(tmp_path):
-    """AdaLoRA's moving averages are running, not sums since the last event: an event keeps them."""
-    config = _events_at_3_6_9("sensitivity")
+@pytest.mark.parametrize(
+    "criterion, kinds",
+    [
+        ("sensitivity", ("importance_b", "uncertainty_b", "importance_a", "uncertainty_a")),
+        ("taylor-ema", ("taylor_ema",)),
+    ],
+)
+def test_moving_averages_survive_a_checkpoint_and_are_not_reset_at_events(tmp_path, criterion, kinds):
+    """AdaLoRA's and LoRAPrune's moving averages are running, not sums since the last event: an event keeps them."""
+    config = _events_at_3_6_9(criterion)
     model = tiny_peft(seed=6)
     pruner = RankPruner(model, config)
     run_loop(model, pruner, steps=2)
-    kinds = ("importance_b", "uncertainty_b", "importance_a", "uncertainty_a")
     for kind in kinds:
         stats = getattr(pruner, kind)
         assert set(stats) == set(pruner.modules) and all(s.abs().sum() > 0 for s in stats.values())
@@ -394,9 +401,27 @@ def test_sensitivity_averages_survive_a_checkpoint_and_are_not_reset_at_events(t
     other.load(tmp_path)
     for kind in kinds:
         assert all(torch.equal(getattr(other, kind)[n], getattr(pruner, kind)[n]) for n in pruner.modules)
-    before = {n: t.clone() for n, t in pruner.importance_b.items()}
+    first = getattr(pruner, kinds[0])
+    before = {n: t.clone() for n, t in first.items()}
     ids = batches(1, seed=9)[0]
     model(input_ids=ids, labels=ids).loss.backward()
     assert pruner.before_optimizer_step(3) is not None  # the event: one more update, no reset
-    for name, stats in pruner.importance_b.items():
+    for name, stats in first.items():
         assert stats.abs().sum() > 0 and not torch.equal(stats, before[name])
+
+
+def test_taylor_ema_folds_each_steps_taylor_score_of_every_module():
+    """After one backward the average is 0.1 x that step's taylor score, per module and component."""
+    from prunedlora.criteria import taylor_scores
+
+    model = tiny_peft(seed=7)
+    pruner = RankPruner(model, _events_at_3_6_9("taylor-ema"))
+    ids = batches(1, seed=3)[0]
+    model(input_ids=ids, labels=ids).loss.backward()
+    pruner.accumulate_gradient_statistics()
+    for name, module in pruner.modules.items():
+        expected = 0.1 * taylor_scores(module.lora_b, module.lora_a, module.lora_b.grad, module.lora_a.grad)
+        torch.testing.assert_close(pruner.taylor_ema[name], expected.detach(), rtol=1e-12, atol=0)
+        assert pruner.taylor_ema[name].abs().sum() > 0
+    scores = pruner.score()
+    assert all(torch.equal(scores[n], pruner.taylor_ema[n]) for n in pruner.modules)  # nothing pruned yet

@@ -18,6 +18,7 @@ steps, learning rate and seed, and is scored on the task's held-out split (``sco
 ``pruned-obs-input-compensate-uniform`` the same with uniform allocation
 ``pruned-sensitivity-global`` sensitivity criterion (AdaLoRA's smoothed importance x uncertainty)
 ``pruned-taylor-global``    taylor criterion, global allocation, same final budget
+``pruned-taylor-ema-global`` taylor-ema criterion (LoRAPrune's moving average of taylor)
 ``pruned-activation-global`` activation criterion, global allocation, same final budget
 ``pruned-magnitude-global`` magnitude criterion, global allocation, same final budget
 ``adalora``                 PEFT's AdaLoRA, init_r = r0 -> target_r = target (same budget)
@@ -84,6 +85,7 @@ METHODS: dict[str, dict[str, Any]] = {
     },
     "pruned-sensitivity-global": {"prune": True, "criterion": "sensitivity", "allocation": "global"},
     "pruned-taylor-global": {"prune": True, "criterion": "taylor", "allocation": "global"},
+    "pruned-taylor-ema-global": {"prune": True, "criterion": "taylor-ema", "allocation": "global"},
     "pruned-activation-global": {"prune": True, "criterion": "activation", "allocation": "global"},
     "pruned-magnitude-global": {"prune": True, "criterion": "magnitude", "allocation": "global"},
     "adalora": {"adalora": True},
