@@ -213,6 +213,7 @@ def _register_quality(kinds) -> None:
         help="comma-separated: base, lora-target, lora-r0, pruned-obs-paper-global, pruned-obs-paper-uniform, "
         "pruned-obs-fisher-global, pruned-obs-fisher-uniform, pruned-obs-input-global, "
         "pruned-obs-input-compensate-global, pruned-obs-input-compensate-uniform, "
+        "pruned-obs-input-compensate-global-r64, "
         "pruned-sensitivity-global, pruned-taylor-global, pruned-taylor-ema-global, pruned-activation-global, "
         "pruned-magnitude-global, adalora, adalora-lr5x",
     )

@@ -16,6 +16,7 @@ steps, learning rate and seed, and is scored on the task's held-out split (``sco
 ``pruned-obs-input-global`` obs-input criterion (SparseGPT's Hessian of B's inputs)
 ``pruned-obs-input-compensate-global`` the same with SparseGPT's compensation of the kept components
 ``pruned-obs-input-compensate-uniform`` the same with uniform allocation
+``pruned-obs-input-compensate-global-r64`` the default from r0 = 64 (alpha scaled to keep alpha / r0)
 ``pruned-sensitivity-global`` sensitivity criterion (AdaLoRA's smoothed importance x uncertainty)
 ``pruned-taylor-global``    taylor criterion, global allocation, same final budget
 ``pruned-taylor-ema-global`` taylor-ema criterion (LoRAPrune's moving average of taylor)
@@ -82,6 +83,14 @@ METHODS: dict[str, dict[str, Any]] = {
         "criterion": "obs-input",
         "recovery": "compensate",
         "allocation": "uniform",
+    },
+    # issue 9's "r0 64 as well as 32": twice the components to choose from, the same final budget
+    "pruned-obs-input-compensate-global-r64": {
+        "prune": True,
+        "criterion": "obs-input",
+        "recovery": "compensate",
+        "allocation": "global",
+        "r0": 64,
     },
     "pruned-sensitivity-global": {"prune": True, "criterion": "sensitivity", "allocation": "global"},
     "pruned-taylor-global": {"prune": True, "criterion": "taylor", "allocation": "global"},
@@ -308,6 +317,10 @@ def cell_recipe(
         m["max_rank"] = min(int(m.get("max_rank") or config.r0), config.r0)
     if config.target_rank is not None:
         m["target_rank"] = config.target_rank
+    if isinstance(spec.get("r0"), int):  # a method that starts from its own r0, at the same scaling alpha / r0
+        old = int(m.get("r0", 32))
+        m["lora_alpha"] = m.get("lora_alpha", 2 * old) / old * spec["r0"]
+        m["r0"] = spec["r0"]
     r0 = int(m.get("r0", 32))
     if config.max_rank is not None:
         m["max_rank"] = config.max_rank

@@ -111,6 +111,11 @@ def test_methods_share_everything_but_the_method(tiny_model_path, tmp_path):
     compensated = recipes["pruned-obs-input-compensate-global"]["method"]
     assert (compensated["criterion"], compensated["recovery"]) == ("obs-input", "compensate")
     assert recipes["pruned-obs-input-global"]["method"].get("recovery", "none") == "none"
+    wide = recipes["pruned-obs-input-compensate-global-r64"]["method"]
+    assert {k: v for k, v in wide.items() if k not in ("r0", "lora_alpha")} == {
+        k: v for k, v in compensated.items() if k not in ("r0", "lora_alpha")
+    }  # the same target, max rank, schedule and score: only the starting rank differs
+    assert wide["r0"] == 64 and wide["lora_alpha"] / 64 == compensated["lora_alpha"] / compensated["r0"]
     for raw in recipes.values():
         recipe_from_dict(copy.deepcopy(raw))  # every cell is a valid recipe
 
