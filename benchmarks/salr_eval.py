@@ -6,6 +6,8 @@ residual E = W0 - M*W0) for magnitude and Wanda masks at each unstructured spars
 the seven projections of every layer (SparsifyConfig's default targets). PTB is measured for the key
 rows (dense and 50% with and without the largest residual). Bytes on disk come from writing the
 compressed bitmap store (prunedlora.salr.storage) of the magnitude-pruned model at each sparsity.
+``--fits svd whitened`` adds the rows of the whitened residual fit (``residual_fit: whitened``: the
+truncation best for each layer's output on the calibration text; rows ``<base>+E<r>-whitened``).
 
 Masks, Wanda's calibration pass and the residual's SVD are the salr package's own functions; the
 residual is added to the weight in place of a PEFT adapter (``sparsify`` checks that its written
@@ -55,9 +57,9 @@ def settings(sparsities: list[float], masks: list[str]) -> list[tuple[str, str, 
     return rows + [(mask, "unstructured", s) for s in order if s != 0.5 for mask in masks]
 
 
-def row_key(mask: str, pattern: str, sparsity: float, rank: int) -> str:
+def row_key(mask: str, pattern: str, sparsity: float, rank: int, fit: str = "svd") -> str:
     base = f"{mask}-2:4" if pattern == "2:4" else f"{mask}{round(sparsity * 100)}"
-    return base if rank == 0 else f"{base}+E{rank}"
+    return base if rank == 0 else f"{base}+E{rank}" + ("" if fit == "svd" else f"-{fit}")
 
 
 def target_linears(model, targets: list[str]) -> dict[str, torch.nn.Linear]:
@@ -68,42 +70,47 @@ def target_linears(model, targets: list[str]) -> dict[str, torch.nn.Linear]:
     }
 
 
-def wanda_norms(model, tokenizer, modules: list[str], config) -> dict[str, torch.Tensor]:
-    from prunedlora.salr.calibration import calibration_batch, default_calibration_text, input_norms
+def calibrate(model, tokenizer, modules: list[str], config, gather) -> dict[str, torch.Tensor]:
+    """``gather`` (calibration.input_norms or input_grams) over sparsify's default calibration batch."""
+    from prunedlora.salr.calibration import calibration_batch, default_calibration_text
 
     batch = calibration_batch(
         tokenizer, default_calibration_text(), config.calibration_samples, config.calibration_length
     )
-    return input_norms(model, modules, batch)
+    return gather(model, modules, batch)
 
 
 @torch.no_grad()
-def prune_setting(originals, norms, mask: str, pattern: str, sparsity: float, max_rank: int):
-    """Per module: (M*W0, residual factors at ``max_rank``, zeros) from the salr package's functions."""
+def prune_setting(originals, norms, mask: str, pattern: str, sparsity: float, max_rank: int, grams=None):
+    """Per module: (M*W0, residual factors at ``max_rank``, zeros) from the salr package's functions;
+    with ``grams``, the whitened fit's factors instead of the plain SVD's."""
     from prunedlora.salr.mask import keep_mask
-    from prunedlora.salr.residual import residual_factors
+    from prunedlora.salr.residual import residual_factors, whitened_residual_factors
 
     out = {}
     for name, weight in originals.items():
         keep = keep_mask(weight, sparsity, pattern, norms[name] if mask == "wanda" else None)
         zero = torch.zeros((), dtype=weight.dtype)
-        factors = residual_factors(torch.where(keep, zero, weight), max_rank)
+        removed = torch.where(keep, zero, weight)
+        if grams is None:
+            factors = residual_factors(removed, max_rank)
+        else:
+            factors = whitened_residual_factors(removed, grams[name], max_rank)
         out[name] = (torch.where(keep, weight, zero), factors, int((~keep).sum()))
     return out
 
 
 @torch.no_grad()
 def set_weights(modules, pruned, rank: int) -> float:
-    """Load M*W0 (+ E_r) into the model; return the mean relative residual error ||E - E_r|| / ||E||."""
+    """Load M*W0 (+ E_r) into the model; return the mean relative residual error ||E - E_r|| / ||E|| (the
+    whitened fit's: in its output norm). Both fits have B = U sqrt(S), so ||B_j||^4 is the j-th s_j^2."""
     errors = []
     for name, (sparse, f, _) in pruned.items():
         weight = sparse.clone()
         if rank:
             weight += f.B[:, :rank] @ f.A[:rank]
         modules[name].weight.copy_(weight)
-        missing = f.total_sq - float(
-            (f.B[:, :rank].double().square().sum(0) * f.A[:rank].double().square().sum(1)).sum()
-        )
+        missing = f.total_sq - float((f.B[:, :rank].double().square().sum(0) ** 2).sum())
         errors.append((max(missing, 0.0) / f.total_sq) ** 0.5 if f.total_sq > 0 else 0.0)
     return sum(errors) / len(errors)
 
@@ -148,6 +155,7 @@ def main() -> None:
     parser.add_argument("--sparsities", type=float, nargs="+", default=[0.3, 0.5])
     parser.add_argument("--ranks", type=int, nargs="+", default=[8, 32])
     parser.add_argument("--masks", nargs="+", default=["magnitude", "wanda"], choices=["magnitude", "wanda"])
+    parser.add_argument("--fits", nargs="+", default=["svd"], choices=["svd", "whitened"], help="residual fits")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default=str(OUT_DIR))
     parser.add_argument("--report-only", action="store_true", help="rewrite the .md and .png from the .json")
@@ -158,7 +166,7 @@ def main() -> None:
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from prunedlora.cpu import machine_record
+    from prunedlora.cpu import machine_line, machine_record
     from prunedlora.models import resolve_model
     from prunedlora.perplexity import PerplexityConfig, corpus_path, perplexity_of_ids, read_corpus, tokenize_corpus
     from prunedlora.salr.config import SparsifyConfig
@@ -201,14 +209,17 @@ def main() -> None:
     if data.get("protocol", {}).get("max_windows") != protocol["max_windows"]:
         data = {}  # a different cap: the old rows do not compare
     data["protocol"] = protocol
-    data["machine"] = machine_record(dtype="float32", threads=str(torch.get_num_threads()))
+    here = machine_record(dtype="float32", threads=str(torch.get_num_threads()))
+    # rows kept from another machine keep the file's machine; rows measured here say where, if it differs
+    elsewhere = "machine" in data and machine_line(data["machine"]) != machine_line(here)
+    data.setdefault("machine", here)
     data.setdefault("rows", {})
     data.setdefault("bytes", {})
     data["rerun"] = (
         "OMP_NUM_THREADS=1 .venv/bin/python benchmarks/salr_eval.py "
         f"--windows {args.windows} --ptb-windows {args.ptb_windows} "
         f"--sparsities {' '.join(map(str, args.sparsities))} --ranks {' '.join(map(str, args.ranks))} "
-        f"--masks {' '.join(args.masks)}"
+        f"--masks {' '.join(args.masks)}" + ("" if args.fits == ["svd"] else f" --fits {' '.join(args.fits)}")
     )
 
     def measure(key: str, row: dict, with_ptb: bool) -> None:
@@ -221,23 +232,36 @@ def main() -> None:
         if with_ptb and "ptb" in ids:
             row["ptb"] = perplexity_of_ids(model, ids["ptb"], ptb, corpus="ptb").to_dict()
         row["seconds"] = round(time.time() - start, 1)
+        if elsewhere:
+            row["machine"] = machine_line(here)
         data["rows"][key] = row
         write_results(results_path, data)
         ptb_text = f", PTB {row['ptb']['ppl']:.2f}" if "ptb" in row else ""
         print(f"{key}: WikiText-2 {row['wikitext2']['ppl']:.2f}{ptb_text} ({row['seconds']} s)", flush=True)
 
     measure("dense", {"mask": "dense", "pattern": None, "sparsity": 0.0, "rank": 0}, with_ptb=True)
-    norms = wanda_norms(model, tokenizer, names, config) if "wanda" in args.masks else {}
-    for mask, pattern, sparsity in settings(args.sparsities, args.masks):
-        keys = [row_key(mask, pattern, sparsity, r) for r in ranks]
+    from prunedlora.salr.calibration import input_grams, input_norms
+
+    norms = calibrate(model, tokenizer, names, config, input_norms) if "wanda" in args.masks else {}
+    grams = calibrate(model, tokenizer, names, config, input_grams) if "whitened" in args.fits else None
+    if grams is not None:
+        protocol["whitened_calibration"] = protocol["wanda_calibration"]
+    for (mask, pattern, sparsity), fit in (
+        (setting, fit) for setting in settings(args.sparsities, args.masks) for fit in args.fits
+    ):
+        # rank 0 (no residual) is one row whatever the fit; the svd fit measures it
+        fit_ranks = ranks if fit == "svd" else ranks[1:]
+        keys = [row_key(mask, pattern, sparsity, r, fit) for r in fit_ranks]
         bytes_key = row_key("magnitude", pattern, sparsity, 0)
-        need_bytes = mask == "magnitude" and bytes_key not in data["bytes"]
+        need_bytes = fit == "svd" and mask == "magnitude" and bytes_key not in data["bytes"]
         if all(k in data["rows"] for k in keys) and not need_bytes:
             print(f"{', '.join(keys)}: kept", flush=True)
             continue
         t0 = time.time()
-        pruned = prune_setting(originals, norms, mask, pattern, sparsity, max_rank)
-        print(f"{mask} {pattern} {sparsity}: masks and SVDs in {time.time() - t0:.0f} s", flush=True)
+        pruned = prune_setting(
+            originals, norms, mask, pattern, sparsity, max_rank, grams if fit == "whitened" else None
+        )
+        print(f"{mask} {pattern} {sparsity} ({fit}): masks and fits in {time.time() - t0:.0f} s", flush=True)
         if need_bytes:
             data["bytes"][bytes_key] = {
                 "sparsity": sparsity,
@@ -246,7 +270,7 @@ def main() -> None:
             }
             write_results(results_path, data)
         zeros = sum(p[2] for p in pruned.values()) / sum(w.numel() for w in originals.values())
-        for rank, key in zip(ranks, keys):
+        for rank, key in zip(fit_ranks, keys):
             error = set_weights(modules, pruned, rank)
             row = {
                 "mask": mask,
@@ -254,10 +278,12 @@ def main() -> None:
                 "sparsity": sparsity,
                 "zero_fraction": zeros,
                 "rank": rank,
+                **({} if fit == "svd" else {"fit": fit}),
                 "residual_relative_error_mean": error,
                 "adapter_bytes_fp32": adapter_bytes(originals, rank),
             }
-            measure(key, row, with_ptb=pattern == "unstructured" and sparsity == 0.5 and rank in (0, max_rank))
+            key_row = pattern == "unstructured" and sparsity == 0.5 and rank in (0, max_rank)
+            measure(key, row, with_ptb=key_row)
     with torch.no_grad():
         for name in names:
             modules[name].weight.copy_(originals[name])
@@ -279,9 +305,11 @@ def write_report(data: dict, out: Path) -> None:
         f"non-overlapping {proto['window']}-token windows ({wiki_cap * (proto['window'] - 1):,} predicted tokens"
         f" of {proto['corpus_tokens']['wikitext2']:,})"
         + (f", PTB test over the first {ptb_cap} windows" if ptb_cap else "")
-        + '. E_r is the rank-r truncated SVD of the pruning residual, no training; "gap closed" is the share '
+        + '. E_r is the rank-r truncated SVD of the pruning residual (rows "-whitened": the rank-r truncation '
+        'best for each layer\'s output on the calibration text), no training; "gap closed" is the share '
         "of the sparse base's log-perplexity increase over dense that E_r removes. "
-        f"Wanda calibrates on {proto['wanda_calibration']}. Machine: {machine_line(data['machine'])}, "
+        f"Wanda (and the whitened fit) calibrate on {proto['wanda_calibration']}. Machine: "
+        f"{machine_line(data['machine'])} (rows marked † on another: below), "
         f"{proto['torch_threads']} torch thread(s).",
         "",
         "| base | sparsity | residual rank | mean ‖E−E_r‖/‖E‖ | WikiText-2 ppl | vs dense | gap closed | PTB ppl "
@@ -299,9 +327,13 @@ def write_report(data: dict, out: Path) -> None:
         closed = ""
         if row.get("rank") and sparse and dense and sparse > dense:
             closed = f"{(math.log(sparse) - math.log(ppl)) / (math.log(sparse) - math.log(dense)):.0%}"
+        mark = " †" if "machine" in row else ""
         lines.append(
-            f"| {key} | {sparsity} | {row['rank'] or '—'} | {err} | {ppl:.2f} | {ratio} | {closed} | {ptb} | {mb} |"
+            f"| {key}{mark} | {sparsity} | {row['rank'] or '—'} | {err} | {ppl:.2f} | {ratio} | {closed} | {ptb} | {mb} |"
         )
+    other = sorted({row["machine"] for row in rows.values() if "machine" in row})
+    if other:
+        lines += ["", "† measured on " + "; ".join(other) + " (float32 perplexity agrees across these CPUs to the digits shown)."]
     if data["bytes"]:
         lines += [
             "",
@@ -364,21 +396,21 @@ def plot(data: dict, path: Path) -> None:
     colors = {"magnitude": "tab:blue", "wanda": "tab:orange"}
     styles = {0: ("-", "o"), 8: ("--", "s"), 32: (":", "^")}
     for mask in ("magnitude", "wanda"):
-        for rank in sorted({r["rank"] for r in rows.values() if r["mask"] == mask}):
-            points = sorted(
-                (r["sparsity"], r["wikitext2"]["ppl"])
-                for r in rows.values()
-                if r["mask"] == mask and r["rank"] == rank and r["pattern"] == "unstructured"
-            )
+        curves = sorted({(r["rank"], r.get("fit", "svd")) for r in rows.values() if r["mask"] == mask})
+        for rank, fit in curves:
+            mine = [r for r in rows.values() if r["mask"] == mask and r["rank"] == rank and r.get("fit", "svd") == fit]
+            points = sorted((r["sparsity"], r["wikitext2"]["ppl"]) for r in mine if r["pattern"] == "unstructured")
             if not points:
                 continue
             if dense:
                 points = [(0.0, dense), *points]
             line, marker = styles.get(rank, ("-.", "d"))
-            label = f"{mask}" + (f" + E_{rank}" if rank else " (no residual)")
-            ax.plot(*zip(*points), line, marker=marker, color=colors[mask], label=label)
-            two_four = [r for r in rows.values() if r["mask"] == mask and r["rank"] == rank and r["pattern"] == "2:4"]
-            for r in two_four:
+            if fit != "svd":  # the whitened fit: same rank's marker, hollow, on a dash-dot line
+                line = "-."
+            label = f"{mask}" + (f" + E_{rank}" if rank else " (no residual)") + ("" if fit == "svd" else f" {fit}")
+            face = "white" if fit != "svd" else colors[mask]
+            ax.plot(*zip(*points), line, marker=marker, color=colors[mask], markerfacecolor=face, label=label)
+            for r in (r for r in mine if r["pattern"] == "2:4"):
                 ax.plot(
                     [0.52], [r["wikitext2"]["ppl"]], marker="*", markersize=11, color=colors[mask], linestyle="none"
                 )
@@ -388,7 +420,7 @@ def plot(data: dict, path: Path) -> None:
     ax.set_xlabel("sparsity of the seven projections (stars: 2:4, drawn just right of 0.5)")
     ax.set_ylabel("WikiText-2 perplexity (log)")
     cap = data["protocol"]["max_windows"]["wikitext2"]
-    ax.set_title(f"SmolLM2-135M: sparse base with and without SVD residual (first {cap} x 512 tokens)", fontsize=9)
+    ax.set_title(f"SmolLM2-135M: sparse base with and without its residual (first {cap} x 512 tokens)", fontsize=9)
     ax.legend(fontsize=7)
     ax.grid(True, which="both", alpha=0.3)
     save_figure(fig, path)

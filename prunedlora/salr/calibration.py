@@ -1,7 +1,8 @@
-"""Wanda's calibration pass: the L2 norm of every input feature of every target linear layer.
+"""The calibration pass: what the inputs of every target linear layer look like.
 
 One forward pass of the dense model over a few fixed-length token windows; a forward hook on each
-target module adds up x_j^2 over all tokens, so ||X_j||_2 = sqrt(sum). The default text is the
+target module adds up x_j^2 over all tokens (Wanda's ||X_j||_2 = sqrt(sum)), or the whole Gram matrix
+X^T X (the whitened residual fit's metric, see ``residual.whitened_residual_factors``). The default text is the
 CodeAlpaca slice shipped with the package (no task SALR is evaluated on, so no evaluation text leaks
 into the mask); pass a plain text file to calibrate on something else.
 """
@@ -47,19 +48,32 @@ def calibration_batch(tokenizer, text: str, samples: int, length: int) -> torch.
     return ids[: windows * length].reshape(windows, length)
 
 
-@torch.no_grad()
 def input_norms(
     model, module_names: list[str], input_ids: torch.Tensor, batch_size: int = 4
 ) -> dict[str, torch.Tensor]:
     """Module name -> ||X_j||_2 over every calibration token, for each input feature j."""
+    sums = _sum_over_inputs(model, module_names, input_ids, batch_size, lambda x: (x * x).sum(dim=0), torch.float32)
+    return {name: total.sqrt() for name, total in sums.items()}
+
+
+def input_grams(
+    model, module_names: list[str], input_ids: torch.Tensor, batch_size: int = 4
+) -> dict[str, torch.Tensor]:
+    """Module name -> X^T X (in x in, float64) over every calibration token; its diagonal is ||X_j||^2."""
+    return _sum_over_inputs(model, module_names, input_ids, batch_size, lambda x: x.T @ x, torch.float64)
+
+
+@torch.no_grad()
+def _sum_over_inputs(model, module_names, input_ids, batch_size, statistic, dtype) -> dict[str, torch.Tensor]:
+    """Module name -> the sum over calibration batches of ``statistic(X)``, X the (tokens x in) input."""
     modules = dict(model.named_modules())
     sums: dict[str, torch.Tensor] = {}
     handles = []
 
     def hook(name):
         def accumulate(module, args):
-            x = args[0].detach().float().reshape(-1, args[0].shape[-1])
-            sums[name] = sums.get(name, 0) + (x * x).sum(dim=0)
+            x = args[0].detach().to(dtype).reshape(-1, args[0].shape[-1])
+            sums[name] = sums.get(name, 0) + statistic(x)
 
         return accumulate
 
@@ -72,4 +86,4 @@ def input_norms(
     finally:
         for handle in handles:
             handle.remove()
-    return {name: sums[name].sqrt() for name in module_names}
+    return {name: sums[name] for name in module_names}

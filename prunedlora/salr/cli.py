@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from prunedlora.salr.config import MASKS, PATTERNS, RESIDUAL_MODES, SparsifyConfig
+from prunedlora.salr.config import MASKS, PATTERNS, RESIDUAL_FITS, RESIDUAL_MODES, SparsifyConfig
 
 
 def register(subparsers) -> None:
@@ -27,10 +27,17 @@ def register(subparsers) -> None:
     parser.add_argument("--lora-alpha", type=float, default=defaults.lora_alpha)
     parser.add_argument("--residual", choices=RESIDUAL_MODES, default=defaults.residual, help="recorded for training")
     parser.add_argument(
+        "--residual-fit",
+        choices=RESIDUAL_FITS,
+        default=defaults.residual_fit,
+        help="svd: E's truncated SVD (the paper's); whitened: the truncation best for the layer's output on "
+        "the calibration text (one calibration pass)",
+    )
+    parser.add_argument(
         "--target-modules", nargs="+", default=defaults.target_modules, metavar="NAME", help="projections to prune"
     )
     parser.add_argument("--use-rslora", action="store_true", help="PEFT's rsLoRA scaling (alpha / sqrt(rank))")
-    parser.add_argument("--calibration", default=None, metavar="TEXT_FILE", help="wanda: calibration text")
+    parser.add_argument("--calibration", default=None, metavar="TEXT_FILE", help="wanda, whitened: calibration text")
     parser.add_argument("--calibration-samples", type=int, default=defaults.calibration_samples, metavar="N")
     parser.add_argument("--calibration-length", type=int, default=defaults.calibration_length, metavar="TOKENS")
     parser.add_argument("--seed", type=int, default=defaults.seed, help="seed of the task components' init")
@@ -60,6 +67,7 @@ def _sparsify(args: argparse.Namespace) -> int:
         task_rank=args.task_rank,
         lora_alpha=args.lora_alpha,
         residual=args.residual,
+        residual_fit=args.residual_fit,
         target_modules=args.target_modules,
         use_rslora=args.use_rslora,
         calibration_samples=args.calibration_samples,

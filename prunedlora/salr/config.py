@@ -17,6 +17,9 @@ from prunedlora.salr.errors import SalrError
 PATTERNS = ("unstructured", "2:4")
 MASKS = ("magnitude", "wanda")
 RESIDUAL_MODES = ("frozen", "trainable")
+# "svd": E's own truncated SVD (the paper's, best in ||E - E_r||); "whitened": the truncation best in the
+# output error over the calibration inputs (residual.whitened_residual_factors; one calibration pass)
+RESIDUAL_FITS = ("svd", "whitened")
 
 
 @dataclass
@@ -37,9 +40,10 @@ class SparsifyConfig:
     lora_alpha: float = 16.0
     use_rslora: bool = False
     residual: str = "frozen"
+    residual_fit: str = "svd"
     target_modules: list[str] = field(default_factory=lambda: list(PROJECTIONS))
-    calibration_samples: int = 32  # wanda: sequences in the one calibration pass
-    calibration_length: int = 128  # wanda: tokens per calibration sequence
+    calibration_samples: int = 32  # wanda, whitened: sequences in the one calibration pass
+    calibration_length: int = 128  # wanda, whitened: tokens per calibration sequence
     seed: int = 0  # the PEFT initialisation of the task components
 
     def __post_init__(self) -> None:
@@ -60,6 +64,8 @@ class SparsifyConfig:
             raise SalrError(f"mask must be one of {', '.join(MASKS)}, got {self.mask!r}")
         if self.residual not in RESIDUAL_MODES:
             raise SalrError(f"residual must be one of {', '.join(RESIDUAL_MODES)}, got {self.residual!r}")
+        if self.residual_fit not in RESIDUAL_FITS:
+            raise SalrError(f"residual_fit must be one of {', '.join(RESIDUAL_FITS)}, got {self.residual_fit!r}")
         if self.residual_rank < 0 or self.task_rank < 0 or self.residual_rank + self.task_rank < 1:
             raise SalrError(
                 "residual_rank and task_rank must be >= 0 with a positive sum, "
@@ -71,6 +77,11 @@ class SparsifyConfig:
             raise SalrError("target_modules is empty: name the linear projections to sparsify")
         if self.calibration_samples < 1 or self.calibration_length < 1:
             raise SalrError("calibration_samples and calibration_length must be positive")
+
+    @property
+    def needs_calibration(self) -> bool:
+        """Whether sparsify runs the dense model over calibration text (Wanda's norms, the whitened fit's Gram)."""
+        return self.mask == "wanda" or (self.residual_fit == "whitened" and self.residual_rank > 0)
 
     @property
     def rank(self) -> int:

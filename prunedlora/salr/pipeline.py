@@ -26,7 +26,13 @@ from prunedlora.salr.config import SparsifyConfig
 from prunedlora.salr.errors import SalrError
 from prunedlora.salr.mask import keep_mask
 from prunedlora.salr.materialise import copy_side_files, materialise, read_model_tensors
-from prunedlora.salr.residual import ResidualFactors, fold_residual, lora_layers, residual_factors
+from prunedlora.salr.residual import (
+    ResidualFactors,
+    fold_residual,
+    lora_layers,
+    residual_factors,
+    whitened_residual_factors,
+)
 from prunedlora.salr.storage import StoreReport, save_store
 from prunedlora.staging import staged_directory
 
@@ -37,7 +43,7 @@ STORE_DIR, BASE_DIR, ADAPTER_DIR, RECORD_FILE = "compressed", "base", "adapter",
 class ModuleReport:
     numel: int
     zeros: int  # weights the mask removed
-    residual_relative_error: float  # ||E - E_r|| / ||E||
+    residual_relative_error: float  # ||E - E_r|| / ||E|| (whitened fit: in the calibration output norm)
 
     @property
     def zero_fraction(self) -> float:
@@ -84,17 +90,19 @@ def _check_out_dir(out_dir: Path, model_dir: Path, overwrite: bool) -> None:
         raise SalrError(f"{out_dir} exists and is not an empty folder; pass --overwrite to replace it")
 
 
-def _input_norms(model_dir: Path, names: list[str], config: SparsifyConfig, calibration) -> dict[str, torch.Tensor]:
+def _calibrate(model_dir: Path, names: list[str], config: SparsifyConfig, calibration) -> dict[str, torch.Tensor]:
+    """Weight name -> X^T X of its module's calibration inputs (whitened fit) or only ||X_j|| (Wanda)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from prunedlora.salr.calibration import calibration_batch, input_norms, read_calibration_text
+    from prunedlora.salr.calibration import calibration_batch, input_grams, input_norms, read_calibration_text
 
     text = read_calibration_text(calibration)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     batch = calibration_batch(tokenizer, text, config.calibration_samples, config.calibration_length)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     modules = [n.removesuffix(".weight") for n in names]
-    return {f"{k}.weight": v for k, v in input_norms(model, modules, batch).items()}
+    gather = input_grams if config.residual_fit == "whitened" and config.residual_rank else input_norms
+    return {f"{k}.weight": v for k, v in gather(model, modules, batch).items()}
 
 
 def _build_adapter(base_dir: Path, adapter_dir: Path, final_base: Path, config: SparsifyConfig, factors) -> None:
@@ -161,17 +169,25 @@ def sparsify(
         if config.residual_rank > min(shapes[name.removesuffix(".weight")]):
             raise SalrError(f"residual_rank {config.residual_rank} exceeds the smaller side of {name}")
 
-    norms = _input_norms(model_dir, names, config, calibration) if config.mask == "wanda" else {}
+    seen = _calibrate(model_dir, names, config, calibration) if config.needs_calibration else {}
+    whitened = config.residual_fit == "whitened" and config.residual_rank > 0
     tensors = read_model_tensors(model_dir)
     sparse: dict[str, torch.Tensor] = {}
     factors: dict[str, ResidualFactors] = {}
     modules: dict[str, ModuleReport] = {}
     for name in names:
         weight = tensors[name]
-        keep = keep_mask(weight, config.sparsity, config.pattern, norms.get(name))
+        norm = None
+        if config.mask == "wanda":  # ||X_j||: the Gram matrix's diagonal when the whitened fit gathered it
+            norm = seen[name].diagonal().clamp_min(0).sqrt().float() if whitened else seen[name]
+        keep = keep_mask(weight, config.sparsity, config.pattern, norm)
         zero = torch.zeros((), dtype=weight.dtype)
         sparse[name] = torch.where(keep, weight, zero)  # +0.0 where pruned, never -0.0
-        f = residual_factors(torch.where(keep, zero, weight), config.residual_rank)
+        removed = torch.where(keep, zero, weight)
+        if whitened:
+            f = whitened_residual_factors(removed, seen[name], config.residual_rank)
+        else:
+            f = residual_factors(removed, config.residual_rank)
         module = name.removesuffix(".weight")
         if config.residual_rank:
             factors[module] = f

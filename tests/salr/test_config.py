@@ -16,6 +16,7 @@ def test_sparsity_outside_the_open_interval_is_refused(sparsity):
         ({"pattern": "4:8"}, "pattern must be"),
         ({"mask": "random"}, "mask must be"),
         ({"residual": "merged"}, "residual must be"),
+        ({"residual_fit": "qr"}, "residual_fit must be"),
         ({"residual_rank": 0, "task_rank": 0}, "positive sum"),
         ({"residual_rank": -1}, "positive sum"),
         ({"sparsity": "half"}, "sparsity must be a finite number"),

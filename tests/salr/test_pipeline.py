@@ -94,6 +94,49 @@ def test_two_four_with_wanda_and_no_residual(tmp_path, tiny_model_path):
     assert torch.equal((weight == 0).sum(1), torch.full((weight.shape[0],), weight.shape[1] // 2))
 
 
+def test_the_whitened_fit_writes_the_truncation_best_for_the_calibration_output(tmp_path, tiny_model_path):
+    """sparsify --residual-fit whitened: the adapter holds E_r of each module's calibration Gram matrix
+    (checked against the written files by sparsify itself), and on those inputs it misses less of E's
+    output than the plain SVD of the same rank."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from prunedlora.salr.calibration import calibration_batch, default_calibration_text, input_grams
+    from prunedlora.salr.residual import whitened_residual_factors
+
+    config = SparsifyConfig(
+        residual_rank=3, task_rank=2, residual_fit="whitened", calibration_samples=2, calibration_length=32
+    )
+    result = sparsify(tiny_model_path, tmp_path / "out", config)
+    record = json.loads((tmp_path / "out" / RECORD_FILE).read_text())
+    assert record["config"]["residual_fit"] == "whitened" and result.max_fold_error < 1e-5
+    name = "model.layers.0.self_attn.q_proj"
+    batch = calibration_batch(AutoTokenizer.from_pretrained(tiny_model_path), default_calibration_text(), 2, 32)
+    gram = input_grams(AutoModelForCausalLM.from_pretrained(tiny_model_path), [name], batch)[name]
+    w = read_model_tensors(tiny_model_path)[f"{name}.weight"]
+    E = torch.where(keep_mask(w, 0.5, "unstructured"), torch.zeros(()), w)
+    whitened, plain = whitened_residual_factors(E, gram, 3), residual_factors(E, 3)
+    assert result.modules[name].residual_relative_error == pytest.approx(whitened.relative_error, rel=1e-6)
+
+    def output_error(f):
+        return float(
+            (
+                (E.double() - f.B.double() @ f.A.double()) @ gram.double() * (E.double() - f.B.double() @ f.A.double())
+            ).sum()
+        )
+
+    assert output_error(whitened) < output_error(plain)
+
+
+def test_wanda_takes_its_norms_from_the_whitened_fits_gram_matrix(tmp_path, tiny_model_path):
+    """One calibration pass serves both: the Wanda mask is the same whether the fit is svd or whitened."""
+    common = {"mask": "wanda", "residual_rank": 2, "task_rank": 2, "calibration_samples": 2, "calibration_length": 32}
+    sparsify(tiny_model_path, tmp_path / "svd", SparsifyConfig(**common))
+    sparsify(tiny_model_path, tmp_path / "white", SparsifyConfig(**common, residual_fit="whitened"))
+    svd, white = (read_model_tensors(tmp_path / d / BASE_DIR) for d in ("svd", "white"))
+    for name, weight in svd.items():
+        assert torch.equal(weight == 0, white[name] == 0), name
+
+
 def test_refusals_leave_nothing_behind(tmp_path, tiny_model_path):
     out = tmp_path / "out"
     with pytest.raises(SalrError, match="exceeds the smaller side"):

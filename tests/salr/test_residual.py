@@ -106,3 +106,71 @@ def test_a_frozen_residual_survives_adamw_with_weight_decay_while_the_task_part_
     freeze.remove()
     model(input_ids=ids, labels=ids).loss.backward()
     assert any(layer.lora_A["default"].weight.grad[:3].any() for layer in layers.values())
+
+
+# --- the whitened fit: the truncation best for the layer's output on the calibration inputs --------------
+def _inputs(seed, tokens=200, features=24):
+    """Anisotropic inputs: a few features carry most of the signal, as a transformer's do."""
+    gen = torch.Generator().manual_seed(seed)
+    scales = torch.logspace(1, -2, features, dtype=torch.float64)
+    return torch.randn(tokens, features, generator=gen, dtype=torch.float64) * scales
+
+
+def _output_error_sq(E, f, X):
+    return float(((E.double() - f.B.double() @ f.A.double()) @ X.T).square().sum())
+
+
+def test_whitened_fit_with_an_identity_gram_and_no_damping_is_the_plain_truncation():
+    from prunedlora.salr.residual import whitened_residual_factors
+
+    torch.manual_seed(4)
+    E = torch.randn(30, 16, dtype=torch.float64)
+    plain, whitened = residual_factors(E, 5), whitened_residual_factors(E, torch.eye(16), 5, damping=0.0)
+    torch.testing.assert_close(whitened.B @ whitened.A, plain.B @ plain.A, rtol=0, atol=1e-10)
+    assert whitened.error_sq == pytest.approx(plain.error_sq, rel=1e-10)
+
+
+@pytest.mark.parametrize("rank", [1, 4, 10])
+def test_whitened_fit_beats_the_plain_svd_on_the_output_and_its_error_and_bound_hold_in_that_norm(rank):
+    from prunedlora.salr.residual import whitened_residual_factors
+
+    X = _inputs(rank)
+    E = pruning_residual(torch.randn(40, 24, generator=torch.Generator().manual_seed(rank)))
+    gram = X.T @ X
+    f = whitened_residual_factors(E, gram, rank, damping=0.0)
+    assert _output_error_sq(E, f, X) < _output_error_sq(E, residual_factors(E, rank), X)
+    assert f.error_sq == pytest.approx(_output_error_sq(E, f, X), rel=1e-8)  # undamped: exactly the output error
+    assert f.total_sq == pytest.approx(float((E.double() @ X.T).square().sum()), rel=1e-10)
+    assert f.error_sq <= error_bound_sq(f.total_sq, rank, tuple(E.shape)) * (1 + 1e-9)
+
+
+def test_whitened_fit_is_a_minimum_of_the_output_error():
+    """No small rank-preserving move of the factors lowers ||(E - BA) X^T||: the first-order optimum."""
+    from prunedlora.salr.residual import whitened_residual_factors
+
+    X, E = _inputs(7), torch.randn(20, 24, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+    f = whitened_residual_factors(E, X.T @ X, 3, damping=0.0)
+    best = _output_error_sq(E, f, X)
+    gen = torch.Generator().manual_seed(8)
+    for _ in range(20):
+        moved = type(f)(
+            B=f.B + 1e-4 * torch.randn(f.B.shape, generator=gen, dtype=torch.float64),
+            A=f.A + 1e-4 * torch.randn(f.A.shape, generator=gen, dtype=torch.float64),
+            error_sq=0.0,
+            total_sq=0.0,
+        )
+        assert _output_error_sq(E, moved, X) >= best * (1 - 1e-12)
+
+
+def test_whitened_fit_damps_features_never_seen_and_refuses_a_gram_of_the_wrong_shape():
+    from prunedlora.salr import SalrError
+    from prunedlora.salr.residual import whitened_residual_factors
+
+    E = torch.randn(12, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    gram = torch.zeros(8, 8, dtype=torch.float64)
+    gram[:4, :4] = torch.eye(4)  # features 4..7 never carry a signal: singular without damping
+    f = whitened_residual_factors(E, gram, 2)
+    assert torch.isfinite(f.B).all() and torch.isfinite(f.A).all() and f.rank == 2
+    assert whitened_residual_factors(E, gram, 0).A.shape == (0, 8)
+    with pytest.raises(SalrError, match="Gram matrix"):
+        whitened_residual_factors(E, torch.eye(12), 2)
