@@ -333,7 +333,10 @@ def write_report(data: dict, out: Path) -> None:
         )
     other = sorted({row["machine"] for row in rows.values() if "machine" in row})
     if other:
-        lines += ["", "† measured on " + "; ".join(other) + " (float32 perplexity agrees across these CPUs to the digits shown)."]
+        lines += [
+            "",
+            "† measured on " + "; ".join(other) + " (float32 perplexity agrees across these CPUs to the digits shown).",
+        ]
     if data["bytes"]:
         lines += [
             "",
