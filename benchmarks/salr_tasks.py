@@ -13,6 +13,8 @@ seed, through ``prunedlora train`` (the ``salr:`` recipe section for the sparse 
 ``wanda-trainable`` the same, residual trained
 ``wanda-lora``     Wanda 50%, LoRA from PEFT's init (no residual): what the Wanda residual cells beat or not
 ``2:4-residual``   magnitude 2:4, residual + task, residual frozen
+``*-whitened``     salr-frozen, salr-trainable, wanda-trainable and salr-untrained with the whitened
+                   residual fit (``residual_fit: whitened``: the truncation best for each layer's output)
 =================  ===================================================================================
 
 Three untrained rows frame them: ``dense-base`` (the dense model, no adapter), ``sparse-base`` (magnitude
@@ -66,8 +68,16 @@ CELLS: dict[str, tuple[dict[str, Any] | None, str | None, bool]] = {
     "wanda-trainable": ({"mask": "wanda", "pattern": "unstructured"}, "trainable", True),
     "wanda-lora": ({"mask": "wanda", "pattern": "unstructured", "residual": 0}, "trainable", True),
     "2:4-residual": ({"mask": "magnitude", "pattern": "2:4"}, "frozen", True),
+    "salr-frozen-whitened": ({"mask": "magnitude", "pattern": "unstructured", "fit": "whitened"}, "frozen", True),
+    "salr-trainable-whitened": (
+        {"mask": "magnitude", "pattern": "unstructured", "fit": "whitened"},
+        "trainable",
+        True,
+    ),
+    "wanda-trainable-whitened": ({"mask": "wanda", "pattern": "unstructured", "fit": "whitened"}, "trainable", True),
     "dense-base": (None, None, False),
     "salr-untrained": ({"mask": "magnitude", "pattern": "unstructured"}, "frozen", False),
+    "salr-untrained-whitened": ({"mask": "magnitude", "pattern": "unstructured", "fit": "whitened"}, "frozen", False),
     "sparse-base": ({"mask": "magnitude", "pattern": "unstructured", "residual": 0}, None, False),
 }
 
@@ -79,6 +89,9 @@ NO_RESIDUAL = {
     "salr-trainable": "sparse-lora",
     "wanda-residual": "wanda-lora",
     "wanda-trainable": "wanda-lora",
+    "salr-frozen-whitened": "sparse-lora",
+    "salr-trainable-whitened": "sparse-lora",
+    "wanda-trainable-whitened": "wanda-lora",
 }
 
 
@@ -130,6 +143,7 @@ def sparsify_options(cell: str, s: Settings) -> dict[str, Any] | None:
         "sparsity": s.sparsity,
         "pattern": spec["pattern"],
         "mask": spec["mask"],
+        "residual_fit": spec.get("fit", "svd"),
         "residual_rank": residual,
         "task_rank": s.rank - residual,
         "lora_alpha": float(2 * s.rank),
@@ -139,7 +153,8 @@ def sparsify_options(cell: str, s: Settings) -> dict[str, Any] | None:
 
 def folder_name(options: dict[str, Any]) -> str:
     pattern = "24" if options["pattern"] == "2:4" else f"u{round(options['sparsity'] * 100)}"
-    return f"{options['mask']}-{pattern}-res{options['residual_rank']}-task{options['task_rank']}"
+    fit = "" if options.get("residual_fit", "svd") == "svd" else f"-{options['residual_fit']}"
+    return f"{options['mask']}-{pattern}-res{options['residual_rank']}{fit}-task{options['task_rank']}"
 
 
 def recipe_for(cell: str, s: Settings, work: Path) -> dict[str, Any]:
@@ -208,7 +223,10 @@ def run_cell(cell: str, s: Settings, work: Path) -> dict[str, Any]:
         folder = ensure_folder(options, work)
         record = json.loads((folder / "salr.json").read_text())
         base_dir, base_bytes = folder / "base", record["bytes"]["compressed_file"]
-        row.update(sparsify={k: options[k] for k in ("mask", "pattern", "sparsity", "residual_rank", "task_rank")})
+        keys = ("mask", "pattern", "sparsity", "residual_rank", "task_rank")
+        row.update(sparsify={k: options[k] for k in keys})
+        if options["residual_fit"] != "svd":  # rows of the plain fit predate the option and stay as they were
+            row["sparsify"]["residual_fit"] = options["residual_fit"]
     else:
         base_dir = resolve_model("default")
         base_bytes = file_bytes(base_dir)

@@ -98,7 +98,10 @@ class SalrSection:
             except (OSError, json.JSONDecodeError, KeyError, TypeError) as err:
                 raise SalrError(f"{self.record_path} is damaged ({err}); run `prunedlora sparsify` again") from None
             wanted = {k: v for k, v in self.sparsify.to_dict().items() if k not in _NOT_IN_WEIGHTS}
-            differ = sorted(k for k, v in wanted.items() if made.get(k) != v)
+            # an option missing from the record did not exist when it was written: it was made with the default
+            default = SparsifyConfig().to_dict()
+            made = {k: made.get(k, default[k]) for k in wanted}
+            differ = sorted(k for k, v in wanted.items() if made[k] != v)
             if differ:
                 shown = ", ".join(f"{k} {made.get(k)!r} (recipe {wanted[k]!r})" for k in differ[:4])
                 raise SalrError(

@@ -78,3 +78,17 @@ def test_a_non_empty_folder_without_a_record_is_not_overwritten(tmp_path):
     (tmp_path / "made" / "keep.txt").write_text("mine")
     with pytest.raises(ConfigError, match="exists but is no sparsify output"):
         recipe_from_dict(raw(tmp_path))
+
+
+def test_a_record_written_before_an_option_existed_counts_as_its_default(tmp_path):
+    """salr.json files from before `residual_fit` lack it: they were made with the plain SVD, so a
+    recipe asking for svd reuses them and one asking for the whitened fit is refused."""
+    folder = fake_folder(tmp_path / "f", residual_rank=4, task_rank=4)
+    record = json.loads((folder / "salr.json").read_text())
+    del record["config"]["residual_fit"]
+    (folder / "salr.json").write_text(json.dumps(record))
+    section = {"dir": str(folder), "sparsify": {"residual_rank": 4, "task_rank": 4, "residual_fit": "svd"}}
+    assert recipe_from_dict(raw(tmp_path, salr=section)).salr.sparsify.residual_fit == "svd"
+    section["sparsify"]["residual_fit"] = "whitened"
+    with pytest.raises(ConfigError, match=r"residual_fit 'svd' \(recipe 'whitened'\)"):
+        recipe_from_dict(raw(tmp_path, salr=section))
