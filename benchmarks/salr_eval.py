@@ -298,7 +298,7 @@ def write_report(data: dict, out: Path) -> None:
     dense = rows.get("dense", {}).get("wikitext2", {}).get("ppl")
     wiki_cap, ptb_cap = proto["max_windows"]["wikitext2"], proto["max_windows"]["ptb"]
     lines = [
-        "### SALR before training: perplexity of the sparse base and what the SVD residual gives back",
+        "### SALR before training: perplexity of the sparse base and what the residual gives back",
         "",
         f"SmolLM2-135M-Instruct ({proto['dtype']}), {proto['target_modules']} projections pruned "
         f"({', '.join(proto['targets'])} of every layer), one mask per module; WikiText-2 test perplexity over the first {wiki_cap} "
@@ -306,7 +306,8 @@ def write_report(data: dict, out: Path) -> None:
         f" of {proto['corpus_tokens']['wikitext2']:,})"
         + (f", PTB test over the first {ptb_cap} windows" if ptb_cap else "")
         + '. E_r is the rank-r truncated SVD of the pruning residual (rows "-whitened": the rank-r truncation '
-        'best for each layer\'s output on the calibration text), no training; "gap closed" is the share '
+        "best for each layer's output on the calibration text; their error column is in that output norm, "
+        '‖(E−E_r)L‖/‖EL‖), no training; "gap closed" is the share '
         "of the sparse base's log-perplexity increase over dense that E_r removes. "
         f"Wanda (and the whitened fit) calibrate on {proto['wanda_calibration']}. Machine: "
         f"{machine_line(data['machine'])} (rows marked † on another: below), "
@@ -335,7 +336,7 @@ def write_report(data: dict, out: Path) -> None:
     if other:
         lines += [
             "",
-            "† measured on " + "; ".join(other) + " (float32 perplexity agrees across these CPUs to the digits shown).",
+            "† measured on " + "; ".join(other) + ".",
         ]
     if data["bytes"]:
         lines += [
