@@ -215,7 +215,7 @@ def _register_quality(kinds) -> None:
         "pruned-obs-input-compensate-global, pruned-obs-input-compensate-uniform, "
         "pruned-obs-input-compensate-global-r64, "
         "pruned-sensitivity-global, pruned-taylor-global, pruned-taylor-ema-global, pruned-activation-global, "
-        "pruned-magnitude-global, adalora, adalora-lr5x",
+        "pruned-magnitude-global, pruned-magnitude-global-r64, adalora, adalora-lr5x",
     )
     p.add_argument("--seeds", type=_int_list, default=from_preset, help="comma-separated training seeds")
     p.add_argument(

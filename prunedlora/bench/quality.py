@@ -22,6 +22,7 @@ steps, learning rate and seed, and is scored on the task's held-out split (``sco
 ``pruned-taylor-ema-global`` taylor-ema criterion (LoRAPrune's moving average of taylor)
 ``pruned-activation-global`` activation criterion, global allocation, same final budget
 ``pruned-magnitude-global`` magnitude criterion, global allocation, same final budget
+``pruned-magnitude-global-r64`` the same from r0 = 64 (alpha scaled to keep alpha / r0)
 ``adalora``                 PEFT's AdaLoRA, init_r = r0 -> target_r = target (same budget)
 ``adalora-lr5x``            the same at 5x the recipe's learning rate (AdaLoRA's init needs it; see METHODS)
 ==========================  ===================================================================
@@ -97,6 +98,8 @@ METHODS: dict[str, dict[str, Any]] = {
     "pruned-taylor-ema-global": {"prune": True, "criterion": "taylor-ema", "allocation": "global"},
     "pruned-activation-global": {"prune": True, "criterion": "activation", "allocation": "global"},
     "pruned-magnitude-global": {"prune": True, "criterion": "magnitude", "allocation": "global"},
+    # magnitude from the same r0 = 64: does the score matter when seven of eight components go?
+    "pruned-magnitude-global-r64": {"prune": True, "criterion": "magnitude", "allocation": "global", "r0": 64},
     "adalora": {"adalora": True},
     # AdaLoRA at five times the recipe's learning rate (1e-3 at the protocol's 2e-4, the AdaLoRA paper's
     # range for SST-2). PEFT starts AdaLoRA with E = 0 and P, Q ~ N(0, 0.02), so at LoRA's learning rate

@@ -116,6 +116,13 @@ def test_methods_share_everything_but_the_method(tiny_model_path, tmp_path):
         k: v for k, v in compensated.items() if k not in ("r0", "lora_alpha")
     }  # the same target, max rank, schedule and score: only the starting rank differs
     assert wide["r0"] == 64 and wide["lora_alpha"] / 64 == compensated["lora_alpha"] / compensated["r0"]
+    magnitude, magnitude_wide = (
+        recipes[m]["method"] for m in ("pruned-magnitude-global", "pruned-magnitude-global-r64")
+    )
+    assert {k: v for k, v in magnitude_wide.items() if k not in ("r0", "lora_alpha")} == {
+        k: v for k, v in magnitude.items() if k not in ("r0", "lora_alpha")
+    }
+    assert (magnitude_wide["r0"], magnitude_wide["lora_alpha"]) == (wide["r0"], wide["lora_alpha"])
     for raw in recipes.values():
         recipe_from_dict(copy.deepcopy(raw))  # every cell is a valid recipe
 
