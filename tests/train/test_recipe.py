@@ -49,3 +49,5 @@ def test_task_recipes_use_the_protocols_best_settings(name):
     method = load_recipe(name).method
     assert (method.criterion, method.recovery, method.allocation) == ("obs-input", "compensate", "global")
     assert method.max_rank == 16 and method.target_rank == 8
+    # r0 = 64 measured ahead of 32 on SST-2 (three seeds); the other tasks keep the r0 they were measured at
+    assert method.r0 == (64 if name == "smollm2-sst2" else 32) and method.lora_alpha == 2 * method.r0
