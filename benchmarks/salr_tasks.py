@@ -15,6 +15,8 @@ seed, through ``prunedlora train`` (the ``salr:`` recipe section for the sparse 
 ``2:4-residual``   magnitude 2:4, residual + task, residual frozen
 ``*-whitened``     salr-frozen, salr-trainable, wanda-trainable and salr-untrained with the whitened
                    residual fit (``residual_fit: whitened``: the truncation best for each layer's output)
+``*-whitened-task`` salr-trainable with the whitened fit calibrated on the task's own training text
+                   (chat-rendered, as training sees it) instead of sparsify's default CodeAlpaca text
 =================  ===================================================================================
 
 Three untrained rows frame them: ``dense-base`` (the dense model, no adapter), ``sparse-base`` (magnitude
@@ -75,6 +77,11 @@ CELLS: dict[str, tuple[dict[str, Any] | None, str | None, bool]] = {
         True,
     ),
     "wanda-trainable-whitened": ({"mask": "wanda", "pattern": "unstructured", "fit": "whitened"}, "trainable", True),
+    "salr-trainable-whitened-task": (
+        {"mask": "magnitude", "pattern": "unstructured", "fit": "whitened", "calibration": "task"},
+        "trainable",
+        True,
+    ),
     "dense-base": (None, None, False),
     "salr-untrained": ({"mask": "magnitude", "pattern": "unstructured"}, "frozen", False),
     "salr-untrained-whitened": ({"mask": "magnitude", "pattern": "unstructured", "fit": "whitened"}, "frozen", False),
@@ -92,7 +99,14 @@ NO_RESIDUAL = {
     "salr-frozen-whitened": "sparse-lora",
     "salr-trainable-whitened": "sparse-lora",
     "wanda-trainable-whitened": "wanda-lora",
+    "salr-trainable-whitened-task": "sparse-lora",  # a magnitude mask reads no calibration text
 }
+
+# Calibration text of the cells that ask for ``"calibration": "task"``: the first examples of the task's
+# own training split (the dev carve excluded, as in training), rendered with the chat template as
+# training renders them, so the whitened fit is best for the inputs the task puts through each layer.
+# The other calibrated cells read sparsify's default (the vendored CodeAlpaca slice, raw text).
+CALIBRATION_EXAMPLES = 400
 
 
 # WikiText-2 test perplexity of every cell, trained or not, over its first windows of 512 tokens, as
@@ -151,10 +165,37 @@ def sparsify_options(cell: str, s: Settings) -> dict[str, Any] | None:
     }
 
 
-def folder_name(options: dict[str, Any]) -> str:
+def calibration_of(cell: str) -> str | None:
+    """``"task"`` for the cells calibrated on their task's training text; None for sparsify's default."""
+    spec = CELLS[cell][0]
+    return None if spec is None else spec.get("calibration")
+
+
+def folder_name(options: dict[str, Any], calibration: str | None = None) -> str:
     pattern = "24" if options["pattern"] == "2:4" else f"u{round(options['sparsity'] * 100)}"
     fit = "" if options.get("residual_fit", "svd") == "svd" else f"-{options['residual_fit']}"
-    return f"{options['mask']}-{pattern}-res{options['residual_rank']}{fit}-task{options['task_rank']}"
+    cal = "" if calibration is None else f"-cal{calibration}"
+    return f"{options['mask']}-{pattern}-res{options['residual_rank']}{fit}{cal}-task{options['task_rank']}"
+
+
+def task_calibration_file(s: Settings, work: Path) -> Path:
+    """The task's first CALIBRATION_EXAMPLES training examples, chat-rendered, as one text file."""
+    from transformers import AutoTokenizer
+
+    from prunedlora.models import resolve_model
+    from prunedlora.tasks import DataConfig, load_examples
+
+    path = work / "calibration" / f"{s.task}-seed{s.seed}-train{CALIBRATION_EXAMPLES}.txt"
+    if not path.is_file():
+        config = DataConfig(task=s.task, path=s.data_path(), split="train", seed=s.seed)
+        examples = load_examples(config)[:CALIBRATION_EXAMPLES]
+        tokenizer = AutoTokenizer.from_pretrained(resolve_model("default"))
+        turns = (
+            [{"role": "user", "content": ex.prompt}, {"role": "assistant", "content": ex.response}] for ex in examples
+        )
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(tokenizer.apply_chat_template(t, tokenize=False) for t in turns))
+    return path
 
 
 def recipe_for(cell: str, s: Settings, work: Path) -> dict[str, Any]:
@@ -185,7 +226,7 @@ def recipe_for(cell: str, s: Settings, work: Path) -> dict[str, Any]:
     if options is None:
         raw["method"] = {"r0": s.rank, "lora_alpha": float(2 * s.rank), "target_rank": float(s.rank)}
     else:
-        folder = work / "sparsify" / folder_name(options)
+        folder = work / "sparsify" / folder_name(options, calibration_of(cell))
         raw["salr"] = {"dir": str(folder), "residual": CELLS[cell][1], "sparsify": options}
     return raw
 
@@ -194,14 +235,15 @@ def file_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in Path(folder).glob("*.safetensors"))
 
 
-def ensure_folder(options: dict[str, Any], work: Path) -> Path:
+def ensure_folder(options: dict[str, Any], work: Path, s: Settings, calibration: str | None = None) -> Path:
     from prunedlora.salr.pipeline import RECORD_FILE, sparsify
     from prunedlora.salr.recipe import SalrSection
 
-    folder = work / "sparsify" / folder_name(options)
+    folder = work / "sparsify" / folder_name(options, calibration)
     section = SalrSection.from_dict({"dir": str(folder), "sparsify": options})  # checks a reused folder
     if not (folder / RECORD_FILE).is_file():
-        sparsify("default", folder, section.sparsify)
+        text = task_calibration_file(s, work) if calibration == "task" else None
+        sparsify("default", folder, section.sparsify, calibration=text)
     return folder
 
 
@@ -220,13 +262,19 @@ def run_cell(cell: str, s: Settings, work: Path) -> dict[str, Any]:
     row["machine"] = machine_record(dtype="float32")
     start = time.time()
     if options is not None:
-        folder = ensure_folder(options, work)
+        folder = ensure_folder(options, work, s, calibration_of(cell))
         record = json.loads((folder / "salr.json").read_text())
         base_dir, base_bytes = folder / "base", record["bytes"]["compressed_file"]
         keys = ("mask", "pattern", "sparsity", "residual_rank", "task_rank")
         row.update(sparsify={k: options[k] for k in keys})
         if options["residual_fit"] != "svd":  # rows of the plain fit predate the option and stay as they were
             row["sparsify"]["residual_fit"] = options["residual_fit"]
+        if calibration_of(cell) is not None:
+            row["sparsify"]["calibration"] = {
+                "text": f"{s.task} training split, first {CALIBRATION_EXAMPLES} examples, chat-rendered",
+                "sha256": record["calibration"]["sha256"],
+                "tokens": record["calibration"]["tokens"],
+            }
     else:
         base_dir = resolve_model("default")
         base_bytes = file_bytes(base_dir)

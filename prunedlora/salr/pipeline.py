@@ -5,7 +5,8 @@ initial SALR adapter out, in one folder that appears whole or not at all.
     OUT_DIR/base/         the same weights dense with zeros: a plain Hugging Face folder for PEFT/vLLM
     OUT_DIR/adapter/      PEFT LoRA of rank residual_rank + task_rank: the residual's SVD first, then
                           PEFT-initialised task components (B = 0, so it starts at M*W0 + E_r)
-    OUT_DIR/salr.json     the settings, per-module zero counts and residual errors, bytes
+    OUT_DIR/salr.json     the settings, the calibration text's name and hash, per-module zero counts and
+                          residual errors, bytes
 
 Every setting is checked before a weight is read; the folder is built beside OUT_DIR and renamed
 into place after the adapter was checked against M*W0 + E_r, so a failure leaves nothing behind.
@@ -13,10 +14,12 @@ into place after the adapter was checked against M*W0 + E_r, so a failure leaves
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -90,8 +93,12 @@ def _check_out_dir(out_dir: Path, model_dir: Path, overwrite: bool) -> None:
         raise SalrError(f"{out_dir} exists and is not an empty folder; pass --overwrite to replace it")
 
 
-def _calibrate(model_dir: Path, names: list[str], config: SparsifyConfig, calibration) -> dict[str, torch.Tensor]:
-    """Weight name -> X^T X of its module's calibration inputs (whitened fit) or only ||X_j|| (Wanda)."""
+def _calibrate(
+    model_dir: Path, names: list[str], config: SparsifyConfig, calibration
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Weight name -> X^T X of its module's calibration inputs (whitened fit) or only ||X_j|| (Wanda),
+    and where they came from (the text's file name and hash, the tokens seen) for the record: the mask
+    and the fit depend on the text, so a folder must say which text made it."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from prunedlora.salr.calibration import calibration_batch, input_grams, input_norms, read_calibration_text
@@ -102,7 +109,12 @@ def _calibrate(model_dir: Path, names: list[str], config: SparsifyConfig, calibr
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     modules = [n.removesuffix(".weight") for n in names]
     gather = input_grams if config.residual_fit == "whitened" and config.residual_rank else input_norms
-    return {f"{k}.weight": v for k, v in gather(model, modules, batch).items()}
+    source = {
+        "text": "default (the vendored CodeAlpaca slice)" if calibration is None else Path(calibration).name,
+        "sha256": hashlib.sha256(text.encode("utf-8")).hexdigest(),
+        "tokens": batch.numel(),
+    }
+    return {f"{k}.weight": v for k, v in gather(model, modules, batch).items()}, source
 
 
 def _build_adapter(base_dir: Path, adapter_dir: Path, final_base: Path, config: SparsifyConfig, factors) -> None:
@@ -169,7 +181,7 @@ def sparsify(
         if config.residual_rank > min(shapes[name.removesuffix(".weight")]):
             raise SalrError(f"residual_rank {config.residual_rank} exceeds the smaller side of {name}")
 
-    seen = _calibrate(model_dir, names, config, calibration) if config.needs_calibration else {}
+    seen, source = _calibrate(model_dir, names, config, calibration) if config.needs_calibration else ({}, None)
     whitened = config.residual_fit == "whitened" and config.residual_rank > 0
     tensors = read_model_tensors(model_dir)
     sparse: dict[str, torch.Tensor] = {}
@@ -219,6 +231,7 @@ def sparsify(
                 "method": "salr",
                 "source_model": str(model_dir),
                 "config": config.to_dict(),
+                "calibration": source,
                 "bytes": {
                     "compressed_file": store.file_bytes,
                     "dense": store.dense_bytes,

@@ -137,6 +137,33 @@ def test_wanda_takes_its_norms_from_the_whitened_fits_gram_matrix(tmp_path, tiny
         assert torch.equal(weight == 0, white[name] == 0), name
 
 
+def test_the_record_names_the_calibration_text_that_made_the_folder(tmp_path, tiny_model_path):
+    """The mask and the fit depend on the calibration text, so salr.json says which text (name, hash,
+    tokens) made them; a magnitude mask with the plain fit reads none and records none."""
+    import hashlib
+
+    from prunedlora.salr.calibration import default_calibration_text
+
+    common = {"mask": "wanda", "residual_rank": 2, "task_rank": 2, "calibration_samples": 2, "calibration_length": 32}
+    text = tmp_path / "task.txt"
+    text.write_text("Natalia sold clips to 48 of her friends in April. " * 40)
+    sparsify(tiny_model_path, tmp_path / "default", SparsifyConfig(**common))
+    sparsify(tiny_model_path, tmp_path / "task", SparsifyConfig(**common), calibration=text)
+    sparsify(tiny_model_path, tmp_path / "plain", SparsifyConfig(residual_rank=2, task_rank=2))
+    default, task, plain = (json.loads((tmp_path / d / RECORD_FILE).read_text()) for d in ("default", "task", "plain"))
+    assert default["calibration"] == {
+        "text": "default (the vendored CodeAlpaca slice)",
+        "sha256": hashlib.sha256(default_calibration_text().encode("utf-8")).hexdigest(),
+        "tokens": 64,
+    }
+    assert task["calibration"] == {
+        "text": "task.txt",
+        "sha256": hashlib.sha256(text.read_text().encode("utf-8")).hexdigest(),
+        "tokens": 64,
+    }
+    assert plain["calibration"] is None
+
+
 def test_refusals_leave_nothing_behind(tmp_path, tiny_model_path):
     out = tmp_path / "out"
     with pytest.raises(SalrError, match="exceeds the smaller side"):
