@@ -102,6 +102,14 @@ NO_RESIDUAL = {
     "salr-trainable-whitened-task": "sparse-lora",  # a magnitude mask reads no calibration text
 }
 
+# Each variant against the cell it changes one thing of (the fit, then the calibration text), paired.
+VARIANT_OF = {
+    "salr-frozen-whitened": ("salr-frozen", "whitened fit"),
+    "salr-trainable-whitened": ("salr-trainable", "whitened fit"),
+    "wanda-trainable-whitened": ("wanda-trainable", "whitened fit"),
+    "salr-trainable-whitened-task": ("salr-trainable-whitened", "calibrated on the task's text"),
+}
+
 # Calibration text of the cells that ask for ``"calibration": "task"``: the first examples of the task's
 # own training split (the dev carve excluded, as in training), rendered with the chat template as
 # training renders them, so the whitened fit is best for the inputs the task puts through each layer.
@@ -364,6 +372,18 @@ def paired_lines(data: dict) -> list[str]:
             f"| {name} | {vs_dense.mean:+.4f} [{vs_dense.low:+.4f}, {vs_dense.high:+.4f}] | {ref_name or '-'} "
             f"| {vs_ref} | {closed} |"
         )
+    variants = [(name, *VARIANT_OF[name]) for name in VARIANT_OF if name in cells and VARIANT_OF[name][0] in cells]
+    if variants:
+        lines += [
+            "",
+            f"Each variant against the cell it changes one thing of ({label}, variant - that cell; paired bootstrap 95%):",
+            "",
+            "| variant | changes | against | paired difference |",
+            "|---|---|---|---|",
+        ]
+        for name, base, change in variants:
+            d = paired_metric(cells[name], cells[base], metric, seed)
+            lines.append(f"| {name} | {change} | {base} | {d.mean:+.4f} [{d.low:+.4f}, {d.high:+.4f}] |")
     return lines
 
 
