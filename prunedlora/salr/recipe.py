@@ -9,9 +9,12 @@ folder's; a recipe that also sets it in ``method`` would be silently ignored, so
       dir: runs/smollm2-salr-base   # a `prunedlora sparsify` output folder
       residual: frozen              # frozen | trainable; null: what sparsify recorded
       sparsify: {sparsity: 0.5, residual_rank: 16, task_rank: 8}   # optional: make `dir` first
+      calibration: data/task-text.txt   # optional: the Wanda mask's / whitened fit's text
 
 With ``sparsify`` options the folder is made on the first run (from the recipe's model) and reused
-after, provided it was made with the same options; without them it must already exist. Every check
+after, provided it was made with the same options (and, with ``calibration``, from a text of the same
+hash: the mask and the fit depend on it); without them it must already exist. ``calibration`` is
+sparsify's ``--calibration``: without it a calibrated folder is made from the default text. Every check
 that needs no model runs when the recipe is read, so a wrong section fails before anything loads.
 """
 
@@ -38,6 +41,7 @@ class SalrSection:
     dir: str
     residual: str | None = None
     sparsify: SparsifyConfig | None = None
+    calibration: str | None = None
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SalrSection:
@@ -68,7 +72,19 @@ class SalrSection:
                 config = SparsifyConfig(**options)
             except SalrError as err:
                 raise SalrError(f"salr.sparsify: {err}") from None
-        section = cls(dir=str(folder), residual=residual, sparsify=config)
+        calibration = data.get("calibration")
+        if calibration is not None:
+            if not isinstance(calibration, (str, Path)) or not str(calibration).strip():
+                raise SalrError(f"salr.calibration must name a text file, got {calibration!r}")
+            if config is None or not config.needs_calibration:
+                raise SalrError(
+                    "salr.calibration is read only to make the folder with a wanda mask or the whitened fit: "
+                    "give salr.sparsify options with mask: wanda or residual_fit: whitened, or drop it"
+                )
+            if not Path(calibration).is_file():
+                raise SalrError(f"salr.calibration {calibration} is not a file")
+            calibration = str(calibration)
+        section = cls(dir=str(folder), residual=residual, sparsify=config, calibration=calibration)
         section.check_folder()
         return section
 
@@ -108,6 +124,23 @@ class SalrSection:
                     f"salr.dir {self.dir} was sparsified with other settings: {shown}; "
                     "remove the folder to remake it, or name another salr.dir"
                 )
+            if self.calibration is not None:
+                self._check_calibration()
+
+    def _check_calibration(self) -> None:
+        """A reused folder must come from the text the recipe names (its hash, which sparsify records)."""
+        import hashlib
+
+        from prunedlora.salr.calibration import read_calibration_text
+
+        made = (json.loads(self.record_path.read_text()).get("calibration") or {}).get("sha256")
+        wanted = hashlib.sha256(read_calibration_text(self.calibration).encode("utf-8")).hexdigest()
+        if made != wanted:
+            said = "records no calibration text" if made is None else "was calibrated on another text"
+            raise SalrError(
+                f"salr.dir {self.dir} {said}, not on salr.calibration {self.calibration}; "
+                "remove the folder to remake it, or name another salr.dir"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "sparsify": None if self.sparsify is None else self.sparsify.to_dict()}

@@ -109,7 +109,7 @@ def prepare_source(section, model_dir: str | os.PathLike) -> SalrSource:
                 f"salr.dir {section.dir} does not exist yet; with several processes run "
                 f"`prunedlora sparsify MODEL {section.dir}` first so that one process writes it"
             )
-        sparsify(model_dir, section.dir, section.sparsify)
+        sparsify(model_dir, section.dir, section.sparsify, calibration=section.calibration)
     else:
         section.check_folder()
     record = read_record(section.dir)

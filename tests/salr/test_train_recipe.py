@@ -120,6 +120,20 @@ def test_a_trainable_residual_moves_and_a_missing_folder_is_made_first(tiny_mode
     assert any(not torch.equal(start[k], end[k]) for k in start)
 
 
+def test_a_folder_made_by_a_recipe_is_calibrated_on_its_text(tiny_model_path, tmp_path):
+    """salr.calibration reaches sparsify: the folder the first run makes records the recipe's text."""
+    import hashlib
+
+    text = tmp_path / "task.txt"
+    text.write_text("Natalia sold clips to 48 of her friends in April. " * 40)
+    options = {"residual_rank": 2, "task_rank": 2, "residual_fit": "whitened", "calibration_samples": 2}
+    options["calibration_length"] = 32
+    section = {"dir": str(tmp_path / "made"), "sparsify": options, "calibration": str(text)}
+    train(salr_recipe(tiny_model_path, section, tmp_path / "r", steps=1))
+    record = json.loads((tmp_path / "made" / "salr.json").read_text())
+    assert record["calibration"]["sha256"] == hashlib.sha256(text.read_bytes()).hexdigest()
+
+
 def test_a_folder_from_another_model_is_refused(tiny_salr, tmp_path, default_model_path):
     recipe = salr_recipe(default_model_path, {"dir": str(tiny_salr.out_dir)}, tmp_path / "r")
     with pytest.raises(SalrError, match="was sparsified from .* not from the recipe's model") as info:

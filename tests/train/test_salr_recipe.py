@@ -55,6 +55,13 @@ def test_an_existing_folder_alone_is_enough_and_overrides_reach_the_section(tmp_
         (dict(salr=[1]), "salr must be a mapping"),
         (dict(method={"r0": 16}), "method.r0 does not apply to a salr recipe"),
         (dict(loraprune={}), "not both"),
+        (
+            dict(salr={"dir": "x", "sparsify": {"residual_rank": 4}, "calibration": "text.txt"}),
+            "salr.calibration is read only to make the folder with a wanda mask or the whitened fit",
+        ),
+        (dict(salr={"dir": "x", "calibration": "text.txt"}), "salr.calibration is read only to make"),
+        (dict(salr={"dir": "x", "sparsify": {"mask": "wanda"}, "calibration": ""}), "must name a text file"),
+        (dict(salr={"dir": "x", "sparsify": {"mask": "wanda"}, "calibration": "no/such.txt"}), "is not a file"),
     ],
 )
 def test_bad_salr_recipes_are_refused_with_one_line(tmp_path, change, message):
@@ -92,3 +99,26 @@ def test_a_record_written_before_an_option_existed_counts_as_its_default(tmp_pat
     section["sparsify"]["residual_fit"] = "whitened"
     with pytest.raises(ConfigError, match=r"residual_fit 'svd' \(recipe 'whitened'\)"):
         recipe_from_dict(raw(tmp_path, salr=section))
+
+
+def test_a_reused_folder_must_come_from_the_recipes_calibration_text(tmp_path):
+    """The mask and the whitened fit depend on the calibration text: a folder is reused only when its
+    record holds the hash of the text salr.calibration names, and refused in one line otherwise."""
+    import hashlib
+
+    text = tmp_path / "task.txt"
+    text.write_text("Natalia sold clips to 48 of her friends in April.\n")
+    options = {"residual_rank": 4, "task_rank": 4, "residual_fit": "whitened"}
+    folder = fake_folder(tmp_path / "f", **options)
+    record = json.loads((folder / "salr.json").read_text())
+    section = {"dir": str(folder), "sparsify": options, "calibration": str(text)}
+    with pytest.raises(ConfigError, match="records no calibration text, not on salr.calibration") as info:
+        recipe_from_dict(raw(tmp_path, salr=section))
+    assert "\n" not in str(info.value)
+    record["calibration"] = {"text": "task.txt", "sha256": hashlib.sha256(b"another text").hexdigest(), "tokens": 64}
+    (folder / "salr.json").write_text(json.dumps(record))
+    with pytest.raises(ConfigError, match="was calibrated on another text"):
+        recipe_from_dict(raw(tmp_path, salr=section))
+    record["calibration"]["sha256"] = hashlib.sha256(text.read_bytes()).hexdigest()
+    (folder / "salr.json").write_text(json.dumps(record))
+    assert recipe_from_dict(raw(tmp_path, salr=section)).salr.calibration == str(text)
