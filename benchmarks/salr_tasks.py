@@ -17,6 +17,8 @@ seed, through ``prunedlora train`` (the ``salr:`` recipe section for the sparse 
                    residual fit (``residual_fit: whitened``: the truncation best for each layer's output)
 ``*-whitened-task`` salr-trainable with the whitened fit calibrated on the task's own training text
                    (chat-rendered, as training sees it) instead of sparsify's default CodeAlpaca text
+``*-whitened-all`` salr-trainable-whitened with all r_res + r_task components a residual (no zero task
+                   part): trained, a residual component learns the task as well as a zero one could
 =================  ===================================================================================
 
 Three untrained rows frame them: ``dense-base`` (the dense model, no adapter), ``sparse-base`` (magnitude
@@ -82,6 +84,11 @@ CELLS: dict[str, tuple[dict[str, Any] | None, str | None, bool]] = {
         "trainable",
         True,
     ),
+    "salr-trainable-whitened-all": (
+        {"mask": "magnitude", "pattern": "unstructured", "fit": "whitened", "residual": "all"},
+        "trainable",
+        True,
+    ),
     "dense-base": (None, None, False),
     "salr-untrained": ({"mask": "magnitude", "pattern": "unstructured"}, "frozen", False),
     "salr-untrained-whitened": ({"mask": "magnitude", "pattern": "unstructured", "fit": "whitened"}, "frozen", False),
@@ -100,6 +107,7 @@ NO_RESIDUAL = {
     "salr-trainable-whitened": "sparse-lora",
     "wanda-trainable-whitened": "wanda-lora",
     "salr-trainable-whitened-task": "sparse-lora",  # a magnitude mask reads no calibration text
+    "salr-trainable-whitened-all": "sparse-lora",
 }
 
 # Each variant against the cell it changes one thing of (the fit, then the calibration text), paired.
@@ -108,6 +116,7 @@ VARIANT_OF = {
     "salr-trainable-whitened": ("salr-trainable", "whitened fit"),
     "wanda-trainable-whitened": ("wanda-trainable", "whitened fit"),
     "salr-trainable-whitened-task": ("salr-trainable-whitened", "calibrated on the task's text"),
+    "salr-trainable-whitened-all": ("salr-trainable-whitened", "all of the rank a residual (no task part)"),
 }
 
 # Calibration text of the cells that ask for ``"calibration": "task"``: the first examples of the task's
@@ -161,6 +170,8 @@ def sparsify_options(cell: str, s: Settings) -> dict[str, Any] | None:
     if spec is None:
         return None
     residual = spec.get("residual", s.residual_rank)
+    if residual == "all":  # the whole budget repairs the base; trained, every component also learns the task
+        residual = s.rank
     return {
         "sparsity": s.sparsity,
         "pattern": spec["pattern"],
