@@ -466,17 +466,42 @@ def markdown(data: dict) -> str:
 
 
 def plot(data: dict, path: Path) -> None:
-    """Answer NLL (and, where measured, WikiText-2 perplexity) of every cell against its bytes on disk."""
+    """Every trained cell's metric as a bar (the sparse cells share one size on disk, so against bytes they
+    stack in one column), then the metric and, where measured, WikiText-2 perplexity against bytes."""
     from prunedlora.figures import label_points, new_figure, save_figure
 
     s = data["settings"]
-    metric, label, _ = METRICS[s.get("task", "gsm8k")]
+    metric, label, lower = METRICS[s.get("task", "gsm8k")]
     panels = [(metric, f"{TASK_NAMES[s.get('task', 'gsm8k')]} {label} (dev)")]
     if any("wikitext2" in row for row in data["cells"].values()):
         panels.append(("wikitext2", "WikiText-2 test perplexity (log)"))
-    fig = new_figure(6.5 * len(panels), 4.2)
+    fig = new_figure(6.5 * (len(panels) + 1), 4.2)
+    bars = fig.add_subplot(1, len(panels) + 1, 1)
+    trained = sorted(
+        ((name, row[metric]) for name, row in data["cells"].items() if row["trained"]),
+        key=lambda item: -item[1] if lower else item[1],
+    )
+    base_colour = {"dense": "tab:green", "magnitude": "tab:blue", "wanda": "tab:orange"}
+    colours = [
+        base_colour["dense"]
+        if "sparsify" not in data["cells"][n]
+        else base_colour.get(data["cells"][n]["sparsify"]["mask"])
+        for n, _ in trained
+    ]
+    bars.barh([n for n, _ in trained], [v for _, v in trained], color=colours)
+    for ref, style in (("dense-lora", "-"), ("sparse-lora", "--"), ("wanda-lora", ":")):
+        if ref in data["cells"]:
+            bars.axvline(data["cells"][ref][metric], color="black", linestyle=style, linewidth=0.8, label=ref)
+    values = [v for _, v in trained]
+    if values:
+        pad = 0.15 * (max(values) - min(values) or 1.0)
+        bars.set_xlim(min(values) - pad, max(values) + pad)
+    bars.set_xlabel(f"{label} ({'lower' if lower else 'higher'} is better; green dense, blue magnitude, orange Wanda)")
+    bars.tick_params(axis="y", labelsize=7)
+    bars.legend(fontsize=7, loc="lower right")
+    bars.grid(True, axis="x", alpha=0.3)
     for k, (key, label) in enumerate(panels):
-        ax = fig.add_subplot(1, len(panels), k + 1)
+        ax = fig.add_subplot(1, len(panels) + 1, k + 2)
         points = []
         for name, row in data["cells"].items():
             if key not in row:
