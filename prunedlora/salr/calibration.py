@@ -9,6 +9,7 @@ into the mask); pass a plain text file to calibrate on something else.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -36,6 +37,12 @@ def read_calibration_text(path: str | os.PathLike | None) -> str:
     if not text.strip():
         raise SalrError(f"calibration file {path} is empty")
     return text
+
+
+def text_digest(text: str) -> str:
+    """The SHA-256 of a calibration text as read: sparsify records it, and a recipe reusing a folder
+    compares it with its own text's, since the mask and the whitened fit depend on the text."""
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 def calibration_batch(tokenizer, text: str, samples: int, length: int) -> torch.Tensor:

@@ -14,7 +14,6 @@ into place after the adapter was checked against M*W0 + E_r, so a failure leaves
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -101,7 +100,13 @@ def _calibrate(
     and the fit depend on the text, so a folder must say which text made it."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from prunedlora.salr.calibration import calibration_batch, input_grams, input_norms, read_calibration_text
+    from prunedlora.salr.calibration import (
+        calibration_batch,
+        input_grams,
+        input_norms,
+        read_calibration_text,
+        text_digest,
+    )
 
     text = read_calibration_text(calibration)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -111,7 +116,7 @@ def _calibrate(
     gather = input_grams if config.residual_fit == "whitened" and config.residual_rank else input_norms
     source = {
         "text": "default (the vendored CodeAlpaca slice)" if calibration is None else Path(calibration).name,
-        "sha256": hashlib.sha256(text.encode("utf-8")).hexdigest(),
+        "sha256": text_digest(text),
         "tokens": batch.numel(),
     }
     return {f"{k}.weight": v for k, v in gather(model, modules, batch).items()}, source

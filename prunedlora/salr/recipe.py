@@ -129,12 +129,10 @@ class SalrSection:
 
     def _check_calibration(self) -> None:
         """A reused folder must come from the text the recipe names (its hash, which sparsify records)."""
-        import hashlib
-
-        from prunedlora.salr.calibration import read_calibration_text
+        from prunedlora.salr.calibration import read_calibration_text, text_digest
 
         made = (json.loads(self.record_path.read_text()).get("calibration") or {}).get("sha256")
-        wanted = hashlib.sha256(read_calibration_text(self.calibration).encode("utf-8")).hexdigest()
+        wanted = text_digest(read_calibration_text(self.calibration))
         if made != wanted:
             said = "records no calibration text" if made is None else "was calibrated on another text"
             raise SalrError(
