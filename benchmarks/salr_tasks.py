@@ -247,6 +247,8 @@ def recipe_for(cell: str, s: Settings, work: Path) -> dict[str, Any]:
     else:
         folder = work / "sparsify" / folder_name(options, calibration_of(cell))
         raw["salr"] = {"dir": str(folder), "residual": CELLS[cell][1], "sparsify": options}
+        if calibration_of(cell) == "task":  # the recipe checks the folder was made from this text
+            raw["salr"]["calibration"] = str(task_calibration_file(s, work))
     return raw
 
 
