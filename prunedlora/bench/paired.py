@@ -190,6 +190,14 @@ PRUNING_REFERENCE = "pruned-magnitude-global"
 # parameters)? Every pruned method is also compared with plain LoRA trained at r0.
 R0_REFERENCE = "lora-r0"
 
+# The fourth: does PrunedLoRA beat AdaLoRA at the same budget? Every pruned method is also compared with
+# PEFT's AdaLoRA at five times the shared learning rate, the one AdaLoRA trains at in the recipes' steps
+# (at the shared rate its P·diag(E)·Q barely moves from zero; docs/results.md, "AdaLoRA").
+ADALORA_REFERENCE = "adalora-lr5x"
+
+# The references every pruned method is compared with, in the order the quality table prints them.
+PRUNED_REFERENCES = (PRUNING_REFERENCE, R0_REFERENCE, ADALORA_REFERENCE)
+
 
 def paired_comparisons(
     results: list[dict], reference: str = "lora-target", methods: Collection[str] | None = None

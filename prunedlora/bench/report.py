@@ -426,12 +426,12 @@ def quality_markdown(payload: dict) -> str:
         params_text = "-" if len(params) != len(ranks) or not ranks else _parameters_text(statistics.fmean(params))
         cells = [_cell_stat(summary.get((t, method), {}).get(m)) for t, m, _ in columns]
         lines.append(f"| {method} | {rank_text} | {params_text} | " + " | ".join(cells) + " |")
-    from prunedlora.bench.paired import PRUNING_REFERENCE, R0_REFERENCE, paired_markdown
+    from prunedlora.bench.paired import PRUNED_REFERENCES, paired_markdown
 
     if "lora-target" in methods:
         lines += ["", paired_markdown(payload["cells"], reference="lora-target").rstrip()]
     pruned = [m for m in methods if m.startswith("pruned-")]
-    for reference in (PRUNING_REFERENCE, R0_REFERENCE):
+    for reference in PRUNED_REFERENCES:
         compared = [m for m in pruned if m != reference]
         if reference in methods and compared:
             lines += ["", paired_markdown(payload["cells"], reference=reference, methods=compared).rstrip()]

@@ -355,6 +355,27 @@ def test_the_quality_table_compares_each_pruned_method_with_lora_at_r0():
     assert "| sst2 | accuracy (higher is better) | pruned-magnitude-global | 2 | -0.2500 |" in section  # 2 of 4 vs 3
 
 
+def test_the_quality_table_compares_each_pruned_method_with_adalora_at_its_learning_rate():
+    """The fourth question: does PrunedLoRA beat AdaLoRA at the same budget? Every pruned method is compared
+    paired with adalora-lr5x (the AdaLoRA that trains in the recipes' steps); plain LoRA and the AdaLoRA at
+    the shared rate are not. Break: drop the fourth table, or compare the other AdaLoRA with it -> red."""
+    cell = _sst2_cell
+    methods = ["base", "lora-target", "adalora", "adalora-lr5x", "pruned-obs-x"]
+    cells = [cell("base", 0, [-1.0, -1.0, 0.5, -0.2])]
+    for seed in (0, 1):
+        cells += [
+            cell("lora-target", seed, [1.0, -1.0, 0.5, -0.2]),
+            cell("adalora", seed, [-1.0, -1.0, 0.5, -0.2]),
+            cell("adalora-lr5x", seed, [1.5, -0.3, -0.9, 0.1]),
+            cell("pruned-obs-x", seed, [1.5, 0.3, 0.9, 0.1]),
+        ]
+    text = _sst2_two_seed_markdown(methods, cells)
+    section = text.split("### Paired differences against `adalora-lr5x`")[1].split("\n\n")[1]
+    rows = [line for line in section.splitlines() if line.startswith("| sst2 ")]
+    assert {row.split(" | ")[2] for row in rows} == {"pruned-obs-x"}
+    assert "| sst2 | accuracy (higher is better) | pruned-obs-x | 2 | +0.5000 |" in section  # 4 of 4 vs 2
+
+
 def test_the_quality_table_says_where_each_cell_ran():
     """Cells are filled across sessions on machines that differ: the table names each cell's own machine
     and counts the cells per machine, not only the machine that rebuilt it. Break: report only the
