@@ -195,8 +195,11 @@ R0_REFERENCE = "lora-r0"
 # (at the shared rate its P·diag(E)·Q barely moves from zero; docs/results.md, "AdaLoRA").
 ADALORA_REFERENCE = "adalora-lr5x"
 
+# The fifth: how do the default's variants (uniform allocation, r0 = 64) compare with the default itself?
+DEFAULT_REFERENCE = "pruned-obs-input-compensate-global"
+
 # The references every pruned method is compared with, in the order the quality table prints them.
-PRUNED_REFERENCES = (PRUNING_REFERENCE, R0_REFERENCE, ADALORA_REFERENCE)
+PRUNED_REFERENCES = (PRUNING_REFERENCE, R0_REFERENCE, ADALORA_REFERENCE, DEFAULT_REFERENCE)
 
 
 def paired_comparisons(

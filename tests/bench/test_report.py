@@ -376,6 +376,28 @@ def test_the_quality_table_compares_each_pruned_method_with_adalora_at_its_learn
     assert "| sst2 | accuracy (higher is better) | pruned-obs-x | 2 | +0.5000 |" in section  # 4 of 4 vs 2
 
 
+def test_the_quality_table_compares_the_defaults_variants_with_the_default():
+    """The fifth question: what do uniform allocation or r0 = 64 change against the default itself? Every
+    other pruned method is compared paired with it; LoRA and AdaLoRA are not. Break: drop the fifth
+    table, or compare a non-pruned method with it -> red."""
+    cell = _sst2_cell
+    default = "pruned-obs-input-compensate-global"
+    methods = ["base", "lora-target", "adalora-lr5x", default, "pruned-obs-input-compensate-uniform"]
+    cells = [cell("base", 0, [-1.0, -1.0, 0.5, -0.2])]
+    for seed in (0, 1):
+        cells += [
+            cell("lora-target", seed, [1.0, -1.0, 0.5, -0.2]),
+            cell("adalora-lr5x", seed, [1.5, -0.3, -0.9, 0.1]),
+            cell(default, seed, [1.5, 0.3, 0.9, -0.1]),
+            cell("pruned-obs-input-compensate-uniform", seed, [1.5, 0.3, 0.9, 0.1]),
+        ]
+    text = _sst2_two_seed_markdown(methods, cells)
+    section = text.split(f"### Paired differences against `{default}`")[1].split("\n\n")[1]
+    rows = [line for line in section.splitlines() if line.startswith("| sst2 ")]
+    assert {row.split(" | ")[2] for row in rows} == {"pruned-obs-input-compensate-uniform"}
+    assert "| sst2 | accuracy (higher is better) | pruned-obs-input-compensate-uniform | 2 | +0.2500 |" in section
+
+
 def test_the_quality_table_says_where_each_cell_ran():
     """Cells are filled across sessions on machines that differ: the table names each cell's own machine
     and counts the cells per machine, not only the machine that rebuilt it. Break: report only the
