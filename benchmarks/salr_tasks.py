@@ -17,6 +17,8 @@ seed, through ``prunedlora train`` (the ``salr:`` recipe section for the sparse 
                    residual fit (``residual_fit: whitened``: the truncation best for each layer's output)
 ``*-whitened-task`` salr-trainable with the whitened fit calibrated on the task's own training text
                    (chat-rendered, as training sees it) instead of sparsify's default CodeAlpaca text
+``*-whitened-raw`` the same as ``-task`` with the examples' own text only: no chat template and no
+                   instruction (for SST-2 the bare sentences, where the template is 82% of the tokens)
 ``*-whitened-all`` salr-trainable-whitened with all r_res + r_task components a residual (no zero task
                    part): trained, a residual component learns the task as well as a zero one could
 =================  ===================================================================================
@@ -84,6 +86,11 @@ CELLS: dict[str, tuple[dict[str, Any] | None, str | None, bool]] = {
         "trainable",
         True,
     ),
+    "salr-trainable-whitened-raw": (
+        {"mask": "magnitude", "pattern": "unstructured", "fit": "whitened", "calibration": "raw"},
+        "trainable",
+        True,
+    ),
     "salr-trainable-whitened-all": (
         {"mask": "magnitude", "pattern": "unstructured", "fit": "whitened", "residual": "all"},
         "trainable",
@@ -107,6 +114,7 @@ NO_RESIDUAL = {
     "salr-trainable-whitened": "sparse-lora",
     "wanda-trainable-whitened": "wanda-lora",
     "salr-trainable-whitened-task": "sparse-lora",  # a magnitude mask reads no calibration text
+    "salr-trainable-whitened-raw": "sparse-lora",
     "salr-trainable-whitened-all": "sparse-lora",
 }
 
@@ -116,12 +124,15 @@ VARIANT_OF = {
     "salr-trainable-whitened": ("salr-trainable", "whitened fit"),
     "wanda-trainable-whitened": ("wanda-trainable", "whitened fit"),
     "salr-trainable-whitened-task": ("salr-trainable-whitened", "calibrated on the task's text"),
+    "salr-trainable-whitened-raw": ("salr-trainable-whitened-task", "the examples' text without template"),
     "salr-trainable-whitened-all": ("salr-trainable-whitened", "all of the rank a residual (no task part)"),
 }
 
 # Calibration text of the cells that ask for ``"calibration": "task"``: the first examples of the task's
 # own training split (the dev carve excluded, as in training), rendered with the chat template as
 # training renders them, so the whitened fit is best for the inputs the task puts through each layer.
+# ``"raw"``: the same examples' own text only (SST-2: the sentence; otherwise prompt and response), so a
+# short task's fit is not made best for its template and instruction, repeated in every example.
 # The other calibrated cells read sparsify's default (the vendored CodeAlpaca slice, raw text).
 CALIBRATION_EXAMPLES = 400
 
@@ -185,7 +196,7 @@ def sparsify_options(cell: str, s: Settings) -> dict[str, Any] | None:
 
 
 def calibration_of(cell: str) -> str | None:
-    """``"task"`` for the cells calibrated on their task's training text; None for sparsify's default."""
+    """The calibration mode ("task" or "raw", see calibration_text) of a cell; None for sparsify's default text."""
     spec = CELLS[cell][0]
     return None if spec is None else spec.get("calibration")
 
@@ -197,23 +208,40 @@ def folder_name(options: dict[str, Any], calibration: str | None = None) -> str:
     return f"{options['mask']}-{pattern}-res{options['residual_rank']}{fit}{cal}-task{options['task_rank']}"
 
 
-def task_calibration_file(s: Settings, work: Path) -> Path:
-    """The task's first CALIBRATION_EXAMPLES training examples, chat-rendered, as one text file."""
+def calibration_text(examples, tokenizer, mode: str) -> str:
+    """The calibration text of ``mode`` ("task": chat-rendered as training sees it; "raw": own text only)."""
+    from prunedlora.tasks import SST2_PROMPT
+    from prunedlora.train.data import chat_text
+
+    if mode == "task":
+        return "".join(chat_text(tokenizer, ex.prompt, ex.response) for ex in examples)
+    if mode != "raw":
+        raise ValueError(f"unknown calibration mode {mode!r}: use 'task' or 'raw'")
+    before, after = SST2_PROMPT.split("{sentence}")
+
+    def own_text(ex) -> str:
+        if ex.prompt.startswith(before) and ex.prompt.endswith(after):  # SST-2: the sentence alone
+            return ex.prompt[len(before) : len(ex.prompt) - len(after)]
+        return f"{ex.prompt}\n{ex.response}"
+
+    return "\n\n".join(own_text(ex) for ex in examples)
+
+
+def task_calibration_file(s: Settings, work: Path, mode: str = "task") -> Path:
+    """The task's first CALIBRATION_EXAMPLES training examples as one text file (see calibration_text)."""
     from transformers import AutoTokenizer
 
     from prunedlora.models import resolve_model
     from prunedlora.tasks import DataConfig, load_examples
 
-    path = work / "calibration" / f"{s.task}-seed{s.seed}-train{CALIBRATION_EXAMPLES}.txt"
+    suffix = "" if mode == "task" else f"-{mode}"
+    path = work / "calibration" / f"{s.task}-seed{s.seed}-train{CALIBRATION_EXAMPLES}{suffix}.txt"
     if not path.is_file():
         config = DataConfig(task=s.task, path=s.data_path(), split="train", seed=s.seed)
         examples = load_examples(config)[:CALIBRATION_EXAMPLES]
         tokenizer = AutoTokenizer.from_pretrained(resolve_model("default"))
-        turns = (
-            [{"role": "user", "content": ex.prompt}, {"role": "assistant", "content": ex.response}] for ex in examples
-        )
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("".join(tokenizer.apply_chat_template(t, tokenize=False) for t in turns))
+        path.write_text(calibration_text(examples, tokenizer, mode))
     return path
 
 
@@ -247,8 +275,8 @@ def recipe_for(cell: str, s: Settings, work: Path) -> dict[str, Any]:
     else:
         folder = work / "sparsify" / folder_name(options, calibration_of(cell))
         raw["salr"] = {"dir": str(folder), "residual": CELLS[cell][1], "sparsify": options}
-        if calibration_of(cell) == "task":  # the recipe checks the folder was made from this text
-            raw["salr"]["calibration"] = str(task_calibration_file(s, work))
+        if calibration_of(cell) is not None:  # the recipe checks the folder was made from this text
+            raw["salr"]["calibration"] = str(task_calibration_file(s, work, calibration_of(cell)))
     return raw
 
 
@@ -263,7 +291,7 @@ def ensure_folder(options: dict[str, Any], work: Path, s: Settings, calibration:
     folder = work / "sparsify" / folder_name(options, calibration)
     section = SalrSection.from_dict({"dir": str(folder), "sparsify": options})  # checks a reused folder
     if not (folder / RECORD_FILE).is_file():
-        text = task_calibration_file(s, work) if calibration == "task" else None
+        text = None if calibration is None else task_calibration_file(s, work, calibration)
         sparsify("default", folder, section.sparsify, calibration=text)
     return folder
 
@@ -292,7 +320,8 @@ def run_cell(cell: str, s: Settings, work: Path) -> dict[str, Any]:
             row["sparsify"]["residual_fit"] = options["residual_fit"]
         if calibration_of(cell) is not None:
             row["sparsify"]["calibration"] = {
-                "text": f"{s.task} training split, first {CALIBRATION_EXAMPLES} examples, chat-rendered",
+                "text": f"{s.task} training split, first {CALIBRATION_EXAMPLES} examples, "
+                + ("chat-rendered" if calibration_of(cell) == "task" else "own text, no template"),
                 "sha256": record["calibration"]["sha256"],
                 "tokens": record["calibration"]["tokens"],
             }

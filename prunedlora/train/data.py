@@ -46,7 +46,12 @@ def chat_prompt(tokenizer, prompt: str) -> str:
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
-def _chat_text(tokenizer, prompt: str, response: str) -> str:
+def chat_text(tokenizer, prompt: str, response: str) -> str:
+    """A whole example (user turn + assistant turn) as text, exactly as training renders it.
+
+    Anything that must see the inputs training sees (e.g. SALR's calibration text) renders with this.
+    """
+    _check_template(tokenizer)
     messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
     return tokenizer.apply_chat_template(messages, tokenize=False)
 
@@ -65,7 +70,7 @@ class _Rendered:
 
 def _render(tokenizer, prompt: str, response: str) -> _Rendered:
     prompt_text = chat_prompt(tokenizer, prompt)
-    full_text = _chat_text(tokenizer, prompt, response)
+    full_text = chat_text(tokenizer, prompt, response)
     prompt_ids = _ids(tokenizer, prompt_text)
     full_ids = _ids(tokenizer, full_text)
     if full_ids[: len(prompt_ids)] != prompt_ids:

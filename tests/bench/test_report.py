@@ -313,23 +313,29 @@ def test_the_quality_plot_has_no_paired_row_without_the_reference(tmp_path, monk
     assert [ax.get_title() for ax in figures[0].axes if ax.get_visible()] == ["SST-2 dev accuracy (higher is better)"]
 
 
+def _reference_section(margins: dict[str, list[float]], reference: str) -> tuple[set[str], str]:
+    """The quality table's paired section against ``reference`` for SST-2 cells of seeds 0 and 1 (the same
+    margins in both) of each method in ``margins``, with the base model at seed 0: the methods it lists and
+    its text."""
+    cells = [_sst2_cell("base", 0, [-1.0, -1.0, 0.5, -0.2])]
+    cells += [_sst2_cell(method, seed, m) for seed in (0, 1) for method, m in margins.items()]
+    text = _sst2_two_seed_markdown(["base", *margins], cells)
+    section = text.split(f"### Paired differences against `{reference}`")[1].split("\n\n")[1]
+    rows = [line for line in section.splitlines() if line.startswith("| sst2 ")]
+    return {row.split(" | ")[2] for row in rows}, section
+
+
 def test_the_quality_table_compares_each_pruned_method_with_magnitude_pruning():
     """Issue 9's second question: does the score matter, or only pruning from r0? Below the table against
     LoRA r8, every other pruned method is compared paired with magnitude pruning (LoRA r8 and the base
     model are not). Break: drop the second table, or compare every method with it -> red."""
-    cell = _sst2_cell
-    methods = ["base", "lora-target", "pruned-obs-x", "pruned-magnitude-global"]
-    cells = [cell("base", 0, [-1.0, -1.0, 0.5, -0.2])]
-    for seed in (0, 1):
-        cells += [
-            cell("lora-target", seed, [1.0, -1.0, 0.5, -0.2]),
-            cell("pruned-obs-x", seed, [1.5, 0.3, 0.9, 0.1]),
-            cell("pruned-magnitude-global", seed, [1.2, -0.3, 0.9, 0.1]),
-        ]
-    text = _sst2_two_seed_markdown(methods, cells)
-    section = text.split("### Paired differences against `pruned-magnitude-global`")[1].split("\n\n")[1]
-    rows = [line for line in section.splitlines() if line.startswith("| sst2 ")]
-    assert [row.split(" | ")[2] for row in rows] == ["pruned-obs-x", "pruned-obs-x"]  # accuracy, margin
+    margins = {
+        "lora-target": [1.0, -1.0, 0.5, -0.2],
+        "pruned-obs-x": [1.5, 0.3, 0.9, 0.1],
+        "pruned-magnitude-global": [1.2, -0.3, 0.9, 0.1],
+    }
+    listed, section = _reference_section(margins, "pruned-magnitude-global")
+    assert listed == {"pruned-obs-x"}
     assert "| sst2 | accuracy (higher is better) | pruned-obs-x | 2 | +0.2500 |" in section  # one more right of 4
 
 
@@ -337,20 +343,14 @@ def test_the_quality_table_compares_each_pruned_method_with_lora_at_r0():
     """The third question: what does pruning from r0 to the target cost against keeping all of r0? Every
     pruned method, magnitude included, is compared paired with LoRA r0; LoRA r8 and the base model are
     not. Break: drop the third table, or leave magnitude out of it -> red."""
-    cell = _sst2_cell
-    methods = ["base", "lora-target", "lora-r0", "pruned-obs-x", "pruned-magnitude-global"]
-    cells = [cell("base", 0, [-1.0, -1.0, 0.5, -0.2])]
-    for seed in (0, 1):
-        cells += [
-            cell("lora-target", seed, [1.0, -1.0, 0.5, -0.2]),
-            cell("lora-r0", seed, [1.5, 0.3, -0.9, 0.1]),
-            cell("pruned-obs-x", seed, [1.5, 0.3, 0.9, 0.1]),
-            cell("pruned-magnitude-global", seed, [1.2, -0.3, 0.9, -0.1]),
-        ]
-    text = _sst2_two_seed_markdown(methods, cells)
-    section = text.split("### Paired differences against `lora-r0`")[1].split("\n\n")[1]
-    rows = [line for line in section.splitlines() if line.startswith("| sst2 ")]
-    assert sorted({row.split(" | ")[2] for row in rows}) == ["pruned-magnitude-global", "pruned-obs-x"]
+    margins = {
+        "lora-target": [1.0, -1.0, 0.5, -0.2],
+        "lora-r0": [1.5, 0.3, -0.9, 0.1],
+        "pruned-obs-x": [1.5, 0.3, 0.9, 0.1],
+        "pruned-magnitude-global": [1.2, -0.3, 0.9, -0.1],
+    }
+    listed, section = _reference_section(margins, "lora-r0")
+    assert listed == {"pruned-magnitude-global", "pruned-obs-x"}
     assert "| sst2 | accuracy (higher is better) | pruned-obs-x | 2 | +0.2500 |" in section  # one more right of 4
     assert "| sst2 | accuracy (higher is better) | pruned-magnitude-global | 2 | -0.2500 |" in section  # 2 of 4 vs 3
 
@@ -359,20 +359,14 @@ def test_the_quality_table_compares_each_pruned_method_with_adalora_at_its_learn
     """The fourth question: does PrunedLoRA beat AdaLoRA at the same budget? Every pruned method is compared
     paired with adalora-lr5x (the AdaLoRA that trains in the recipes' steps); plain LoRA and the AdaLoRA at
     the shared rate are not. Break: drop the fourth table, or compare the other AdaLoRA with it -> red."""
-    cell = _sst2_cell
-    methods = ["base", "lora-target", "adalora", "adalora-lr5x", "pruned-obs-x"]
-    cells = [cell("base", 0, [-1.0, -1.0, 0.5, -0.2])]
-    for seed in (0, 1):
-        cells += [
-            cell("lora-target", seed, [1.0, -1.0, 0.5, -0.2]),
-            cell("adalora", seed, [-1.0, -1.0, 0.5, -0.2]),
-            cell("adalora-lr5x", seed, [1.5, -0.3, -0.9, 0.1]),
-            cell("pruned-obs-x", seed, [1.5, 0.3, 0.9, 0.1]),
-        ]
-    text = _sst2_two_seed_markdown(methods, cells)
-    section = text.split("### Paired differences against `adalora-lr5x`")[1].split("\n\n")[1]
-    rows = [line for line in section.splitlines() if line.startswith("| sst2 ")]
-    assert {row.split(" | ")[2] for row in rows} == {"pruned-obs-x"}
+    margins = {
+        "lora-target": [1.0, -1.0, 0.5, -0.2],
+        "adalora": [-1.0, -1.0, 0.5, -0.2],
+        "adalora-lr5x": [1.5, -0.3, -0.9, 0.1],
+        "pruned-obs-x": [1.5, 0.3, 0.9, 0.1],
+    }
+    listed, section = _reference_section(margins, "adalora-lr5x")
+    assert listed == {"pruned-obs-x"}
     assert "| sst2 | accuracy (higher is better) | pruned-obs-x | 2 | +0.5000 |" in section  # 4 of 4 vs 2
 
 
@@ -380,21 +374,15 @@ def test_the_quality_table_compares_the_defaults_variants_with_the_default():
     """The fifth question: what do uniform allocation or r0 = 64 change against the default itself? Every
     other pruned method is compared paired with it; LoRA and AdaLoRA are not. Break: drop the fifth
     table, or compare a non-pruned method with it -> red."""
-    cell = _sst2_cell
     default = "pruned-obs-input-compensate-global"
-    methods = ["base", "lora-target", "adalora-lr5x", default, "pruned-obs-input-compensate-uniform"]
-    cells = [cell("base", 0, [-1.0, -1.0, 0.5, -0.2])]
-    for seed in (0, 1):
-        cells += [
-            cell("lora-target", seed, [1.0, -1.0, 0.5, -0.2]),
-            cell("adalora-lr5x", seed, [1.5, -0.3, -0.9, 0.1]),
-            cell(default, seed, [1.5, 0.3, 0.9, -0.1]),
-            cell("pruned-obs-input-compensate-uniform", seed, [1.5, 0.3, 0.9, 0.1]),
-        ]
-    text = _sst2_two_seed_markdown(methods, cells)
-    section = text.split(f"### Paired differences against `{default}`")[1].split("\n\n")[1]
-    rows = [line for line in section.splitlines() if line.startswith("| sst2 ")]
-    assert {row.split(" | ")[2] for row in rows} == {"pruned-obs-input-compensate-uniform"}
+    margins = {
+        "lora-target": [1.0, -1.0, 0.5, -0.2],
+        "adalora-lr5x": [1.5, -0.3, -0.9, 0.1],
+        default: [1.5, 0.3, 0.9, -0.1],
+        "pruned-obs-input-compensate-uniform": [1.5, 0.3, 0.9, 0.1],
+    }
+    listed, section = _reference_section(margins, default)
+    assert listed == {"pruned-obs-input-compensate-uniform"}
     assert "| sst2 | accuracy (higher is better) | pruned-obs-input-compensate-uniform | 2 | +0.2500 |" in section
 
 
