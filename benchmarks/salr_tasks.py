@@ -19,6 +19,10 @@ seed, through ``prunedlora train`` (the ``salr:`` recipe section for the sparse 
                    (chat-rendered, as training sees it) instead of sparsify's default CodeAlpaca text
 ``*-whitened-raw`` the same as ``-task`` with the examples' own text only: no chat template and no
                    instruction (for SST-2 the bare sentences, where the template is 82% of the tokens)
+``*-whitened-general`` salr-trainable-whitened (and salr-untrained-whitened) calibrated on general text:
+                   WikiText-2 beyond the windows perplexity scores (the second half of the test file,
+                   the only split the shared data holds), so the fit repairs language, not a task
+``*-whitened-mixed`` half the task's chat-rendered text, half that general text: the fit repairs both
 ``*-whitened-all`` salr-trainable-whitened with all r_res + r_task components a residual (no zero task
                    part): trained, a residual component learns the task as well as a zero one could
 =================  ===================================================================================
@@ -96,9 +100,24 @@ CELLS: dict[str, tuple[dict[str, Any] | None, str | None, bool]] = {
         "trainable",
         True,
     ),
+    "salr-trainable-whitened-general": (
+        {"mask": "magnitude", "pattern": "unstructured", "fit": "whitened", "calibration": "general"},
+        "trainable",
+        True,
+    ),
+    "salr-trainable-whitened-mixed": (
+        {"mask": "magnitude", "pattern": "unstructured", "fit": "whitened", "calibration": "mixed"},
+        "trainable",
+        True,
+    ),
     "dense-base": (None, None, False),
     "salr-untrained": ({"mask": "magnitude", "pattern": "unstructured"}, "frozen", False),
     "salr-untrained-whitened": ({"mask": "magnitude", "pattern": "unstructured", "fit": "whitened"}, "frozen", False),
+    "salr-untrained-whitened-general": (
+        {"mask": "magnitude", "pattern": "unstructured", "fit": "whitened", "calibration": "general"},
+        "frozen",
+        False,
+    ),
     "sparse-base": ({"mask": "magnitude", "pattern": "unstructured", "residual": 0}, None, False),
 }
 
@@ -116,6 +135,8 @@ NO_RESIDUAL = {
     "salr-trainable-whitened-task": "sparse-lora",  # a magnitude mask reads no calibration text
     "salr-trainable-whitened-raw": "sparse-lora",
     "salr-trainable-whitened-all": "sparse-lora",
+    "salr-trainable-whitened-general": "sparse-lora",
+    "salr-trainable-whitened-mixed": "sparse-lora",
 }
 
 # Each variant against the cell it changes one thing of (the fit, then the calibration text), paired.
@@ -126,6 +147,9 @@ VARIANT_OF = {
     "salr-trainable-whitened-task": ("salr-trainable-whitened", "calibrated on the task's text"),
     "salr-trainable-whitened-raw": ("salr-trainable-whitened-task", "the examples' text without template"),
     "salr-trainable-whitened-all": ("salr-trainable-whitened", "all of the rank a residual (no task part)"),
+    "salr-trainable-whitened-general": ("salr-trainable-whitened", "calibrated on general text (WikiText-2)"),
+    "salr-trainable-whitened-mixed": ("salr-trainable-whitened-task", "half of the task's text general text"),
+    "salr-untrained-whitened-general": ("salr-untrained-whitened", "calibrated on general text (WikiText-2)"),
 }
 
 # Calibration text of the cells that ask for ``"calibration": "task"``: the first examples of the task's
@@ -133,8 +157,18 @@ VARIANT_OF = {
 # training renders them, so the whitened fit is best for the inputs the task puts through each layer.
 # ``"raw"``: the same examples' own text only (SST-2: the sentence; otherwise prompt and response), so a
 # short task's fit is not made best for its template and instruction, repeated in every example.
+# ``"general"``: WikiText-2 text the perplexity windows never read (see general_text); ``"mixed"``: the
+# task's chat-rendered text for the first half of the calibration tokens, then the general text.
 # The other calibrated cells read sparsify's default (the vendored CodeAlpaca slice, raw text).
 CALIBRATION_EXAMPLES = 400
+_TASK_TEXT = "{task} training split, first {n} examples"
+_GENERAL_TEXT = "WikiText-2 test text after the evaluated windows (its second half)"
+CALIBRATION_MODES = {  # mode -> what its text is, as a cell's row records it
+    "task": _TASK_TEXT + ", chat-rendered",
+    "raw": _TASK_TEXT + ", own text, no template",
+    "general": _GENERAL_TEXT,
+    "mixed": _TASK_TEXT + ", chat-rendered, for half the calibration tokens; then " + _GENERAL_TEXT,
+}
 
 
 # WikiText-2 test perplexity of every cell, trained or not, over its first windows of 512 tokens, as
@@ -208,15 +242,44 @@ def folder_name(options: dict[str, Any], calibration: str | None = None) -> str:
     return f"{options['mask']}-{pattern}-res{options['residual_rank']}{fit}{cal}-task{options['task_rank']}"
 
 
+def general_text() -> str:
+    """WikiText-2 from the first article heading past the middle of the joined test file on.
+
+    The shared data holds WikiText-2's test split only, and perplexity scores its first PPL_WINDOWS x 512
+    tokens (about 17,000 characters of 1.3 million), so the second half is text the metric never reads:
+    in-domain for perplexity, as a calibration set for a WikiText-2 figure usually is (SparseGPT and
+    Wanda calibrate on C4; none is on disk here), and disjoint from what is scored."""
+    import re
+
+    from prunedlora.perplexity import read_corpus
+
+    text = read_corpus("wikitext2")
+    heading = re.compile(r"\n \= [^=\n]+ \= \n").search(text, len(text) // 2)
+    if heading is None:
+        raise ValueError("no article heading in the second half of WikiText-2's test file")
+    return text[heading.start() + 1 :]
+
+
 def calibration_text(examples, tokenizer, mode: str) -> str:
-    """The calibration text of ``mode`` ("task": chat-rendered as training sees it; "raw": own text only)."""
+    """The calibration text of ``mode`` (see CALIBRATION_MODES)."""
+    from prunedlora.salr.config import SparsifyConfig
     from prunedlora.tasks import SST2_PROMPT
     from prunedlora.train.data import chat_text
 
-    if mode == "task":
-        return "".join(chat_text(tokenizer, ex.prompt, ex.response) for ex in examples)
+    if mode == "general":
+        return general_text()
+    if mode in ("task", "mixed"):
+        text = "".join(chat_text(tokenizer, ex.prompt, ex.response) for ex in examples)
+        if mode == "task":
+            return text
+        # calibration_batch reads consecutive windows from the start: the first half of its tokens are the
+        # task's, cut at a window's end, and the general text fills the rest
+        defaults = SparsifyConfig()
+        half = defaults.calibration_samples // 2 * defaults.calibration_length
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"][:half]
+        return tokenizer.decode(ids) + "\n\n" + general_text()
     if mode != "raw":
-        raise ValueError(f"unknown calibration mode {mode!r}: use 'task' or 'raw'")
+        raise ValueError(f"unknown calibration mode {mode!r}: use one of {', '.join(CALIBRATION_MODES)}")
     before, after = SST2_PROMPT.split("{sentence}")
 
     def own_text(ex) -> str:
@@ -320,8 +383,7 @@ def run_cell(cell: str, s: Settings, work: Path) -> dict[str, Any]:
             row["sparsify"]["residual_fit"] = options["residual_fit"]
         if calibration_of(cell) is not None:
             row["sparsify"]["calibration"] = {
-                "text": f"{s.task} training split, first {CALIBRATION_EXAMPLES} examples, "
-                + ("chat-rendered" if calibration_of(cell) == "task" else "own text, no template"),
+                "text": CALIBRATION_MODES[calibration_of(cell)].format(task=s.task, n=CALIBRATION_EXAMPLES),
                 "sha256": record["calibration"]["sha256"],
                 "tokens": record["calibration"]["tokens"],
             }
