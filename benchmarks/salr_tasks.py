@@ -23,6 +23,7 @@ seed, through ``prunedlora train`` (the ``salr:`` recipe section for the sparse 
                    WikiText-2 beyond the windows perplexity scores (the second half of the test file,
                    the only split the shared data holds), so the fit repairs language, not a task
 ``*-whitened-mixed`` half the task's chat-rendered text, half that general text: the fit repairs both
+``*-whitened-mixed-raw`` the same with the examples' own text (``-raw``'s) for the task's half
 ``*-whitened-all`` salr-trainable-whitened with all r_res + r_task components a residual (no zero task
                    part): trained, a residual component learns the task as well as a zero one could
 =================  ===================================================================================
@@ -110,6 +111,11 @@ CELLS: dict[str, tuple[dict[str, Any] | None, str | None, bool]] = {
         "trainable",
         True,
     ),
+    "salr-trainable-whitened-mixed-raw": (
+        {"mask": "magnitude", "pattern": "unstructured", "fit": "whitened", "calibration": "mixed-raw"},
+        "trainable",
+        True,
+    ),
     "dense-base": (None, None, False),
     "salr-untrained": ({"mask": "magnitude", "pattern": "unstructured"}, "frozen", False),
     "salr-untrained-whitened": ({"mask": "magnitude", "pattern": "unstructured", "fit": "whitened"}, "frozen", False),
@@ -137,6 +143,7 @@ NO_RESIDUAL = {
     "salr-trainable-whitened-all": "sparse-lora",
     "salr-trainable-whitened-general": "sparse-lora",
     "salr-trainable-whitened-mixed": "sparse-lora",
+    "salr-trainable-whitened-mixed-raw": "sparse-lora",
 }
 
 # Each variant against the cell it changes one thing of (the fit, then the calibration text), paired.
@@ -148,7 +155,11 @@ VARIANT_OF = {
     "salr-trainable-whitened-raw": ("salr-trainable-whitened-task", "the examples' text without template"),
     "salr-trainable-whitened-all": ("salr-trainable-whitened", "all of the rank a residual (no task part)"),
     "salr-trainable-whitened-general": ("salr-trainable-whitened", "calibrated on general text (WikiText-2)"),
-    "salr-trainable-whitened-mixed": ("salr-trainable-whitened-task", "half of the task's text general text"),
+    "salr-trainable-whitened-mixed": ("salr-trainable-whitened-task", "half the task's text swapped for general text"),
+    "salr-trainable-whitened-mixed-raw": (
+        "salr-trainable-whitened-raw",
+        "half the task's text swapped for general text",
+    ),
     "salr-untrained-whitened-general": ("salr-untrained-whitened", "calibrated on general text (WikiText-2)"),
 }
 
@@ -168,6 +179,7 @@ CALIBRATION_MODES = {  # mode -> what its text is, as a cell's row records it
     "raw": _TASK_TEXT + ", own text, no template",
     "general": _GENERAL_TEXT,
     "mixed": _TASK_TEXT + ", chat-rendered, for half the calibration tokens; then " + _GENERAL_TEXT,
+    "mixed-raw": _TASK_TEXT + ", own text, no template, for half the calibration tokens; then " + _GENERAL_TEXT,
 }
 
 
@@ -266,20 +278,10 @@ def calibration_text(examples, tokenizer, mode: str) -> str:
     from prunedlora.tasks import SST2_PROMPT
     from prunedlora.train.data import chat_text
 
+    if mode not in CALIBRATION_MODES:
+        raise ValueError(f"unknown calibration mode {mode!r}: use one of {', '.join(CALIBRATION_MODES)}")
     if mode == "general":
         return general_text()
-    if mode in ("task", "mixed"):
-        text = "".join(chat_text(tokenizer, ex.prompt, ex.response) for ex in examples)
-        if mode == "task":
-            return text
-        # calibration_batch reads consecutive windows from the start: the first half of its tokens are the
-        # task's, cut at a window's end, and the general text fills the rest
-        defaults = SparsifyConfig()
-        half = defaults.calibration_samples // 2 * defaults.calibration_length
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"][:half]
-        return tokenizer.decode(ids) + "\n\n" + general_text()
-    if mode != "raw":
-        raise ValueError(f"unknown calibration mode {mode!r}: use one of {', '.join(CALIBRATION_MODES)}")
     before, after = SST2_PROMPT.split("{sentence}")
 
     def own_text(ex) -> str:
@@ -287,7 +289,18 @@ def calibration_text(examples, tokenizer, mode: str) -> str:
             return ex.prompt[len(before) : len(ex.prompt) - len(after)]
         return f"{ex.prompt}\n{ex.response}"
 
-    return "\n\n".join(own_text(ex) for ex in examples)
+    if mode in ("task", "mixed"):
+        text = "".join(chat_text(tokenizer, ex.prompt, ex.response) for ex in examples)
+    else:
+        text = "\n\n".join(own_text(ex) for ex in examples)
+    if not mode.startswith("mixed"):
+        return text
+    # calibration_batch reads consecutive windows from the start: the task's text fills the first half of
+    # its tokens, cut at a window's end, and the general text the rest
+    defaults = SparsifyConfig()
+    half = defaults.calibration_samples // 2 * defaults.calibration_length
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"][:half]
+    return tokenizer.decode(ids) + "\n\n" + general_text()
 
 
 def task_calibration_file(s: Settings, work: Path, mode: str = "task") -> Path:
