@@ -69,61 +69,40 @@ TASK_NAMES = {"gsm8k": "GSM8K", "sst2": "SST-2"}
 # The training file's first N examples, as the quality protocol reads SST-2's 67,349 (None: all of it).
 TRAIN_EXAMPLES = {"sst2": 2000}
 
+
+def _magnitude(**options: Any) -> dict[str, Any]:
+    """The sparsify options of a cell on an unstructured magnitude mask (at --sparsity), with ``options`` added."""
+    return {"mask": "magnitude", "pattern": "unstructured", **options}
+
+
+def _whitened(**options: Any) -> dict[str, Any]:
+    """A magnitude cell with the whitened residual fit (``calibration``: a CALIBRATION_MODES key)."""
+    return _magnitude(fit="whitened", **options)
+
+
 # name -> (sparsify options, or None for the dense model; residual mode; trained?)
 CELLS: dict[str, tuple[dict[str, Any] | None, str | None, bool]] = {
     "dense-lora": (None, None, True),
-    "sparse-lora": ({"mask": "magnitude", "pattern": "unstructured", "residual": 0}, "trainable", True),
-    "salr-frozen": ({"mask": "magnitude", "pattern": "unstructured"}, "frozen", True),
-    "salr-trainable": ({"mask": "magnitude", "pattern": "unstructured"}, "trainable", True),
+    "sparse-lora": (_magnitude(residual=0), "trainable", True),
+    "salr-frozen": (_magnitude(), "frozen", True),
+    "salr-trainable": (_magnitude(), "trainable", True),
     "wanda-residual": ({"mask": "wanda", "pattern": "unstructured"}, "frozen", True),
     "wanda-trainable": ({"mask": "wanda", "pattern": "unstructured"}, "trainable", True),
     "wanda-lora": ({"mask": "wanda", "pattern": "unstructured", "residual": 0}, "trainable", True),
     "2:4-residual": ({"mask": "magnitude", "pattern": "2:4"}, "frozen", True),
-    "salr-frozen-whitened": ({"mask": "magnitude", "pattern": "unstructured", "fit": "whitened"}, "frozen", True),
-    "salr-trainable-whitened": (
-        {"mask": "magnitude", "pattern": "unstructured", "fit": "whitened"},
-        "trainable",
-        True,
-    ),
+    "salr-frozen-whitened": (_whitened(), "frozen", True),
+    "salr-trainable-whitened": (_whitened(), "trainable", True),
     "wanda-trainable-whitened": ({"mask": "wanda", "pattern": "unstructured", "fit": "whitened"}, "trainable", True),
-    "salr-trainable-whitened-task": (
-        {"mask": "magnitude", "pattern": "unstructured", "fit": "whitened", "calibration": "task"},
-        "trainable",
-        True,
-    ),
-    "salr-trainable-whitened-raw": (
-        {"mask": "magnitude", "pattern": "unstructured", "fit": "whitened", "calibration": "raw"},
-        "trainable",
-        True,
-    ),
-    "salr-trainable-whitened-all": (
-        {"mask": "magnitude", "pattern": "unstructured", "fit": "whitened", "residual": "all"},
-        "trainable",
-        True,
-    ),
-    "salr-trainable-whitened-general": (
-        {"mask": "magnitude", "pattern": "unstructured", "fit": "whitened", "calibration": "general"},
-        "trainable",
-        True,
-    ),
-    "salr-trainable-whitened-mixed": (
-        {"mask": "magnitude", "pattern": "unstructured", "fit": "whitened", "calibration": "mixed"},
-        "trainable",
-        True,
-    ),
-    "salr-trainable-whitened-mixed-raw": (
-        {"mask": "magnitude", "pattern": "unstructured", "fit": "whitened", "calibration": "mixed-raw"},
-        "trainable",
-        True,
-    ),
+    "salr-trainable-whitened-task": (_whitened(calibration="task"), "trainable", True),
+    "salr-trainable-whitened-raw": (_whitened(calibration="raw"), "trainable", True),
+    "salr-trainable-whitened-all": (_whitened(residual="all"), "trainable", True),
+    "salr-trainable-whitened-general": (_whitened(calibration="general"), "trainable", True),
+    "salr-trainable-whitened-mixed": (_whitened(calibration="mixed"), "trainable", True),
+    "salr-trainable-whitened-mixed-raw": (_whitened(calibration="mixed-raw"), "trainable", True),
     "dense-base": (None, None, False),
-    "salr-untrained": ({"mask": "magnitude", "pattern": "unstructured"}, "frozen", False),
-    "salr-untrained-whitened": ({"mask": "magnitude", "pattern": "unstructured", "fit": "whitened"}, "frozen", False),
-    "salr-untrained-whitened-general": (
-        {"mask": "magnitude", "pattern": "unstructured", "fit": "whitened", "calibration": "general"},
-        "frozen",
-        False,
-    ),
+    "salr-untrained": (_magnitude(), "frozen", False),
+    "salr-untrained-whitened": (_whitened(), "frozen", False),
+    "salr-untrained-whitened-general": (_whitened(calibration="general"), "frozen", False),
     "sparse-base": ({"mask": "magnitude", "pattern": "unstructured", "residual": 0}, None, False),
 }
 
