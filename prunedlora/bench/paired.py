@@ -93,6 +93,29 @@ def paired_bootstrap(
     return Interval(float(d.sum() / w.sum()), float(low), float(high))
 
 
+def gap_closed(
+    reference: np.ndarray, cell: np.ndarray, target: np.ndarray, resamples: int = 2000, seed: int = 0
+) -> Interval:
+    """The share of ``reference``'s distance to ``target`` that ``cell`` removes, with a bootstrap 95% interval.
+
+    Each argument holds per-example values (an accuracy's 0/1, an NLL's summed -log-likelihood) as rows of
+    seeds by columns of the same examples; the share is ``sum(reference - cell) / sum(reference - target)``
+    over all of them (an NLL's token weights cancel: the three score the same tokens). The examples are
+    resampled together across every row, so an example easy in one seed stays paired with itself in
+    the others. 0.5 is the midpoint: an interval above it says the cell is nearer ``target``.
+    """
+    ref, mine, goal = (np.atleast_2d(np.asarray(a, dtype=np.float64)) for a in (reference, cell, target))
+    if not ref.shape == mine.shape == goal.shape or not ref.size:
+        raise ValueError(f"need three equal (seeds, examples) arrays, got {ref.shape}, {mine.shape}, {goal.shape}")
+    removed, gap = (ref - mine).sum(axis=0), (ref - goal).sum(axis=0)
+    if gap.sum() == 0:
+        raise ValueError("the reference and the target score the same: no gap to close")
+    picks = np.random.default_rng(seed).integers(0, len(gap), size=(resamples, len(gap)))
+    stats = removed[picks].sum(axis=1) / gap[picks].sum(axis=1)
+    low, high = np.percentile(stats, [2.5, 97.5])
+    return Interval(float(removed.sum() / gap.sum()), float(low), float(high))
+
+
 def above_floor(per_round: dict[str, Sequence[float]], floor: str, reference: str) -> dict[str, dict[str, Interval]]:
     """What each configuration costs above a ``floor`` configuration measured in the same rounds.
 

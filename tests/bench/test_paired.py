@@ -6,6 +6,7 @@ import pytest
 
 from prunedlora.bench.paired import (
     compare,
+    gap_closed,
     paired_bootstrap,
     paired_comparisons,
     paired_markdown,
@@ -32,6 +33,34 @@ def test_bootstrap_refuses_mismatched_weights():
         paired_bootstrap([1.0, 2.0], weights=[1.0])
     with pytest.raises(ValueError):
         paired_bootstrap([])
+
+
+def test_gap_closed_is_the_pooled_share_of_the_reference_gap():
+    # Two seeds x 4 examples of accuracy: reference 0/4 and 1/4 right, target 4/4 both times; the cell
+    # gets 2 and 3 right: it removes (2 + 2) of the (4 + 3) the reference misses and the target does not.
+    reference = [[0, 0, 0, 0], [1, 0, 0, 0]]
+    target = [[1, 1, 1, 1], [1, 1, 1, 1]]
+    cell = [[1, 1, 0, 0], [1, 1, 1, 0]]
+    interval = gap_closed(reference, cell, target)
+    assert interval.mean == pytest.approx(4 / 7)
+    assert interval.low <= interval.mean <= interval.high
+    assert gap_closed(reference, target, target).mean == 1.0 and gap_closed(reference, reference, target).mean == 0.0
+
+
+def test_gap_closed_resamples_examples_together_across_seeds():
+    # Every example closes exactly half its gap in every seed: no resample can move the share.
+    reference = [[4.0, 2.0, 6.0], [3.0, 5.0, 1.0]]
+    target = [[2.0, 0.0, 2.0], [1.0, 1.0, 1.0]]
+    cell = [[(r + t) / 2 for r, t in zip(rr, tt)] for rr, tt in zip(reference, target)]
+    interval = gap_closed(reference, cell, target)
+    assert (interval.mean, interval.low, interval.high) == (0.5, 0.5, 0.5)
+
+
+def test_gap_closed_refuses_ragged_or_gapless_inputs():
+    with pytest.raises(ValueError, match="equal"):
+        gap_closed([[1.0, 2.0]], [[1.0]], [[0.0, 0.0]])
+    with pytest.raises(ValueError, match="no gap"):
+        gap_closed([[1.0, 2.0]], [[1.0, 2.0]], [[1.0, 2.0]])
 
 
 def test_seed_interval_is_the_student_t_interval():
