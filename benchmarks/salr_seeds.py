@@ -187,7 +187,9 @@ def plot(summary: dict, path: Path) -> None:
         ax.axvline(0, color="tab:red", linewidth=0.8)
         ax.set_yticks(range(len(names)), names if k == 0 else [""] * len(names), fontsize=7)
         ax.set_title(title, fontsize=9)
-        ax.set_xlabel("% of the gap closed (dots: seeds; square: pooled, 95%)", fontsize=8)
+        ax.set_xlabel(
+            "% of the gap closed (dots: seeds" + ("; square: pooled, 95%)" if key == "gap_closed" else ")"), fontsize=8
+        )
         ax.grid(True, axis="x", alpha=0.3)
     fig.suptitle(
         "SALR over seeds: 0% = LoRA on the same sparse base without a residual, 100% = dense LoRA, dashed = midpoint",
