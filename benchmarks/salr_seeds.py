@@ -31,15 +31,17 @@ DENSE = "dense-lora"
 
 
 def load_tables(folders: list[Path], task: str) -> list[dict]:
-    """The seeds' tables in seed order; each must be of ``task``, and no seed may come twice."""
+    """The seeds' tables in seed order; each must be of ``task``, and no seed may come twice.
+
+    Errors name a table by the path as given; the summary names it relative to the repository (``rel``)."""
     tables = []
     for folder in folders:
         path = folder / "tasks.json"
         if not path.is_file():
-            raise SystemExit(f"error: {rel(path)} does not exist")
+            raise SystemExit(f"error: {path} does not exist")
         data = json.loads(path.read_text())
         if data["settings"].get("task", "gsm8k") != task:
-            raise SystemExit(f"error: {rel(path)} is a {data['settings'].get('task', 'gsm8k')} table, not {task}")
+            raise SystemExit(f"error: {path} is a {data['settings'].get('task', 'gsm8k')} table, not {task}")
         data["folder"] = rel(folder)
         tables.append(data)
     seeds = [t["settings"]["seed"] for t in tables]
@@ -199,6 +201,8 @@ def plot(summary: dict, path: Path) -> None:
 
 
 def main() -> None:
+    from prunedlora.metadata import write_json_atomic
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("folders", nargs="+", type=Path, help="salr_tasks.py --out folders, one per seed")
     parser.add_argument("--task", choices=list(METRICS), required=True)
@@ -209,10 +213,7 @@ def main() -> None:
     if not summary["cells"]:
         parser.error("no residual cell has dense LoRA and its no-residual cell in the same seed")
     out = args.out or OUT_DIR / f"seeds_{args.task}"
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / "seeds.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=1) + "\n")
-    tmp.replace(out / "seeds.json")
+    write_json_atomic(out / "seeds.json", summary)
     (out / "seeds.md").write_text(markdown(summary, tables))
     plot(summary, out / "seeds.png")
     print((out / "seeds.md").read_text())
