@@ -24,6 +24,10 @@ seed, through ``prunedlora train`` (the ``salr:`` recipe section for the sparse 
                    the only split the shared data holds), so the fit repairs language, not a task
 ``*-whitened-mixed`` half the task's chat-rendered text, half that general text: the fit repairs both
 ``*-whitened-mixed-raw`` the same with the examples' own text (``-raw``'s) for the task's half
+``salr-damped-whitened-*`` salr-trainable-whitened-raw (-task, -mixed) with the residual's components
+                   trained at RESIDUAL_LR_SCALE x the learning rate (``salr.residual_lr_scale``): they
+                   move, so the whole rank learns the task, but slower than the task part, so the repair
+                   is not overwritten by a short task as the trainable one's is on SST-2
 ``*-whitened-all`` salr-trainable-whitened with all r_res + r_task components a residual (no zero task
                    part): trained, a residual component learns the task as well as a zero one could
 =================  ===================================================================================
@@ -99,12 +103,18 @@ CELLS: dict[str, tuple[dict[str, Any] | None, str | None, bool]] = {
     "salr-trainable-whitened-general": (_whitened(calibration="general"), "trainable", True),
     "salr-trainable-whitened-mixed": (_whitened(calibration="mixed"), "trainable", True),
     "salr-trainable-whitened-mixed-raw": (_whitened(calibration="mixed-raw"), "trainable", True),
+    "salr-damped-whitened-raw": (_whitened(calibration="raw"), "trainable", True),
+    "salr-damped-whitened-task": (_whitened(calibration="task"), "trainable", True),
+    "salr-damped-whitened-mixed": (_whitened(calibration="mixed"), "trainable", True),
     "dense-base": (None, None, False),
     "salr-untrained": (_magnitude(), "frozen", False),
     "salr-untrained-whitened": (_whitened(), "frozen", False),
     "salr-untrained-whitened-general": (_whitened(calibration="general"), "frozen", False),
     "sparse-base": ({"mask": "magnitude", "pattern": "unstructured", "residual": 0}, None, False),
 }
+
+# The trainable cells whose residual learns at a fraction of the learning rate (salr.residual_lr_scale).
+RESIDUAL_LR_SCALE = {f"salr-damped-whitened-{text}": 0.1 for text in ("raw", "task", "mixed")}
 
 # Each residual cell against the cell with the same sparse base and no residual: the share of the gap
 # between that cell and dense LoRA the residual closes is the issue's "recovers most of what the
@@ -123,6 +133,7 @@ NO_RESIDUAL = {
     "salr-trainable-whitened-general": "sparse-lora",
     "salr-trainable-whitened-mixed": "sparse-lora",
     "salr-trainable-whitened-mixed-raw": "sparse-lora",
+    **{cell: "sparse-lora" for cell in RESIDUAL_LR_SCALE},
 }
 
 # Each variant against the cell it changes one thing of (the fit, then the calibration text), paired.
@@ -139,6 +150,10 @@ VARIANT_OF = {
         "salr-trainable-whitened-raw",
         "half the task's text swapped for general text",
     ),
+    **{
+        cell: (cell.replace("damped", "trainable"), f"the residual trained at {scale:g} x the learning rate")
+        for cell, scale in RESIDUAL_LR_SCALE.items()
+    },
     "salr-untrained-whitened-general": ("salr-untrained-whitened", "calibrated on general text (WikiText-2)"),
 }
 
@@ -330,6 +345,8 @@ def recipe_for(cell: str, s: Settings, work: Path) -> dict[str, Any]:
     else:
         folder = work / "sparsify" / folder_name(options, calibration_of(cell))
         raw["salr"] = {"dir": str(folder), "residual": CELLS[cell][1], "sparsify": options}
+        if cell in RESIDUAL_LR_SCALE:
+            raw["salr"]["residual_lr_scale"] = RESIDUAL_LR_SCALE[cell]
         if calibration_of(cell) is not None:  # the recipe checks the folder was made from this text
             raw["salr"]["calibration"] = str(task_calibration_file(s, work, calibration_of(cell)))
     return raw
@@ -363,6 +380,8 @@ def run_cell(cell: str, s: Settings, work: Path) -> dict[str, Any]:
     options = sparsify_options(cell, s)
     trained = CELLS[cell][2]
     row: dict[str, Any] = {"cell": cell, "residual": CELLS[cell][1], "trained": trained}
+    if cell in RESIDUAL_LR_SCALE:
+        row["residual_lr_scale"] = RESIDUAL_LR_SCALE[cell]
     row["machine"] = machine_record(dtype="float32")
     start = time.time()
     if options is not None:
@@ -527,6 +546,8 @@ def markdown(data: dict) -> str:
         if sp is not None:
             base = f"{sp['mask']} " + ("2:4" if sp["pattern"] == "2:4" else f"{sp['sparsity']:.0%}")
             residual = "none" if sp["residual_rank"] == 0 else f"r{sp['residual_rank']} {row['residual']}"
+            if "residual_lr_scale" in row:
+                residual += f" at {row['residual_lr_scale']:g} x lr"
         diff = "" if dense is None or not row["trained"] else f"{row[metric] - dense:+.4f}"
         b = row["bytes"]
         ppl = f"{row['wikitext2']['ppl']:.1f}" if "wikitext2" in row else "-"

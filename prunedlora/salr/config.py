@@ -22,6 +22,24 @@ RESIDUAL_MODES = ("frozen", "trainable")
 RESIDUAL_FITS = ("svd", "whitened")
 
 
+def residual_update_scale(mode: str, lr_scale: float | None = None) -> float:
+    """The fraction of the optimizer's step the residual's components take: 0 frozen, 1 trainable, or
+    ``lr_scale`` in (0, 1] with ``trainable`` (a residual that learns slower than the task components;
+    ``residual.ResidualDamping``). The one check of a residual mode and its scale, wherever they come from."""
+    if mode not in RESIDUAL_MODES:
+        raise SalrError(f"residual must be one of {', '.join(RESIDUAL_MODES)}, got {mode!r}")
+    if lr_scale is None:
+        return 0.0 if mode == "frozen" else 1.0
+    if isinstance(lr_scale, bool) or not isinstance(lr_scale, (int, float)) or not 0.0 < lr_scale <= 1.0:
+        raise SalrError(f"residual_lr_scale must be a number in (0, 1], got {lr_scale!r}")
+    if mode == "frozen":
+        raise SalrError(
+            "residual_lr_scale applies to a trainable residual (a frozen one takes no step); "
+            "set residual: trainable, or drop residual_lr_scale"
+        )
+    return float(lr_scale)
+
+
 @dataclass
 class SparsifyConfig:
     """How to sparsify and which adapter to start from.

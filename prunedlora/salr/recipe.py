@@ -8,6 +8,7 @@ folder's; a recipe that also sets it in ``method`` would be silently ignored, so
     salr:
       dir: runs/smollm2-salr-base   # a `prunedlora sparsify` output folder
       residual: frozen              # frozen | trainable; null: what sparsify recorded
+      residual_lr_scale: 0.1        # optional, trainable only: the residual learns at 0.1 x the rate
       sparsify: {sparsity: 0.5, residual_rank: 16, task_rank: 8}   # optional: make `dir` first
       calibration: data/task-text.txt   # optional: the Wanda mask's / whitened fit's text
 
@@ -25,7 +26,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from prunedlora.salr.config import RESIDUAL_MODES, SparsifyConfig
+from prunedlora.salr.config import RESIDUAL_MODES, SparsifyConfig, residual_update_scale
 from prunedlora.salr.errors import SalrError
 
 # the PrunedLoRA method options that describe the adapter's shape: a salr recipe takes them from the folder
@@ -40,6 +41,7 @@ class SalrSection:
 
     dir: str
     residual: str | None = None
+    residual_lr_scale: float | None = None
     sparsify: SparsifyConfig | None = None
     calibration: str | None = None
 
@@ -57,6 +59,12 @@ class SalrSection:
         residual = data.get("residual")
         if residual is not None and residual not in RESIDUAL_MODES:
             raise SalrError(f"salr.residual must be one of {', '.join(RESIDUAL_MODES)} (or null), got {residual!r}")
+        lr_scale = data.get("residual_lr_scale")
+        if lr_scale is not None:  # against the recipe's mode now; against a recorded one when the folder is read
+            try:
+                residual_update_scale(residual or "trainable", lr_scale)
+            except SalrError as err:
+                raise SalrError(f"salr.{err}") from None
         options = data.get("sparsify")
         config = None
         if options is not None:
@@ -84,7 +92,9 @@ class SalrSection:
             if not Path(calibration).is_file():
                 raise SalrError(f"salr.calibration {calibration} is not a file")
             calibration = str(calibration)
-        section = cls(dir=str(folder), residual=residual, sparsify=config, calibration=calibration)
+        section = cls(
+            dir=str(folder), residual=residual, residual_lr_scale=lr_scale, sparsify=config, calibration=calibration
+        )
         section.check_folder()
         return section
 

@@ -2,10 +2,13 @@
 
 The adapter's first ``residual_rank`` components are the pruning residual's SVD. ``residual: frozen``
 keeps them fixed (SALR's default: the residual repairs the base, the task components learn the task);
-``trainable`` lets the optimizer move them too. Freezing is ``ResidualFreeze``: gradients of those
+``trainable`` lets the optimizer move them too, at the task's learning rate or, with
+``residual_lr_scale``, at that fraction of it. Both are ``ResidualDamping``: frozen, gradients of those
 components are zeroed, and after each optimizer step their saved values are written back (AdamW's
-decoupled weight decay moves a parameter even with a zero gradient). With transformers' Trainer the
-write-back runs from ``FrozenResidualCallback.on_step_end``, which comes after ``optimizer.step()``.
+decoupled weight decay moves a parameter even with a zero gradient); damped, they are saved before
+each step and the step scaled after it. With transformers' Trainer these run from
+``ResidualDampingCallback``'s ``on_pre_optimizer_step`` and ``on_optimizer_step``, around
+``optimizer.step()``.
 """
 
 from __future__ import annotations
@@ -19,8 +22,9 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
+from prunedlora.salr.config import residual_update_scale
 from prunedlora.salr.errors import SalrError
-from prunedlora.salr.residual import ResidualFreeze
+from prunedlora.salr.residual import ResidualDamping
 
 
 def read_record(salr_dir: str | os.PathLike) -> dict:
@@ -35,10 +39,17 @@ def read_record(salr_dir: str | os.PathLike) -> dict:
     return record
 
 
-def load_for_training(salr_dir: str | os.PathLike, dtype: str = "float32", residual: str | None = None):
-    """(PEFT model over OUT_DIR/base with OUT_DIR/adapter trainable, ResidualFreeze or None).
+def load_for_training(
+    salr_dir: str | os.PathLike,
+    dtype: str = "float32",
+    residual: str | None = None,
+    residual_lr_scale: float | None = None,
+):
+    """(PEFT model over OUT_DIR/base with OUT_DIR/adapter trainable, ResidualDamping or None).
 
-    ``residual`` overrides the mode sparsify recorded (``frozen`` or ``trainable``).
+    ``residual`` overrides the mode sparsify recorded (``frozen`` or ``trainable``);
+    ``residual_lr_scale`` (trainable only) trains the residual at that fraction of the learning rate.
+    None comes back for a residual trained like the rest, which needs nothing.
     """
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -47,13 +58,11 @@ def load_for_training(salr_dir: str | os.PathLike, dtype: str = "float32", resid
 
     salr_dir = Path(salr_dir)
     config = read_record(salr_dir)["config"]
-    mode = residual or config["residual"]
-    if mode not in ("frozen", "trainable"):
-        raise SalrError(f"residual must be frozen or trainable, got {mode!r}")
+    scale = residual_update_scale(residual or config["residual"], residual_lr_scale)
     base = AutoModelForCausalLM.from_pretrained(salr_dir / BASE_DIR, dtype=getattr(torch, dtype))
     model = PeftModel.from_pretrained(base, salr_dir / ADAPTER_DIR, is_trainable=True)
-    freeze = ResidualFreeze(model, config["residual_rank"]) if mode == "frozen" else None
-    return model, freeze
+    damping = ResidualDamping(model, config["residual_rank"], scale=scale) if scale < 1.0 else None
+    return model, damping
 
 
 @dataclass
@@ -63,6 +72,7 @@ class SalrSource:
     dir: Path
     record: dict[str, Any]
     residual: str  # the mode this run trains with: the recipe's, else what sparsify recorded
+    residual_lr_scale: float | None = None  # the recipe's: a trainable residual's fraction of the learning rate
 
     @property
     def base_dir(self) -> Path:
@@ -92,6 +102,7 @@ class SalrSource:
             "base": str(self.base_dir),
             "source_model": self.record.get("source_model"),
             "residual": self.residual,
+            "residual_lr_scale": self.residual_lr_scale,
             "config": self.record["config"],
             "bytes": self.record.get("bytes", {}),
         }
@@ -119,14 +130,21 @@ def prepare_source(section, model_dir: str | os.PathLike) -> SalrSource:
             f"salr.dir {section.dir} was sparsified from {made_from}, not from the recipe's model {model_dir}; "
             "set model to the one it was made from, or name another salr.dir"
         )
-    return SalrSource(dir=Path(section.dir), record=record, residual=section.residual or record["config"]["residual"])
+    residual = section.residual or record["config"]["residual"]
+    residual_update_scale(residual, section.residual_lr_scale)  # a scale on a folder recorded frozen: refused
+    return SalrSource(
+        dir=Path(section.dir), record=record, residual=residual, residual_lr_scale=section.residual_lr_scale
+    )
 
 
-class FrozenResidualCallback(TrainerCallback):
-    """Writes the frozen residual back after every optimizer step of a transformers Trainer."""
+class ResidualDampingCallback(TrainerCallback):
+    """Runs a ``ResidualDamping`` around every optimizer step of a transformers Trainer."""
 
-    def __init__(self, freeze: ResidualFreeze):
-        self.freeze = freeze
+    def __init__(self, damping: ResidualDamping):
+        self.damping = damping
 
-    def on_step_end(self, args, state, control, **kwargs):
-        self.freeze.restore()
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        self.damping.snapshot()
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        self.damping.restore()

@@ -197,12 +197,17 @@ def train(recipe: TrainRecipe, resume: bool | str = "auto", callbacks: list | No
 def _salr_model(recipe: TrainRecipe, model_dir: Path):
     """(PEFT model, recipe with the folder's adapter shape as its method, SalrSource, callbacks) of a
     ``salr`` recipe: the sparsify folder (made first if the section says how) loaded for training."""
-    from prunedlora.salr.training import FrozenResidualCallback, load_for_training, prepare_source
+    from prunedlora.salr.training import ResidualDampingCallback, load_for_training, prepare_source
 
     source = prepare_source(recipe.salr, model_dir)
-    model, freeze = load_for_training(source.dir, dtype=recipe.training.dtype, residual=source.residual)
-    logger.info("SALR: training %s over the sparse base %s, residual %s", source.dir, source.base_dir, source.residual)
-    callbacks = [FrozenResidualCallback(freeze)] if freeze is not None else []
+    model, damping = load_for_training(
+        source.dir, dtype=recipe.training.dtype, residual=source.residual, residual_lr_scale=source.residual_lr_scale
+    )
+    scaled = "" if source.residual_lr_scale is None else f" at {source.residual_lr_scale:g} x the learning rate"
+    logger.info(
+        "SALR: training %s over the sparse base %s, residual %s%s", source.dir, source.base_dir, source.residual, scaled
+    )
+    callbacks = [ResidualDampingCallback(damping)] if damping is not None else []
     return model, replace(recipe, method=source.method()), source, callbacks
 
 

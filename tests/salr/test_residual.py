@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from prunedlora.salr.mask import keep_mask
-from prunedlora.salr.residual import ResidualFreeze, error_bound_sq, fold_residual, lora_layers, residual_factors
+from prunedlora.salr.residual import ResidualDamping, error_bound_sq, fold_residual, lora_layers, residual_factors
+from tests.salr.helpers import scale_residual_gradients
 
 
 def pruning_residual(weight, sparsity=0.5, pattern="unstructured"):
@@ -93,7 +94,7 @@ def test_a_frozen_residual_survives_adamw_with_weight_decay_while_the_task_part_
     }
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1)
-    freeze = ResidualFreeze(model, 3, optimizer)
+    freeze = ResidualDamping(model, 3, optimizer)
     ids = torch.randint(0, 128, (2, 12))
     for _ in range(3):
         model(input_ids=ids, labels=ids).loss.backward()
@@ -106,6 +107,53 @@ def test_a_frozen_residual_survives_adamw_with_weight_decay_while_the_task_part_
     freeze.remove()
     model(input_ids=ids, labels=ids).loss.backward()
     assert any(layer.lora_A["default"].weight.grad[:3].any() for layer in layers.values())
+
+
+def _folded_tiny():
+    torch.manual_seed(1)
+    model = peft_tiny()
+    layers = lora_layers(model)
+    fold_residual(
+        model, {n: residual_factors(torch.randn(l.out_features, l.in_features), 3) for n, l in layers.items()}
+    )
+    with torch.no_grad():  # a task part that is not zero, so every component gets a gradient
+        for layer in layers.values():
+            layer.lora_B["default"].weight[:, 3:].normal_(std=0.02)
+    return model
+
+
+def test_a_damped_residual_takes_the_step_of_a_smaller_learning_rate_and_the_task_part_the_full_one():
+    """Damping at 0.25 over SGD equals SGD with the residual's gradients scaled by 0.25, over four steps."""
+    import copy
+
+    damped = _folded_tiny()
+    reference = copy.deepcopy(damped)
+    scale_residual_gradients(reference, 3, 0.25)
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(2))
+    runs = []
+    for model in (damped, reference):
+        optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+        if model is damped:
+            damping = ResidualDamping(model, 3, optimizer, scale=0.25)
+        for _ in range(4):
+            model(input_ids=ids, labels=ids).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        runs.append({n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
+    start = {n: p for n, p in _folded_tiny().named_parameters() if p.requires_grad}
+    for name in runs[0]:
+        torch.testing.assert_close(runs[0][name], runs[1][name], rtol=0, atol=1e-6)
+        assert not torch.equal(runs[0][name], start[name])  # residual and task parts both moved
+    damping.remove()  # after remove() a step is the optimizer's own
+    assert not damping._handles
+
+
+@pytest.mark.parametrize("scale", [-0.1, 1.0, 2.0])
+def test_a_damping_scale_outside_zero_to_one_is_refused(scale):
+    from prunedlora.salr import SalrError
+
+    with pytest.raises(SalrError, match=r"must be in \[0, 1\)"):
+        ResidualDamping(peft_tiny(), 3, scale=scale)
 
 
 # --- the whitened fit: the truncation best for the layer's output on the calibration inputs --------------

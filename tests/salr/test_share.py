@@ -5,13 +5,13 @@ import pytest
 from prunedlora.salr import SalrError
 from prunedlora.salr.pipeline import ADAPTER_DIR
 from prunedlora.salr.share import share_residual
-from prunedlora.salr.training import FrozenResidualCallback, load_for_training
+from prunedlora.salr.training import ResidualDampingCallback, load_for_training
 from tests.salr.helpers import train_two_steps
 
 
 def trained(tiny_salr, tmp_path, mode):
     model, freeze = load_for_training(tiny_salr.out_dir, residual=mode)
-    train_two_steps(model, [FrozenResidualCallback(freeze)] if freeze else [], tmp_path)
+    train_two_steps(model, [ResidualDampingCallback(freeze)] if freeze else [], tmp_path)
     model.save_pretrained(tmp_path / mode)
     return tmp_path / mode
 
