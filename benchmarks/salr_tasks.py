@@ -133,7 +133,7 @@ NO_RESIDUAL = {
     "salr-trainable-whitened-general": "sparse-lora",
     "salr-trainable-whitened-mixed": "sparse-lora",
     "salr-trainable-whitened-mixed-raw": "sparse-lora",
-    **{cell: "sparse-lora" for cell in RESIDUAL_LR_SCALE},
+    **dict.fromkeys(RESIDUAL_LR_SCALE, "sparse-lora"),
 }
 
 # Each variant against the cell it changes one thing of (the fit, then the calibration text), paired.

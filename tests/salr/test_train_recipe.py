@@ -120,6 +120,30 @@ def test_a_trainable_residual_moves_and_a_missing_folder_is_made_first(tiny_mode
     assert any(not torch.equal(start[k], end[k]) for k in start)
 
 
+def test_a_damped_residual_moves_less_than_a_trainable_one_and_the_run_records_its_scale(
+    tiny_salr, tiny_model_path, tmp_path
+):
+    r = tiny_salr.config.residual_rank
+    start, _ = split(load_file(tiny_salr.out_dir / "adapter" / WEIGHTS), r)
+    moved = {}
+    for name, scale in (("full", None), ("damped", 0.05)):
+        section = {"dir": str(tiny_salr.out_dir), "residual": "trainable", "residual_lr_scale": scale}
+        train(salr_recipe(tiny_model_path, section, tmp_path / name))
+        end, _ = split(load_file(tmp_path / name / "adapter" / WEIGHTS), r)
+        moved[name] = sum(float((end[k] - start[k]).norm()) for k in start)
+        source = metadata.read_run_record(tmp_path / name).training["salr_source"]
+        assert source["residual"] == "trainable" and source["residual_lr_scale"] == scale
+    assert 0 < moved["damped"] < 0.2 * moved["full"]
+
+
+def test_a_scale_on_a_folder_recorded_frozen_is_refused_before_training(tiny_salr, tiny_model_path, tmp_path):
+    """tiny_salr records residual: frozen; a recipe that leaves the mode to the folder cannot scale it."""
+    recipe = salr_recipe(tiny_model_path, {"dir": str(tiny_salr.out_dir), "residual_lr_scale": 0.1}, tmp_path / "r")
+    with pytest.raises(SalrError, match="applies to a trainable residual") as info:
+        train(recipe)
+    assert "\n" not in str(info.value) and not (tmp_path / "r").exists()
+
+
 def test_a_folder_made_by_a_recipe_is_calibrated_on_its_text(tiny_model_path, tmp_path):
     """salr.calibration reaches sparsify: the folder the first run makes records the recipe's text."""
     import hashlib

@@ -42,6 +42,13 @@ def test_an_existing_folder_alone_is_enough_and_overrides_reach_the_section(tmp_
     assert recipe.salr.dir == str(folder) and recipe.salr.residual == "trainable" and recipe.salr.sparsify is None
 
 
+def test_a_residual_learning_rate_scale_is_read(tmp_path):
+    section = {**raw(tmp_path)["salr"], "residual": "trainable", "residual_lr_scale": 0.1}
+    recipe = recipe_from_dict(raw(tmp_path, salr=section))
+    assert recipe.salr.residual_lr_scale == 0.1 and recipe.to_dict()["salr"]["residual_lr_scale"] == 0.1
+    assert recipe_from_dict(raw(tmp_path)).salr.residual_lr_scale is None
+
+
 @pytest.mark.parametrize(
     "change, message",
     [
@@ -50,6 +57,14 @@ def test_an_existing_folder_alone_is_enough_and_overrides_reach_the_section(tmp_
         (dict(salr={"residual": "frozen"}), "salr.dir is missing"),
         (dict(salr={"dir": "nowhere/at/all"}), "holds no sparsify output"),
         (dict(salr={"dir": "x", "residual": "thawed"}), "salr.residual must be one of frozen, trainable"),
+        (dict(salr={"dir": "x", "residual_lr_scale": 0}), r"salr.residual_lr_scale must be a number in \(0, 1\]"),
+        (dict(salr={"dir": "x", "residual_lr_scale": 1.5}), r"salr.residual_lr_scale must be a number in \(0, 1\]"),
+        (dict(salr={"dir": "x", "residual_lr_scale": True}), r"salr.residual_lr_scale must be a number"),
+        (dict(salr={"dir": "x", "residual_lr_scale": "0.1"}), r"salr.residual_lr_scale must be a number"),
+        (
+            dict(salr={"dir": "x", "residual": "frozen", "residual_lr_scale": 0.1}),
+            "salr.residual_lr_scale applies to a trainable residual",
+        ),
         (dict(salr={"dir": "x", "sparsify": {"sparsty": 0.5}}), "unknown salr.sparsify option"),
         (dict(salr={"dir": "x", "sparsify": {"sparsity": 1.5}}), "salr.sparsify: sparsity must lie strictly"),
         (dict(salr=[1]), "salr must be a mapping"),
