@@ -30,6 +30,7 @@ seed, through ``prunedlora train`` (the ``salr:`` recipe section for the sparse 
                    is not overwritten by a short task as the trainable one's is on SST-2
 ``*-whitened-all`` salr-trainable-whitened with all r_res + r_task components a residual (no zero task
                    part): trained, a residual component learns the task as well as a zero one could
+                   (``-mixed-all``: the same calibrated as ``-mixed``)
 =================  ===================================================================================
 
 Three untrained rows frame them: ``dense-base`` (the dense model, no adapter), ``sparse-base`` (magnitude
@@ -100,6 +101,7 @@ CELLS: dict[str, tuple[dict[str, Any] | None, str | None, bool]] = {
     "salr-trainable-whitened-task": (_whitened(calibration="task"), "trainable", True),
     "salr-trainable-whitened-raw": (_whitened(calibration="raw"), "trainable", True),
     "salr-trainable-whitened-all": (_whitened(residual="all"), "trainable", True),
+    "salr-trainable-whitened-mixed-all": (_whitened(calibration="mixed", residual="all"), "trainable", True),
     "salr-trainable-whitened-general": (_whitened(calibration="general"), "trainable", True),
     "salr-trainable-whitened-mixed": (_whitened(calibration="mixed"), "trainable", True),
     "salr-trainable-whitened-mixed-raw": (_whitened(calibration="mixed-raw"), "trainable", True),
@@ -130,6 +132,7 @@ NO_RESIDUAL = {
     "salr-trainable-whitened-task": "sparse-lora",  # a magnitude mask reads no calibration text
     "salr-trainable-whitened-raw": "sparse-lora",
     "salr-trainable-whitened-all": "sparse-lora",
+    "salr-trainable-whitened-mixed-all": "sparse-lora",
     "salr-trainable-whitened-general": "sparse-lora",
     "salr-trainable-whitened-mixed": "sparse-lora",
     "salr-trainable-whitened-mixed-raw": "sparse-lora",
@@ -145,6 +148,7 @@ VARIANT_OF = {
     "salr-trainable-whitened-raw": ("salr-trainable-whitened-task", "the examples' text without template"),
     "salr-trainable-whitened-all": ("salr-trainable-whitened", "all of the rank a residual (no task part)"),
     "salr-trainable-whitened-general": ("salr-trainable-whitened", "calibrated on general text (WikiText-2)"),
+    "salr-trainable-whitened-mixed-all": ("salr-trainable-whitened-mixed", "all of the rank a residual (no task part)"),
     "salr-trainable-whitened-mixed": ("salr-trainable-whitened-task", "half the task's text swapped for general text"),
     "salr-trainable-whitened-mixed-raw": (
         "salr-trainable-whitened-raw",
