@@ -59,12 +59,6 @@ class SalrSection:
         residual = data.get("residual")
         if residual is not None and residual not in RESIDUAL_MODES:
             raise SalrError(f"salr.residual must be one of {', '.join(RESIDUAL_MODES)} (or null), got {residual!r}")
-        lr_scale = data.get("residual_lr_scale")
-        if lr_scale is not None:  # against the recipe's mode now; against a recorded one when the folder is read
-            try:
-                residual_update_scale(residual or "trainable", lr_scale)
-            except SalrError as err:
-                raise SalrError(f"salr.{err}") from None
         options = data.get("sparsify")
         config = None
         if options is not None:
@@ -93,10 +87,29 @@ class SalrSection:
                 raise SalrError(f"salr.calibration {calibration} is not a file")
             calibration = str(calibration)
         section = cls(
-            dir=str(folder), residual=residual, residual_lr_scale=lr_scale, sparsify=config, calibration=calibration
+            dir=str(folder),
+            residual=residual,
+            residual_lr_scale=data.get("residual_lr_scale"),
+            sparsify=config,
+            calibration=calibration,
         )
+        section._check_residual_lr_scale()
         section.check_folder()
         return section
+
+    def _check_residual_lr_scale(self) -> None:
+        """The scale against the mode the run will train with where that is known before anything runs: the
+        recipe's, else the one a folder still to be made will record from ``sparsify`` (so a refusal comes
+        before sparsify's minutes of work). An existing folder's recorded mode is checked when it is read."""
+        if self.residual_lr_scale is None:
+            return
+        mode = self.residual
+        if mode is None and self.sparsify is not None and not self.exists():
+            mode = self.sparsify.residual
+        try:
+            residual_update_scale(mode or "trainable", self.residual_lr_scale)
+        except SalrError as err:
+            raise SalrError(f"salr.{err}") from None
 
     @property
     def record_path(self) -> Path:

@@ -26,6 +26,7 @@ def train_two_steps(model, callbacks, tmp_path, **arguments):
 def scale_residual_gradients(model, rank, scale):
     """Gradient hooks that multiply the residual components' gradients by ``scale``: with plain SGD (no
     momentum, no weight decay) that is exactly SGD at ``scale`` x the learning rate on those components."""
+    from prunedlora.salr.residual import lora_layers
 
     def hook(columns):
         def scale_grad(grad):
@@ -37,8 +38,6 @@ def scale_residual_gradients(model, rank, scale):
             return grad
 
         return scale_grad
-
-    from prunedlora.salr.residual import lora_layers
 
     for layer in lora_layers(model).values():
         layer.lora_A["default"].weight.register_hook(hook(columns=False))

@@ -47,6 +47,10 @@ def test_a_residual_learning_rate_scale_is_read(tmp_path):
     recipe = recipe_from_dict(raw(tmp_path, salr=section))
     assert recipe.salr.residual_lr_scale == 0.1 and recipe.to_dict()["salr"]["residual_lr_scale"] == 0.1
     assert recipe_from_dict(raw(tmp_path)).salr.residual_lr_scale is None
+    # an existing folder trains with the mode it recorded, not the options' default (frozen): no refusal here
+    folder = fake_folder(tmp_path / "f", residual_rank=4, task_rank=4, residual="trainable")
+    section = {"dir": str(folder), "sparsify": {"residual_rank": 4, "task_rank": 4}, "residual_lr_scale": 0.1}
+    assert recipe_from_dict(raw(tmp_path, salr=section)).salr.residual_lr_scale == 0.1
 
 
 @pytest.mark.parametrize(
@@ -63,6 +67,10 @@ def test_a_residual_learning_rate_scale_is_read(tmp_path):
         (dict(salr={"dir": "x", "residual_lr_scale": "0.1"}), r"salr.residual_lr_scale must be a number"),
         (
             dict(salr={"dir": "x", "residual": "frozen", "residual_lr_scale": 0.1}),
+            "salr.residual_lr_scale applies to a trainable residual",
+        ),
+        (  # the folder these options make records sparsify's default, residual: frozen
+            dict(salr={"dir": "x", "sparsify": {"residual_rank": 4}, "residual_lr_scale": 0.1}),
             "salr.residual_lr_scale applies to a trainable residual",
         ),
         (dict(salr={"dir": "x", "sparsify": {"sparsty": 0.5}}), "unknown salr.sparsify option"),
