@@ -8,8 +8,9 @@ dense LoRA and its no-residual cell in the same seed, gives:
 
 - the share of the task metric's gap closed in each seed, and pooled over the seeds with a bootstrap 95%
   interval (``prunedlora.bench.paired.gap_closed``: the dev examples resampled together across seeds);
-- the share of the WikiText-2 log-perplexity gap closed in each seed (one number per merged model, no
-  interval: perplexity is one sum over 4,088 tokens).
+- the share of the WikiText-2 log-perplexity gap closed in each seed, and, where every seed's rows kept
+  their per-window NLL (``PerplexityResult.window_nlls``), pooled with a bootstrap 95% interval over the
+  windows (8 of 512 tokens a seed: a coarse interval, the text's own variation, not the training's).
 
     python benchmarks/salr_seeds.py --task gsm8k benchmarks/results/salr/tasks_60steps \\
         benchmarks/results/salr/tasks_60steps_seed1 benchmarks/results/salr/tasks_60steps_seed2
@@ -64,6 +65,26 @@ def log_gap_closed(reference: float, cell: float, target: float) -> float:
     return math.log(reference / cell) / math.log(reference / target)
 
 
+def pooled_log_gap(windows: list[list[list[float]]], seeds: int) -> dict | None:
+    """The WikiText-2 log-perplexity gap closed over every seed's windows, with a bootstrap 95% interval.
+
+    ``windows``: per seed, the (no-residual cell, cell, dense LoRA) lists of per-window summed NLL. Every
+    window predicts the same number of tokens, so the share of summed NLL is the share of the log gap
+    pooled over seeds; the windows are resampled together across seeds and models (the same text, so
+    paired). None unless every seed has all three models' windows, of one length (rows scored before
+    perplexity kept its windows have none)."""
+    from prunedlora.bench.paired import gap_closed
+
+    if len(windows) != seeds or not windows:
+        return None
+    lengths = {len(w) for seed in windows for w in seed}
+    if len(lengths) != 1 or 0 in lengths:
+        return None
+    ref, mine, dense = ([seed[k] for seed in windows] for k in range(3))
+    pooled = gap_closed(ref, mine, dense)
+    return {"mean": pooled.mean, "low": pooled.low, "high": pooled.high, "windows": lengths.pop()}
+
+
 def summarise(tables: list[dict], task: str) -> dict:
     """For each residual cell, per seed and pooled: the task metric's and WikiText-2's gap closed."""
     from prunedlora.bench.paired import gap_closed
@@ -73,7 +94,7 @@ def summarise(tables: list[dict], task: str) -> dict:
     cells = {}
     for name in names:
         reference = NO_RESIDUAL[name]
-        seeds, rows = [], []
+        seeds, rows, windows = [], [], []
         for table in tables:
             c = table["cells"]
             if not all(k in c for k in (name, reference, DENSE)):
@@ -92,6 +113,7 @@ def summarise(tables: list[dict], task: str) -> dict:
                 ppl = [c[k]["wikitext2"]["ppl"] for k in (name, reference, DENSE)]
                 entry["wikitext2_ppl"] = ppl[0]
                 entry["wikitext2_log_gap_closed"] = log_gap_closed(ppl[1], ppl[0], ppl[2])
+                windows.append([c[k]["wikitext2"].get("window_nlls") or [] for k in (reference, name, DENSE)])
             seeds.append(entry)
         if not seeds:
             continue
@@ -107,7 +129,16 @@ def summarise(tables: list[dict], task: str) -> dict:
             "examples": len(common),
             "pooled_gap_closed": {"mean": pooled.mean, "low": pooled.low, "high": pooled.high},
         }
+        ppl_pooled = pooled_log_gap(windows, len(seeds))
+        if ppl_pooled is not None:
+            cells[name]["pooled_wikitext2_log_gap_closed"] = ppl_pooled
     return {"task": task, "metric": metric, "tables": [t["folder"] for t in tables], "cells": cells}
+
+
+def interval(cell: dict) -> str:
+    """A cell's pooled WikiText-2 share as the table shows it ('-' where it has none)."""
+    p = cell.get("pooled_wikitext2_log_gap_closed")
+    return "-" if p is None else f"**{p['mean']:.0%}** [{p['low']:.0%}, {p['high']:.0%}]"
 
 
 def markdown(summary: dict, tables: list[dict]) -> str:
@@ -123,11 +154,12 @@ def markdown(summary: dict, tables: list[dict]) -> str:
         f"examples, sparsity {s['sparsity']:.0%}, rank {s['residual_rank']} + {s['task_rank']}). Gap closed: "
         f"(no-residual cell - cell) / (no-residual cell - dense LoRA) in {label}; 50% is the midpoint, above it "
         "the cell is nearer dense LoRA. Pooled: over every seed's dev examples, resampled together across seeds "
-        "(bootstrap 95%). WikiText-2: the same share of the log-perplexity gap, one number per seed.",
+        "(bootstrap 95%). WikiText-2: the same share of the log-perplexity gap, per seed, and pooled over the "
+        "seeds' windows of 512 tokens (resampled together across seeds; '-' where a seed's rows predate kept windows).",
         "",
         f"| cell | seeds | {label} per seed | gap closed per seed | pooled gap closed | WikiText-2 ppl per seed "
-        "(log gap closed) |",
-        "|---|---|---|---|---|---|",
+        "(log gap closed) | WikiText-2 pooled |",
+        "|---|---|---|---|---|---|---|",
     ]
     for name, cell in summary["cells"].items():
         seeds = cell["seeds"]
@@ -139,7 +171,7 @@ def markdown(summary: dict, tables: list[dict]) -> str:
         lines.append(
             f"| {name} | {', '.join(str(e['seed']) for e in seeds)} | {', '.join(f'{e[metric]:.4f}' for e in seeds)} "
             f"| {', '.join(format(e['gap_closed'], '.0%') for e in seeds)} "
-            f"| **{pooled['mean']:.0%}** [{pooled['low']:.0%}, {pooled['high']:.0%}] | {ppl} |"
+            f"| **{pooled['mean']:.0%}** [{pooled['low']:.0%}, {pooled['high']:.0%}] | {ppl} | {interval(cell)} |"
         )
     lines += ["", "References per seed (dense LoRA / no-residual cell):", ""]
     for table in tables:
@@ -174,8 +206,8 @@ def plot(summary: dict, path: Path) -> None:
             cell = summary["cells"][name]
             values = [e[key] for e in cell["seeds"] if key in e]
             ax.plot([100 * v for v in values], [y] * len(values), "o", color="tab:blue", alpha=0.7)
-            if key == "gap_closed":
-                p = cell["pooled_gap_closed"]
+            p = cell.get("pooled_gap_closed" if key == "gap_closed" else "pooled_wikitext2_log_gap_closed")
+            if p is not None:
                 ax.errorbar(
                     [100 * p["mean"]],
                     [y - 0.2],
@@ -189,9 +221,7 @@ def plot(summary: dict, path: Path) -> None:
         ax.axvline(0, color="tab:red", linewidth=0.8)
         ax.set_yticks(range(len(names)), names if k == 0 else [""] * len(names), fontsize=7)
         ax.set_title(title, fontsize=9)
-        ax.set_xlabel(
-            "% of the gap closed (dots: seeds" + ("; square: pooled, 95%)" if key == "gap_closed" else ")"), fontsize=8
-        )
+        ax.set_xlabel("% of the gap closed (dots: seeds; square: pooled, 95%)", fontsize=8)
         ax.grid(True, axis="x", alpha=0.3)
     fig.suptitle(
         "SALR over seeds: 0% = LoRA on the same sparse base without a residual, 100% = dense LoRA, dashed = midpoint",

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -60,6 +60,9 @@ class PerplexityResult:
     corpus: str
     window: int
     max_windows: int | None
+    # each window's summed NLL (nats), in corpus order: what a bootstrap over windows resamples, and
+    # what a paired comparison of two models on the same windows differences
+    window_nlls: list[float] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -134,27 +137,25 @@ def tokenize_corpus(tokenizer, text: str) -> torch.Tensor:
 
 
 @torch.no_grad()
-def window_nll(model, windows: torch.Tensor, config: PerplexityConfig, desc: str = "perplexity") -> float:
-    """Sum of next-token NLL (nats) over all windows, accumulated in float64."""
+def window_nlls(model, windows: torch.Tensor, config: PerplexityConfig, desc: str = "perplexity") -> list[float]:
+    """Each window's summed next-token NLL (nats), accumulated in float64."""
     from tqdm.auto import tqdm
 
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    total = 0.0
+    sums: list[float] = []
     try:
         starts = range(0, windows.shape[0], config.batch_size)
         for start in tqdm(starts, desc=desc, disable=not config.progress, unit="batch"):
             batch = windows[start : start + config.batch_size].to(device)
             logits = model(input_ids=batch).logits[:, :-1].float()
             targets = batch[:, 1:]
-            loss = torch.nn.functional.cross_entropy(
-                logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum"
-            )
-            total += float(loss.double())
+            loss = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
+            sums.extend(float(row) for row in loss.double().sum(dim=1))
     finally:
         model.train(was_training)
-    return total
+    return sums
 
 
 def perplexity_of_ids(
@@ -164,9 +165,9 @@ def perplexity_of_ids(
     config = config or PerplexityConfig()
     total_windows = ids.numel() // config.window
     windows = cut_windows(ids, config.window, config.max_windows)
-    nll_sum = window_nll(model, windows, config, desc=f"{corpus} ppl")
+    sums = window_nlls(model, windows, config, desc=f"{corpus} ppl")
     tokens = windows.shape[0] * (config.window - 1)
-    nll = nll_sum / tokens
+    nll = math.fsum(sums) / tokens
     return PerplexityResult(
         ppl=math.exp(nll),
         nll=nll,
@@ -176,6 +177,7 @@ def perplexity_of_ids(
         corpus=corpus,
         window=config.window,
         max_windows=config.max_windows,
+        window_nlls=sums,
     )
 
 

@@ -67,6 +67,16 @@ def test_perplexity_matches_hand_computation(tiny_model, tmp_path):
     assert result.corpus == "corpus.txt" and result.window == 16 and result.max_windows is None
 
 
+def test_window_nlls_are_each_windows_sum_in_corpus_order(tiny_model):
+    # 7 windows in batches of 3: the last batch is short, and every window keeps its own sum and place
+    ids = torch.randint(0, VOCAB, (75,), generator=torch.Generator().manual_seed(2))
+    result = perplexity_of_ids(tiny_model, ids, PerplexityConfig(window=10, batch_size=3, progress=False))
+    expected = [math.log(hand_ppl(tiny_model, ids[i * 10 :], window=10, count=1)[0]) * 9 for i in range(7)]
+    assert result.window_nlls == pytest.approx(expected, rel=1e-5)
+    assert math.fsum(result.window_nlls) / result.tokens == pytest.approx(result.nll, rel=1e-12)
+    assert result.to_dict()["window_nlls"] == result.window_nlls
+
+
 def test_max_windows_is_recorded_and_uses_the_first_windows(tiny_model):
     ids = torch.randint(0, VOCAB, (100,), generator=torch.Generator().manual_seed(1))
     result = perplexity_of_ids(tiny_model, ids, PerplexityConfig(window=10, max_windows=3, progress=False))

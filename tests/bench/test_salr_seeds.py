@@ -49,3 +49,24 @@ def test_tables_without_a_comparable_cell_are_refused_in_one_line(tmp_path, monk
         salr_seeds.main()
     assert err.value.code == 2 and "no residual cell has dense LoRA" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_the_pooled_perplexity_share_is_over_every_seeds_windows():
+    # seed 0 closes 1 of a 2-nat gap in each window, seed 1 3 of 4: pooled (2 + 6) / (4 + 8) = 2/3, not
+    # the mean of the seeds' shares (1/2 and 3/4); every resample of windows keeps it between them
+    windows = [[[5.0, 5.0], [4.0, 4.0], [3.0, 3.0]], [[9.0, 9.0], [6.0, 6.0], [5.0, 5.0]]]
+    pooled = salr_seeds.pooled_log_gap(windows, seeds=2)
+    assert pooled["mean"] == pytest.approx(2 / 3) and pooled["windows"] == 2
+    assert 0.5 <= pooled["low"] <= pooled["mean"] <= pooled["high"] <= 0.75
+
+
+@pytest.mark.parametrize(
+    "windows",
+    [
+        [[[5.0], [4.0], [3.0]], [[], [], []]],  # seed 1's rows predate kept windows
+        [[[5.0], [4.0], [3.0]], [[5.0, 1.0], [4.0, 1.0], [3.0, 0.0]]],  # seeds scored different windows
+    ],
+)
+def test_no_pooled_perplexity_share_without_every_seeds_windows(windows):
+    assert salr_seeds.pooled_log_gap(windows, seeds=2) is None
+    assert salr_seeds.pooled_log_gap(windows[:1], seeds=2) is None  # a seed's rows had no perplexity at all
