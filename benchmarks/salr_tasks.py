@@ -35,7 +35,8 @@ seed, through ``prunedlora train`` (the ``salr:`` recipe section for the sparse 
 
 Three untrained rows frame them: ``dense-base`` (the dense model, no adapter), ``sparse-base`` (magnitude
 50%, no adapter) and ``salr-untrained`` (magnitude 50% + the residual, task components still zero: what
-the residual alone gives back).
+the residual alone gives back; ``salr-untrained-whitened-mixed-all``: the whole rank as the residual the
+``-mixed-all`` cell starts from, so training's effect on it can be read off).
 
 The score is the quality bench's (``prunedlora.bench.scoring.score_adapter``): for GSM8K (``--task gsm8k``,
 the default) the answer NLL per token of the reference solution on the dev split carved from train, which
@@ -112,6 +113,7 @@ CELLS: dict[str, tuple[dict[str, Any] | None, str | None, bool]] = {
     "salr-untrained": (_magnitude(), "frozen", False),
     "salr-untrained-whitened": (_whitened(), "frozen", False),
     "salr-untrained-whitened-general": (_whitened(calibration="general"), "frozen", False),
+    "salr-untrained-whitened-mixed-all": (_whitened(calibration="mixed", residual="all"), "frozen", False),
     "sparse-base": ({"mask": "magnitude", "pattern": "unstructured", "residual": 0}, None, False),
 }
 
