@@ -1,92 +1,158 @@
-"""The task data sets: where each lives, how its file format is read into prompt/response pairs, and
-the dev split carved out of training files that have none.
+"""Which examples a run reads: the user's own data file in one of the formats (``prunedlora.formats``)
+or one of the built-in tasks, declared here as presets of those formats; and the dev split, the
+user's own dev file or a deterministic carve out of the training file.
 
-The full data sets live in ``../shared/data`` next to the repository (see :func:`shared_data_path`);
-small slices of them ship inside the package (``prunedlora/data/<task>/``, each with its licence)
-and are what ``path=None`` reads, so the demo and the fast tests need nothing outside the package.
-Training (``train/data.py``) renders these examples with the chat template; the quality bench
-(``bench/scoring.py``) scores the same examples, so both read them here.
+The built-in tasks' full data sets live in ``../shared/data`` next to the repository (see
+:func:`shared_data_path`); small slices of them ship inside the package (``prunedlora/data/<task>/``,
+each with its licence) and are what ``path=None`` reads, so the demo and the fast tests need nothing
+outside the package. Training (``train/data.py``) renders these examples; ``prunedlora eval`` and
+the quality bench (``bench/scoring.py``) score the same examples, so both read them here.
 """
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import json
+import logging
 import re
-from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from prunedlora.errors import PrunedLoraError
 from prunedlora.fieldtypes import check_field_types
+from prunedlora.formats import DataError, Example, FormatOptions, detect_format, get_format, read_rows
+from prunedlora.formats.base import at, check_columns, rename_columns
+from prunedlora.formats.classification import label_words
 
-TASKS = ("gsm8k", "codealpaca", "sst2", "rte")
+__all__ = ["DataConfig", "DataError", "Example", "TaskPreset", "load_examples"]
+
+logger = logging.getLogger(__name__)
+
 SPLITS = ("train", "dev")
-LOSS_ON = ("response", "all")  # which tokens of a training example carry the loss (DataConfig.loss_on)
-LABELS: dict[str, tuple[str, ...]] = {
-    "sst2": ("negative", "positive"),
-    "rte": ("entailment", "not_entailment"),
-}
-DEFAULT_DEV_SIZE = 100  # carved dev split for tasks without a dev file
+# which tokens of a training example carry the loss (DataConfig.loss_on): every assistant turn, the
+# final assistant turn only, or every token of the rendering
+LOSS_ON = ("response", "last", "all")
+DEFAULT_DEV_SIZE = 100  # carved dev split for built-in tasks without a dev file
+OWN_DEV_SHARE = 0.1  # own data without a dev file: a tenth of it, at most DEFAULT_DEV_SIZE
 # package data (prunedlora/data/), files in a checkout and in an installed wheel alike
 VENDORED_DATA_DIR = Path(str(resources.files("prunedlora").joinpath("data")))
 
 # Classification prompts put the instruction last: when a long input must be shortened, it is cut
 # from its start (see tokenize_example), so the question the label answers always survives.
 SST2_PROMPT = (
-    "Sentence: {sentence}\n\n"
+    "Sentence: {text}\n\n"
     "Is the sentiment of this sentence positive or negative? Answer with one word: positive or negative."
 )
 RTE_PROMPT = (
-    "Premise: {premise}\nHypothesis: {hypothesis}\n\n"
+    "Premise: {sentence1}\nHypothesis: {sentence2}\n\n"
     "Does the premise entail the hypothesis? Answer with one word: entailment or not_entailment."
 )
 _CALCULATOR = re.compile(r"<<[^<>]*>>")
 
 
-class DataError(PrunedLoraError):
-    """A data file or data configuration that cannot be read as asked, with how to fix it."""
+def _gsm8k_answer(example: Example, where: str) -> Example:
+    if "####" not in example.response:
+        raise DataError(
+            f"{at(where, example.index)}: the answer does not end in '#### N'; is this GSM8K's train.jsonl?"
+        )
+    # <<48/2=24>> marks calls to a calculator that is not run here; a model trained on them would
+    # learn to write them.
+    return replace(example, response=_CALCULATOR.sub("", example.response).strip())
 
 
 @dataclass(frozen=True)
-class Example:
-    """One prompt/response pair; ``label`` is the class word for classification tasks.
+class TaskPreset:
+    """A built-in task: its format, how its file's columns map onto the format's, its prompt template
+    and labels, where its files are, and what it is scored on (``metrics``: (name, better) pairs)."""
 
-    ``index`` is the record's position in its source file (0-based, header excluded), so splits can
-    be checked against the file.
-    """
+    format: str
+    columns: dict[str, str]
+    train_file: str  # vendored name
+    shared_train_file: str
+    dev_file: str | None = None  # same name in both places; None = carve from train
+    labels: dict[str, str] | None = None
+    template: str | None = None
+    metrics: tuple[tuple[str, str], ...] = (("nll", "lower"),)
+    answer: str | None = None  # "final_number": greedy exact match compares the last number
+    clean: Any = None  # Example, where -> Example: the task's own clean-up of a record
 
-    prompt: str
-    response: str
-    label: str | None = None
-    index: int = -1
+
+TASK_PRESETS: dict[str, TaskPreset] = {
+    "gsm8k": TaskPreset(
+        format="prompt-completion",
+        columns={"prompt": "question", "completion": "answer"},
+        train_file="train.jsonl",
+        shared_train_file="train.jsonl",
+        metrics=(("exact_match", "higher"), ("answer_nll", "lower")),
+        answer="final_number",
+        clean=_gsm8k_answer,
+    ),
+    "codealpaca": TaskPreset(
+        format="alpaca",
+        columns={},
+        train_file="code_alpaca.json",
+        shared_train_file="code_alpaca_2k.json",
+    ),
+    "sst2": TaskPreset(
+        format="classification",
+        columns={"text": "sentence"},
+        train_file="train.tsv",
+        shared_train_file="train_full.tsv",
+        dev_file="dev.tsv",
+        labels={"0": "negative", "1": "positive"},
+        template=SST2_PROMPT,
+        metrics=(("accuracy", "higher"),),
+    ),
+    "rte": TaskPreset(
+        format="classification",
+        columns={},
+        train_file="train.tsv",
+        shared_train_file="train.tsv",
+        dev_file="dev.tsv",
+        labels={"entailment": "entailment", "not_entailment": "not_entailment"},
+        template=RTE_PROMPT,
+        metrics=(("accuracy", "higher"),),
+    ),
+}
+TASKS = tuple(TASK_PRESETS)
+LABELS: dict[str, tuple[str, ...]] = {
+    name: tuple(preset.labels.values()) for name, preset in TASK_PRESETS.items() if preset.labels
+}
 
 
 @dataclass
 class DataConfig:
     """Which examples to read and how to cut them.
 
-    ``path`` is the file the requested split is read from (or a folder holding the task's usual
-    file names); None reads the slice vendored in the package. ``dev_size`` carves a dev split out
-    of the training file (chosen by a hash of each example and ``seed``, so it is the same on every
-    call and on every machine, and never enters training). It defaults to ``DEFAULT_DEV_SIZE`` for
-    tasks without a dev file (gsm8k, codealpaca); for sst2 and rte, None means their own dev file
-    and an integer carves from train instead. ``max_examples`` keeps the first N of the split in
-    file order, after carving, so the dev split does not depend on it.
+    Either ``task`` (a built-in preset, read from its vendored slice when ``path`` is None, or from
+    ``path``: its file or a folder holding its usual file names), or ``path`` to your own data (a
+    JSON/JSONL, CSV/TSV, Parquet or text file, a ``save_to_disk`` folder, or a hub data set name) in
+    ``format`` (chat, alpaca, prompt-completion, text, classification; detected from the columns when
+    None). ``columns`` maps the format's column names to yours (``{messages: conversations}``);
+    ``labels`` (a list, or a mapping value -> word) and ``template`` (with ``{text}``) are for
+    classification.
 
-    ``mix`` names further tasks whose examples are interleaved with ``task``'s, one of each in turn
-    until each list ends (e.g. LoRAPrune's GSM8K + CodeAlpaca stand-in for instruction data); each is
-    read from its vendored slice with this config's split, seed and carving, and ``max_examples``
-    caps the interleaved list. ``loss_on`` is ``response`` (the default: loss on the assistant's
-    reply only) or ``all`` (every token of the rendered conversation, prompt and template included,
-    as general-purpose instruction tuning and LoRAPrune's recovery training do).
+    The dev split is ``dev_path`` when given; otherwise ``dev_size`` examples carved out of the
+    training file by a hash of each example and ``seed`` (the same on every call and machine, never
+    in training). ``dev_size`` defaults to ``DEFAULT_DEV_SIZE`` for built-in tasks without a dev
+    file, a tenth of your file (at most ``DEFAULT_DEV_SIZE``) for your own data; for sst2 and rte,
+    None means their own dev file and an integer carves from train instead. ``max_examples`` keeps
+    the first N of the split in file order, after carving, so the dev split does not depend on it.
+
+    ``mix`` names built-in tasks whose examples are interleaved with the main ones, one of each in
+    turn (e.g. LoRAPrune's GSM8K + CodeAlpaca). ``loss_on``: ``response`` (every assistant turn, the
+    default), ``last`` (the final assistant turn only), ``all`` (every token, template included).
+    ``packing`` (text format): concatenate texts into ``max_length`` blocks (the default) or cut
+    each text to ``max_length``.
     """
 
-    task: str
+    task: str | None = None
     path: str | Path | None = None
+    format: str | None = None
+    columns: dict[str, str] | None = None
+    labels: Any = None
+    template: str | None = None
+    dev_path: str | Path | None = None
     split: str = "train"
     max_examples: int | None = None
     max_length: int = 512
@@ -94,11 +160,24 @@ class DataConfig:
     dev_size: int | None = None
     mix: list[str] | None = None
     loss_on: str = "response"
+    packing: bool = True
 
     def __post_init__(self) -> None:
         check_field_types(self, DataError)  # types first: the range checks below compare values
-        if self.task not in TASKS:
-            raise DataError(f"unknown task {self.task!r}; known tasks: {', '.join(TASKS)}")
+        if self.task is None and self.path is None:
+            raise DataError("give data.path (your data file) or data.task (a built-in task: " + ", ".join(TASKS) + ")")
+        if self.task is not None and self.task not in TASKS:
+            raise DataError(
+                f"unknown task {self.task!r}; known tasks: {', '.join(TASKS)} (for your own file set path and format)"
+            )
+        if self.task is not None:
+            for name in ("format", "columns", "labels", "template", "dev_path"):
+                if getattr(self, name) is not None:
+                    raise DataError(
+                        f"{name} is for your own data; task {self.task} is a preset with its own (drop task to use yours)"
+                    )
+        if self.format is not None:
+            get_format(self.format)
         if self.split not in SPLITS:
             raise DataError(f"unknown split {self.split!r}; use one of: {', '.join(SPLITS)}")
         if self.max_examples is not None and self.max_examples < 1:
@@ -107,8 +186,19 @@ class DataConfig:
             raise DataError(f"max_length must be at least 2 tokens, got {self.max_length!r}")
         if self.dev_size is not None and self.dev_size < 0:
             raise DataError(f"dev_size must be >= 0 or None, got {self.dev_size!r}")
+        if self.dev_path is not None and self.dev_size is not None:
+            raise DataError("give dev_path (your dev file) or dev_size (a carve from the training file), not both")
         if self.loss_on not in LOSS_ON:
             raise DataError(f"loss_on must be one of {', '.join(LOSS_ON)}, got {self.loss_on!r}")
+        self._label_words: dict[str, str] | None = None  # resolved label words (not an option)
+        if self.labels is not None:
+            self._label_words = label_words(self.labels, "data.labels")
+        if self.format is not None or self.template is not None:
+            fmt = get_format(self.format) if self.format else None
+            if self.template is not None and fmt is not None and fmt.name != "classification":
+                raise DataError(f"template is for the classification format, not {fmt.name}")
+            if fmt is not None:
+                fmt.check_options(FormatOptions(template=self.template), "data.template")
         if self.mix is not None:
             self.mix = list(self.mix)
             unknown = [t for t in self.mix if t not in TASKS]
@@ -116,13 +206,28 @@ class DataConfig:
                 raise DataError(f"unknown task(s) {unknown} in mix; known tasks: {', '.join(TASKS)}")
             if self.task in self.mix or len(set(self.mix)) != len(self.mix):
                 raise DataError(f"mix must name other tasks than {self.task!r}, each once; got {self.mix}")
-        if self.path is not None:
-            self.path = Path(self.path).expanduser()
+        if self.path is not None and not isinstance(self.path, Path):
+            local = Path(self.path).expanduser()
+            # a hub name (org/name) stays a string, so it reaches load_dataset unchanged
+            self.path = local if (local.exists() or self.task is not None or local.suffix) else self.path
+        if self.dev_path is not None:
+            self.dev_path = Path(self.dev_path).expanduser()
+
+    @property
+    def preset(self) -> TaskPreset | None:
+        return TASK_PRESETS.get(self.task) if self.task else None
+
+    @property
+    def name(self) -> str:
+        """How messages and progress bars call this data: the task, or the file's name."""
+        return self.task or Path(str(self.path)).name
 
     @property
     def carves_dev(self) -> bool:
         """True when the dev split is cut out of the training file rather than read from its own."""
-        return _TASK_SPECS[self.task].dev_file is None or self.dev_size is not None
+        if self.preset is not None:
+            return self.preset.dev_file is None or self.dev_size is not None
+        return self.dev_path is None
 
     @property
     def effective_dev_size(self) -> int:
@@ -130,141 +235,18 @@ class DataConfig:
             return 0
         return DEFAULT_DEV_SIZE if self.dev_size is None else self.dev_size
 
-
-# -- readers --------------------------------------------------------------------------------------
-
-
-def _missing_columns(path: Path, found: list[str], needed: tuple[str, ...], where: str = "") -> DataError:
-    return DataError(
-        f"{path}{where} lacks column(s) {', '.join(n for n in needed if n not in found)}: "
-        f"needs {', '.join(needed)}, found {', '.join(found) or 'none'}; is this the right file for the task?"
-    )
-
-
-def _read_tsv(path: Path, needed: tuple[str, ...]) -> list[dict[str, str]]:
-    # GLUE files are tab-separated without quoting (sentences contain bare double quotes).
-    with path.open(newline="", encoding="utf-8") as handle:
-        rows = list(csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE))
-    if not rows:
-        raise DataError(f"{path} is empty; expected a header line with columns {', '.join(needed)}")
-    header = [h.strip() for h in rows[0]]
-    if any(n not in header for n in needed):
-        raise _missing_columns(path, header, needed)
-    records = []
-    for line_no, row in enumerate(rows[1:], start=2):
-        if not row:
-            continue
-        if len(row) != len(header):
-            raise DataError(
-                f"{path}:{line_no} has {len(row)} tab-separated fields, the header has {len(header)}; "
-                "is the file tab-separated and unquoted (GLUE format)?"
-            )
-        records.append(dict(zip(header, row)))
-    return records
+    def to_dict(self) -> dict[str, Any]:
+        """The options as a recipe writes them (paths as text; only the set own-data options)."""
+        out = {}
+        for name in self.__dataclass_fields__:
+            value = getattr(self, name)
+            if name in ("format", "columns", "labels", "template", "dev_path") and value is None:
+                continue  # a built-in task's record keeps the keys it always had
+            out[name] = str(value) if isinstance(value, Path) else value
+        return out
 
 
-def _check_keys(path: Path, record: Any, needed: tuple[str, ...], where: str) -> dict:
-    if not isinstance(record, dict):
-        raise DataError(f"{path}{where} is a {type(record).__name__}, expected an object with keys {', '.join(needed)}")
-    if any(n not in record for n in needed):
-        raise _missing_columns(path, list(record), needed, where)
-    return record
-
-
-def _read_jsonl(path: Path, needed: tuple[str, ...]) -> list[dict]:
-    records = []
-    with path.open(encoding="utf-8") as handle:
-        for line_no, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{path}:{line_no} is not a JSON line ({err}); expected JSON Lines") from err
-            records.append(_check_keys(path, record, needed, f":{line_no}"))
-    return records
-
-
-def _read_json_list(path: Path, needed: tuple[str, ...]) -> list[dict]:
-    try:
-        payload = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise DataError(f"{path} is not valid JSON ({err}); expected a list of objects") from err
-    if not isinstance(payload, list):
-        raise DataError(f"{path} holds a JSON {type(payload).__name__}, expected a list of objects")
-    return [_check_keys(path, record, needed, f" record {i}") for i, record in enumerate(payload)]
-
-
-def _read_gsm8k(path: Path) -> list[Example]:
-    examples = []
-    for i, rec in enumerate(_read_jsonl(path, ("question", "answer"))):
-        if "####" not in rec["answer"]:
-            raise DataError(f"{path}:{i + 1}: the answer does not end in '#### N'; is this GSM8K's train.jsonl?")
-        # <<48/2=24>> marks calls to a calculator that is not run here; a model trained on them
-        # would learn to write them.
-        answer = _CALCULATOR.sub("", rec["answer"]).strip()
-        examples.append(Example(prompt=rec["question"].strip(), response=answer, index=i))
-    return examples
-
-
-def _read_codealpaca(path: Path) -> list[Example]:
-    examples = []
-    for i, rec in enumerate(_read_json_list(path, ("instruction", "input", "output"))):
-        output = str(rec["output"]).strip()
-        if not output:
-            continue  # a few records have no answer; they would only teach the model to stop
-        prompt = str(rec["instruction"]).strip()
-        extra = str(rec["input"] or "").strip()
-        if extra:
-            prompt = f"{prompt}\n\n{extra}"
-        examples.append(Example(prompt=prompt, response=output, index=i))
-    return examples
-
-
-def _label(path: Path, row_index: int, value: str, mapping: dict[str, str]) -> str:
-    value = value.strip()
-    if value not in mapping:
-        raise DataError(
-            f"{path}:{row_index + 2} has label {value!r}; expected one of {', '.join(mapping)} "
-            "(unlabelled GLUE test files cannot be used)"
-        )
-    return mapping[value]
-
-
-def _read_sst2(path: Path) -> list[Example]:
-    mapping = {"0": "negative", "1": "positive"}
-    examples = []
-    for i, row in enumerate(_read_tsv(path, ("sentence", "label"))):
-        label = _label(path, i, row["label"], mapping)
-        prompt = SST2_PROMPT.format(sentence=row["sentence"].strip())
-        examples.append(Example(prompt=prompt, response=label, label=label, index=i))
-    return examples
-
-
-def _read_rte(path: Path) -> list[Example]:
-    mapping = {name: name for name in LABELS["rte"]}
-    examples = []
-    for i, row in enumerate(_read_tsv(path, ("sentence1", "sentence2", "label"))):
-        label = _label(path, i, row["label"], mapping)
-        prompt = RTE_PROMPT.format(premise=row["sentence1"].strip(), hypothesis=row["sentence2"].strip())
-        examples.append(Example(prompt=prompt, response=label, label=label, index=i))
-    return examples
-
-
-@dataclass(frozen=True)
-class _TaskSpec:
-    reader: Callable[[Path], list[Example]]
-    train_file: str  # vendored name
-    shared_train_file: str
-    dev_file: str | None = None  # same name in both places; None = carve from train
-
-
-_TASK_SPECS: dict[str, _TaskSpec] = {
-    "gsm8k": _TaskSpec(_read_gsm8k, "train.jsonl", "train.jsonl"),
-    "codealpaca": _TaskSpec(_read_codealpaca, "code_alpaca.json", "code_alpaca_2k.json"),
-    "sst2": _TaskSpec(_read_sst2, "train.tsv", "train_full.tsv", "dev.tsv"),
-    "rte": _TaskSpec(_read_rte, "train.tsv", "train.tsv", "dev.tsv"),
-}
+# -- files ----------------------------------------------------------------------------------------
 
 
 def shared_data_dir() -> Path:
@@ -272,33 +254,32 @@ def shared_data_dir() -> Path:
     return VENDORED_DATA_DIR.parents[2] / "shared" / "data"
 
 
+def _preset(task: str) -> TaskPreset:
+    if task not in TASK_PRESETS:
+        raise DataError(f"unknown task {task!r}; known tasks: {', '.join(TASKS)}")
+    return TASK_PRESETS[task]
+
+
 def shared_data_path(task: str, split: str = "train") -> Path:
     """The full file of ``task`` in the shared data folder (it may not exist outside a checkout)."""
-    spec = _spec(task)
-    name = spec.shared_train_file if split == "train" or spec.dev_file is None else spec.dev_file
+    preset = _preset(task)
+    name = preset.shared_train_file if split == "train" or preset.dev_file is None else preset.dev_file
     return shared_data_dir() / task / name
 
 
 def vendored_data_path(task: str, split: str = "train") -> Path:
     """The slice of ``task`` shipped inside the package."""
-    spec = _spec(task)
-    name = spec.train_file if split == "train" or spec.dev_file is None else spec.dev_file
+    preset = _preset(task)
+    name = preset.train_file if split == "train" or preset.dev_file is None else preset.dev_file
     return VENDORED_DATA_DIR / task / name
 
 
-def _spec(task: str) -> _TaskSpec:
-    if task not in _TASK_SPECS:
-        raise DataError(f"unknown task {task!r}; known tasks: {', '.join(TASKS)}")
-    return _TASK_SPECS[task]
-
-
-def _source_file(config: DataConfig) -> Path:
-    file_split = "train" if config.carves_dev else config.split
+def _preset_file(config: DataConfig, file_split: str) -> Path:
+    preset = _preset(config.task)
     if config.path is None:
         path = vendored_data_path(config.task, file_split)
     elif config.path.is_dir():
-        spec = _TASK_SPECS[config.task]
-        names = [spec.dev_file] if file_split == "dev" else [spec.shared_train_file, spec.train_file]
+        names = [preset.dev_file] if file_split == "dev" else [preset.shared_train_file, preset.train_file]
         path = next((config.path / n for n in names if (config.path / n).is_file()), config.path / names[0])
     else:
         path = config.path
@@ -311,10 +292,88 @@ def _source_file(config: DataConfig) -> Path:
     return path
 
 
+def _source(config: DataConfig, file_split: str) -> str | Path:
+    if config.preset is not None:
+        return _preset_file(config, file_split)
+    if file_split == "dev" and config.dev_path is not None:
+        return config.dev_path
+    return config.path
+
+
+def _read(config: DataConfig, file_split: str) -> list[Example]:
+    """Every example of one file (before carving), through its format."""
+    source = _source(config, file_split)
+    rows, where = read_rows(source, file_split)
+    if not rows:
+        raise DataError(f"{where} is empty; it holds no rows")
+    found = list(rows[0])
+    preset = config.preset
+    columns = preset.columns if preset is not None else config.columns
+    rows = rename_columns(rows, columns, found, where)
+    canonical = list(rows[0])
+    fmt = (
+        get_format(preset.format if preset is not None else config.format)
+        if (preset is not None or config.format)
+        else detect_format(canonical, where)
+    )
+    template = preset.template if preset is not None else config.template
+    fmt.check_options(FormatOptions(template=template), where)
+    check_columns(fmt, canonical, where, FormatOptions(template=template))
+    options = FormatOptions(
+        labels=preset.labels if preset is not None else _own_label_words(config, fmt.name), template=template
+    )
+    examples = fmt.examples(rows, where, options)
+    if preset is not None and preset.clean is not None:
+        examples = [preset.clean(ex, where) for ex in examples]
+    if not examples:
+        raise DataError(f"{where} holds no usable examples")
+    return examples
+
+
+def _own_label_words(config: DataConfig, fmt: str) -> dict[str, str] | None:
+    """Label words of a classification file: the recipe's, else every label of the *training* file
+    (so a dev file with fewer classes is scored against the same candidates)."""
+    if fmt != "classification" or config._label_words is not None:
+        return config._label_words
+    rows, where = read_rows(config.path, "train")
+    rows = rename_columns(rows, config.columns, list(rows[0]) if rows else [], where)
+    if rows and "label" not in rows[0]:
+        return None  # check_columns names the missing column
+    config._label_words = label_words(sorted({str(r["label"]).strip() for r in rows if r["label"] is not None}), where)
+    return config._label_words
+
+
+def label_words_of(config: DataConfig) -> tuple[str, ...]:
+    """The candidate answers of a classification config, in order (empty for other formats)."""
+    if config.preset is not None:
+        return tuple(config.preset.labels.values()) if config.preset.labels else ()
+    if data_format(config) != "classification":
+        return ()
+    return tuple(_own_label_words(config, "classification").values())
+
+
+def data_format(config: DataConfig) -> str:
+    """The format name ``config`` reads: the preset's, the recipe's, or the one its file's columns fit."""
+    if config.preset is not None:
+        return config.preset.format
+    if config.format:
+        return config.format
+    rows, where = read_rows(config.path, "train")
+    if not rows:
+        raise DataError(f"{where} is empty; it holds no rows")
+    return detect_format(list(rename_columns(rows[:1], config.columns, list(rows[0]), where)[0]), where).name
+
+
+# -- the dev split ------------------------------------------------------------------------------
+
+
 def _dev_key(example: Example, seed: int) -> str:
     # By content, not position: the same example lands on the same side whatever file order or
-    # Python version, and duplicates of a dev example cannot sneak into training.
+    # Python version, and duplicates of a dev example cannot sneak into training. A conversation's
+    # earlier turns count too (only when it has them, so single-turn keys are as they always were).
     text = f"{seed}\0{example.prompt}\0{example.response}"
+    if example.history:
+        text += "\0" + "\0".join(f"{m['role']}:{m['content']}" for m in example.history)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
@@ -331,20 +390,28 @@ def split_dev(examples: list[Example], dev_size: int, seed: int = 0) -> tuple[li
     return train, dev
 
 
+def _dev_size(config: DataConfig, available: int) -> int:
+    if config.dev_size is not None:
+        return config.dev_size
+    if config.preset is not None:
+        return DEFAULT_DEV_SIZE
+    return min(DEFAULT_DEV_SIZE, int(available * OWN_DEV_SHARE))
+
+
 def load_examples(config: DataConfig) -> list[Example]:
-    """The examples of ``config.split``, read from the task's file and capped to ``max_examples``."""
-    path = _source_file(config)
-    try:
-        examples = _TASK_SPECS[config.task].reader(path)
-    except UnicodeDecodeError as err:
-        raise DataError(f"{path} is not UTF-8 text ({err}); is this the right file for {config.task}?") from err
-    if not examples:
-        raise DataError(f"{path} holds no usable {config.task} examples")
+    """The examples of ``config.split``, read through the data's format and capped to ``max_examples``."""
+    file_split = "train" if config.carves_dev else config.split
+    examples = _read(config, file_split)
     if config.carves_dev:
-        train, dev = split_dev(examples, config.effective_dev_size, config.seed)
-        examples = train if config.split == "train" else dev
-        if not examples:
-            raise DataError(f"split='dev' with dev_size=0 selects nothing from {path}; set dev_size > 0")
+        size = _dev_size(config, len(examples))
+        if size == 0 and config.split == "dev":
+            raise DataError(
+                f"split='dev' with dev_size={size} selects nothing from {config.name} "
+                "(set dev_size > 0, or dev_path to your dev file)"
+            )
+        if size:
+            train, dev = split_dev(examples, size, config.seed)
+            examples = train if config.split == "train" else dev
     if config.mix:
         others = [
             load_examples(DataConfig(task=t, split=config.split, seed=config.seed, max_length=config.max_length))
@@ -354,6 +421,15 @@ def load_examples(config: DataConfig) -> list[Example]:
     if config.max_examples is not None:
         examples = examples[: config.max_examples]
     return examples
+
+
+def has_dev_split(config: DataConfig) -> bool:
+    """Whether ``config`` has held-out examples (its own dev file, or a carve of at least one)."""
+    if not config.carves_dev:
+        return True
+    if config.dev_size is not None or config.preset is not None:
+        return config.effective_dev_size > 0
+    return True  # own data: a tenth is carved when the file has ten rows or more (load_examples says)
 
 
 def interleave(lists: list[list[Example]]) -> list[Example]:

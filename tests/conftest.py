@@ -74,3 +74,11 @@ def default_model_path() -> Path:
 @pytest.fixture(scope="session")
 def tiny_model_path(tmp_path_factory, default_model_path) -> Path:
     return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), tokenizer_from=default_model_path)
+
+
+@pytest.fixture(scope="session")
+def default_tokenizer(default_model_path):
+    """The default model's tokenizer (its chat template is the one training renders with)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(default_model_path)

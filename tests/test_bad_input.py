@@ -99,7 +99,7 @@ def test_the_issue_recipes_give_one_line(work, capsys):
     bad_yaml = write_recipe(work, "model: default\n data: [\n", "a.yaml")
     assert "not valid YAML (line 2" in refused(["train", "--config", bad_yaml], capsys, "a.yaml", work)
     no_task = write_recipe(work, {"model": "default", "data": {"max_length": 64}}, "b.yaml")
-    assert "data.task" in refused(["train", "--config", no_task], capsys, "b.yaml", work)
+    assert "data.path" in refused(["train", "--config", no_task], capsys, "b.yaml", work)
 
 
 def test_recipe_that_is_not_text(work, capsys):

@@ -398,7 +398,7 @@ def test_a_bad_mix_is_refused_with_one_line(mix, message):
 
 
 def test_loss_on_must_be_response_or_all():
-    with pytest.raises(DataError, match="loss_on must be one of response, all"):
+    with pytest.raises(DataError, match="loss_on must be one of response, last, all"):
         DataConfig(task="gsm8k", loss_on="prompt")
 
 
