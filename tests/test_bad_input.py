@@ -194,7 +194,7 @@ def test_range_table_names_real_keys():
         (["--training.max_steps", "["], "--training.max_steps"),
         (["--method.target_modules", "{q_proj"], "--method.target_modules"),
         (["--training.epochs", "3"], "epochs"),
-        (["--epochs", "3"], "--epochs"),
+        (["--num_epochs", "3"], "--num_epochs"),
         (["--optimizer.lr", "1"], "optimizer"),
         (["--model.name", "x"], "--model.name"),
         (["--method.r0.value", "8"], "--method.r0.value"),

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,16 +34,12 @@ import torch
 
 from prunedlora.answers import final_number
 from prunedlora.errors import PrunedLoraError
-from prunedlora.tasks import LABELS, DataConfig, Example, load_examples
-from prunedlora.train.data import IGNORE_INDEX, chat_prompt
+from prunedlora.tasks import TASK_PRESETS, DataConfig, Example, data_format, label_words_of, load_examples
+from prunedlora.train.data import IGNORE_INDEX, chat_prompt, plain_ids
 
-# What each task reports, and which way is better (for tables and plots).
-TASK_METRICS: dict[str, tuple[tuple[str, str], ...]] = {
-    "sst2": (("accuracy", "higher"),),
-    "gsm8k": (("exact_match", "higher"), ("answer_nll", "lower")),
-    "codealpaca": (("nll", "lower"),),
-    "rte": (("accuracy", "higher"),),
-}
+# What each built-in task reports, and which way is better (for tables and plots): its preset's.
+TASK_METRICS: dict[str, tuple[tuple[str, str], ...]] = {name: p.metrics for name, p in TASK_PRESETS.items()}
+FINAL_NUMBER = "final_number"  # an answer pattern: the last number of the text (GSM8K's "#### N")
 
 
 class ScoringError(PrunedLoraError):
@@ -173,13 +170,16 @@ def token_logprob_sums(
     return results
 
 
-def example_nlls(model, tokenizer, examples: list[Example], settings: EvalSettings) -> list[tuple[int, float, int]]:
-    """(index in ``examples``, summed log-likelihood, learned tokens) of every example that fits."""
+def example_nlls(
+    model, tokenizer, examples: list[Example], settings: EvalSettings, loss_on: str = "response"
+) -> list[tuple[int, float, int]]:
+    """(index in ``examples``, summed log-likelihood, learned tokens) of every example that fits:
+    the tokens training learns (``loss_on``: every assistant turn's reply, or the last one's)."""
     from prunedlora.train.data import tokenize_example
 
     fitted = [
         (i, f)
-        for i, f in enumerate(tokenize_example(tokenizer, ex, settings.max_length) for ex in examples)
+        for i, f in enumerate(tokenize_example(tokenizer, ex, settings.max_length, loss_on) for ex in examples)
         if f is not None
     ]
     if not fitted:
@@ -245,9 +245,13 @@ def classification_accuracy(
 
 
 @torch.no_grad()
-def greedy_answers(model, tokenizer, prompts: list[str], settings: EvalSettings) -> list[str]:
-    """Greedy completions of chat-rendered prompts (left-padded batches, stop at end of turn)."""
-    texts = [chat_prompt(tokenizer, p) for p in prompts]
+def greedy_answers(model, tokenizer, prompts: list[str | Example], settings: EvalSettings) -> list[str]:
+    """Greedy completions of chat-rendered prompts, or of examples' conversations up to their final
+    reply (left-padded batches, stop at end of turn)."""
+    texts = [
+        chat_prompt(tokenizer, p.prompt, p.history) if isinstance(p, Example) else chat_prompt(tokenizer, p)
+        for p in prompts
+    ]
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     answers = []
@@ -263,48 +267,167 @@ def greedy_answers(model, tokenizer, prompts: list[str], settings: EvalSettings)
     return answers
 
 
-def exact_match(predictions: list[str], references: list[str]) -> float:
-    """Share of predictions whose final number equals the reference's (None never matches)."""
+def answer_of(text: str, pattern: str = FINAL_NUMBER) -> str | None:
+    """The answer a text gives: its final number, or the first group (else the whole match) of the
+    last match of a regular expression; None when there is none."""
+    if pattern == FINAL_NUMBER:
+        return final_number(text)
+    matches = list(re.finditer(pattern, text))
+    if not matches:
+        return None
+    last = matches[-1]
+    return (last.group(1) if last.groups() else last.group(0)).strip()
+
+
+def exact_matches(predictions: list[str], references: list[str], pattern: str = FINAL_NUMBER) -> list[bool]:
+    """Per prediction: does its answer equal the reference's (an answer-less reference never matches)."""
     if len(predictions) != len(references):
         raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
-    hits = 0
+    out = []
     for prediction, reference in zip(predictions, references):
-        expected = final_number(reference)
-        hits += expected is not None and final_number(prediction) == expected
-    return hits / len(references)
+        expected = answer_of(reference, pattern)
+        out.append(expected is not None and answer_of(prediction, pattern) == expected)
+    return out
+
+
+def exact_match(predictions: list[str], references: list[str], pattern: str = FINAL_NUMBER) -> float:
+    """Share of predictions whose answer equals the reference's (None never matches)."""
+    hits = exact_matches(predictions, references, pattern)
+    return sum(hits) / len(references)
+
+
+def check_answer_pattern(pattern: str) -> None:
+    """Refuse a regular expression that does not compile, in one line."""
+    if pattern == FINAL_NUMBER:
+        return
+    try:
+        re.compile(pattern)
+    except re.error as err:
+        raise ScoringError(f"answer pattern {pattern!r} is not a regular expression ({err})") from None
+
+
+@torch.no_grad()
+def text_nlls(model, tokenizer, examples: list[Example], settings: EvalSettings) -> list[tuple[int, float, int]]:
+    """(index, summed log-likelihood, tokens) of each plain text, read in consecutive ``max_length``
+    windows (each window's first token has no context and is not scored), for perplexity."""
+    features, owners = [], []
+    for index, example in enumerate(examples):
+        ids = plain_ids(tokenizer, example)
+        for start in range(0, len(ids), settings.max_length):
+            window = ids[start : start + settings.max_length]
+            if len(window) >= 2:
+                features.append({"input_ids": window, "labels": window})
+                owners.append(index)
+    if not features:
+        raise ScoringError("the texts hold fewer than two tokens; nothing to score")
+    sums = token_logprob_sums(model, tokenizer, features, settings.batch_size)
+    totals: dict[int, list[float]] = {}
+    for owner, (total, count) in zip(owners, sums):
+        acc = totals.setdefault(owner, [0.0, 0])
+        acc[0] += total
+        acc[1] += count
+    return [(i, total, int(count)) for i, (total, count) in totals.items()]
+
+
+def metrics_of(config: DataConfig, answer_pattern: str | None = None) -> tuple[str, tuple[tuple[str, str], ...]]:
+    """(scorer, metrics) for data: ``classification`` (label accuracy), ``perplexity`` (text) or
+    ``nll`` (the replies' NLL per token, and exact match when there is an answer pattern)."""
+    if config.preset is not None:
+        kind = "classification" if config.preset.format == "classification" else "nll"
+        return kind, config.preset.metrics
+    fmt = data_format(config)
+    if fmt == "classification":
+        return "classification", (("accuracy", "higher"),)
+    if fmt == "text":
+        return "perplexity", (("perplexity", "lower"),)
+    metrics = (("nll", "lower"),)
+    return "nll", ((("exact_match", "higher"),) + metrics) if answer_pattern else metrics
+
+
+def score_examples(
+    model,
+    tokenizer,
+    examples: list[Example],
+    settings: EvalSettings,
+    kind: str,
+    labels: tuple[str, ...] = (),
+    nll_name: str = "nll",
+    answer_pattern: str | None = None,
+    loss_on: str = "response",
+) -> dict:
+    """Every metric of one scorer (``metrics_of``) on ``examples``, with per-example values for pairing."""
+    result: dict = {"eval_examples": len(examples)}
+    if kind == "classification":
+        margins = classification_margins(model, tokenizer, examples, labels, settings)
+        result["accuracy"] = sum(m > 0 for _, m in margins) / len(margins)
+        result["per_example"] = {"index": [i for i, _ in margins], "margin": [m for _, m in margins]}
+        return result
+    nlls = (
+        text_nlls(model, tokenizer, examples, settings)
+        if kind == "perplexity"
+        else example_nlls(model, tokenizer, examples, settings, loss_on)
+    )
+    mean = -sum(s for _, s, _ in nlls) / sum(n for _, _, n in nlls)
+    if kind == "perplexity":
+        result["nll"], result["perplexity"] = mean, math.exp(mean)
+    else:
+        result[nll_name] = mean
+    result["per_example"] = {
+        "index": [i for i, _, _ in nlls],
+        "logprob_sum": [s for _, s, _ in nlls],
+        "tokens": [n for _, _, n in nlls],
+    }
+    if answer_pattern and settings.exact_match_examples != 0:
+        # greedy decoding is the slow part: on the first ``exact_match_examples`` only (None: all)
+        subset = examples[: settings.exact_match_examples] if settings.exact_match_examples else examples
+        answers = greedy_answers(model, tokenizer, subset, settings)
+        hits = exact_matches(answers, [ex.response for ex in subset], answer_pattern)
+        result["exact_match"] = sum(hits) / len(subset)
+        result["exact_match_examples"] = len(subset)
+        result["per_example"]["exact_match"] = [bool(h) for h in hits]
+        result["sample_answer"] = answers[0][:400] if answers else ""
+    return result
+
+
+def score_data(model, tokenizer, config: DataConfig, settings: EvalSettings, answer_pattern: str | None = None) -> dict:
+    """Every metric of ``config``'s examples (see ``metrics_of``): a built-in task's or your own data's."""
+    kind, metrics = metrics_of(config, answer_pattern)
+    if config.preset is not None and config.preset.answer:
+        answer_pattern = answer_pattern or config.preset.answer
+    nll_name = next((m for m, _ in metrics if m.endswith("nll")), "nll")
+    result = score_examples(
+        model,
+        tokenizer,
+        load_examples(config),
+        settings,
+        kind,
+        labels=label_words_of(config),
+        nll_name=nll_name,
+        answer_pattern=answer_pattern,
+        loss_on=config.loss_on,
+    )
+    for key, value in result.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ScoringError(f"{config.name} {key} is {value}: the model's outputs are not finite")
+    return result
 
 
 def score_task(
     model, tokenizer, task: str, data_path: str | os.PathLike | None, settings: EvalSettings, data_seed: int = 0
 ) -> dict[str, float | int]:
-    """Every metric of ``task`` (see ``TASK_METRICS``) on its held-out split."""
-    examples = dev_examples(task, data_path, settings, data_seed)
-    result: dict = {"eval_examples": len(examples)}
-    if task in LABELS:
-        margins = classification_margins(model, tokenizer, examples, LABELS[task], settings)
-        result["accuracy"] = sum(m > 0 for _, m in margins) / len(margins)
-        result["per_example"] = {"index": [i for i, _ in margins], "margin": [m for _, m in margins]}
-    elif task in ("gsm8k", "codealpaca"):
-        nlls = example_nlls(model, tokenizer, examples, settings)
-        result["answer_nll" if task == "gsm8k" else "nll"] = -sum(s for _, s, _ in nlls) / sum(n for _, _, n in nlls)
-        result["per_example"] = {
-            "index": [i for i, _, _ in nlls],
-            "logprob_sum": [s for _, s, _ in nlls],
-            "tokens": [n for _, _, n in nlls],
-        }
-        if task == "gsm8k" and settings.exact_match_examples != 0:
-            # greedy decoding is the slow part: on the first ``exact_match_examples`` only (None: all)
-            subset = examples[: settings.exact_match_examples] if settings.exact_match_examples else examples
-            answers = greedy_answers(model, tokenizer, [ex.prompt for ex in subset], settings)
-            result["exact_match"] = exact_match(answers, [ex.response for ex in subset])
-            result["exact_match_examples"] = len(subset)
-            result["sample_answer"] = answers[0][:400] if answers else ""
-    else:
+    """Every metric of built-in ``task`` (see ``TASK_METRICS``) on its held-out split."""
+    if task not in TASK_METRICS:
         raise ScoringError(f"no scorer for task {task!r}; known: {', '.join(TASK_METRICS)}")
-    for key, value in result.items():
-        if isinstance(value, float) and not math.isfinite(value):
-            raise ScoringError(f"{task} {key} is {value}: the model's outputs are not finite")
-    return result
+    config = DataConfig(
+        task=task,
+        path=data_path,
+        split="dev",
+        max_examples=settings.max_examples,
+        dev_size=settings.dev_size,
+        max_length=settings.max_length,
+        seed=data_seed,
+    )
+    return score_data(model, tokenizer, config, settings)
 
 
 def score_adapter(

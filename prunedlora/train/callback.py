@@ -86,12 +86,13 @@ class LorapruneCallback(TrainerCallback):
 
 
 class RankProgressCallback(ProgressCallback):
-    """The Trainer's progress bar, with the latest loss and the current average rank beside it."""
+    """The Trainer's progress bar, with the latest loss, dev loss and the current average rank beside it."""
 
     def __init__(self, pruner: RankPruner | None = None) -> None:
         super().__init__()
         self.pruner = pruner
         self._loss: float | None = None
+        self._dev_loss: float | None = None
 
     def on_step_end(self, args, state, control, **kwargs):
         super().on_step_end(args, state, control, **kwargs)
@@ -99,6 +100,8 @@ class RankProgressCallback(ProgressCallback):
             postfix = {}
             if self._loss is not None:
                 postfix["loss"] = f"{self._loss:.4f}"
+            if self._dev_loss is not None:
+                postfix["dev_loss"] = f"{self._dev_loss:.4f}"
             if self.pruner is not None:
                 postfix["avg_rank"] = f"{self.pruner.average_rank:.2f}"
             self.training_bar.set_postfix(postfix, refresh=False)
@@ -106,6 +109,8 @@ class RankProgressCallback(ProgressCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs and "loss" in logs:
             self._loss = float(logs["loss"])
+        if logs and "eval_loss" in logs:
+            self._dev_loss = float(logs["eval_loss"])
         if state.is_world_process_zero and self.training_bar is not None and logs and "train_runtime" in logs:
             self.training_bar.write(
                 f"train_runtime {logs['train_runtime']:.1f}s, train_loss {logs.get('train_loss', float('nan')):.4f}"

@@ -7,6 +7,7 @@ so an installed wheel has them too: ``prunedlora train --config smollm2-sst2`` n
 from __future__ import annotations
 
 import copy
+import math
 import re
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from importlib import resources
@@ -28,7 +29,8 @@ class TrainingOptions:
     """The subset of transformers.TrainingArguments a recipe sets (steps are optimizer steps)."""
 
     output_dir: str = "runs/default"
-    max_steps: int = 80
+    max_steps: int | None = None  # None: from epochs (one epoch when neither is given)
+    epochs: float | None = None
     per_device_train_batch_size: int = 8
     gradient_accumulation_steps: int = 1
     learning_rate: float = 2e-4
@@ -42,6 +44,15 @@ class TrainingOptions:
     seed: int = 0
     dtype: str = "float32"
     gradient_checkpointing: bool = False
+    eval_steps: int | None = None  # dev loss every N steps when a dev split exists; None: five times a run
+    eval_examples: int = 100  # dev examples the dev loss is taken over (the first N of the dev split)
+
+    def steps_for(self, train_examples: int) -> int:
+        """Optimizer steps of the run: ``max_steps``, else ``epochs`` (default 1) over ``train_examples``."""
+        if self.max_steps is not None:
+            return self.max_steps
+        per_step = self.per_device_train_batch_size * self.gradient_accumulation_steps
+        return max(1, math.ceil((self.epochs or 1.0) * train_examples / per_step))
 
     def __post_init__(self) -> None:
         # Checked here, not when transformers builds TrainingArguments: that happens after the model
@@ -50,8 +61,16 @@ class TrainingOptions:
         from transformers.trainer_utils import SchedulerType
 
         check_field_types(self, ConfigError)
+        if self.max_steps is not None and self.epochs is not None:
+            raise ConfigError(
+                f"give max_steps ({self.max_steps}) or epochs ({self.epochs}), not both: they say the same thing"
+            )
+        if self.epochs is not None and not self.epochs > 0:
+            raise ConfigError(f"epochs must be positive, got {self.epochs}")
         for name, low in (
             ("max_steps", 1),
+            ("eval_steps", 1),
+            ("eval_examples", 1),
             ("per_device_train_batch_size", 1),
             ("gradient_accumulation_steps", 1),
             ("warmup_steps", 0),
@@ -59,7 +78,7 @@ class TrainingOptions:
             ("save_steps", 1),
             ("seed", 0),
         ):
-            if getattr(self, name) < low:
+            if getattr(self, name) is not None and getattr(self, name) < low:
                 raise ConfigError(f"{name} must be >= {low}, got {getattr(self, name)}")
         for name, positive in (("learning_rate", True), ("weight_decay", False), ("max_grad_norm", False)):
             value = getattr(self, name)
@@ -105,6 +124,19 @@ class TrainRecipe:
     prune: bool = True
     loraprune: LorapruneConfig | None = None
     salr: SalrSection | None = None
+    # the method section as written: pruning steps it leaves out are fractions of the run's length,
+    # filled in once that length is known (``with_steps``)
+    method_section: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    def with_steps(self, max_steps: int) -> TrainRecipe:
+        """This recipe for a run of ``max_steps``: the training length set, and the method's pruning
+        steps the recipe left out placed at fractions of it (``schedule_defaults``)."""
+        from dataclasses import replace
+
+        method = self.method
+        if self.method_section is not None:
+            method = _method_config(self.method_section, self.prune, max_steps)
+        return replace(self, method=method, training=replace(self.training, max_steps=max_steps))
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -112,13 +144,58 @@ class TrainRecipe:
             "prune": self.prune,
             "loraprune": None if self.loraprune is None else self.loraprune.to_dict(),
             "salr": None if self.salr is None else self.salr.to_dict(),
-            "data": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self.data).items()},
+            "data": self.data.to_dict(),
             "method": self.method.to_dict(),
             "training": asdict(self.training),
         }
 
 
 _SECTIONS = {"data": DataConfig, "method": PrunedLoraConfig, "training": TrainingOptions}
+# Where pruning happens when a recipe does not say, as fractions of the run: start after a tenth
+# (the adapter has moved off its initialisation), reach the target by two thirds (a third of the run
+# trains the final ranks), eight events in between (the cubic ramp's shape, whatever the length).
+PRUNE_START_FRACTION = 0.1
+PRUNE_END_FRACTION = 2 / 3
+PRUNE_EVENTS = 8
+SCHEDULE_KEYS = ("prune_start_step", "prune_end_step", "prune_every")
+# options that only mean something when the adapter's rank is pruned
+PRUNING_ONLY = ("target_rank", "total_rank_budget", "min_rank", "max_rank", *SCHEDULE_KEYS)
+
+
+def schedule_defaults(method: dict[str, Any], max_steps: int) -> dict[str, Any]:
+    """``method`` with the pruning steps it leaves out set from ``max_steps``; the ones it gives stay."""
+    out = dict(method)
+    start = out.setdefault("prune_start_step", int(max_steps * PRUNE_START_FRACTION))
+    if isinstance(start, int) and not isinstance(start, bool):
+        end = out.setdefault("prune_end_step", max(start, min(max_steps - 1, int(max_steps * PRUNE_END_FRACTION))))
+        if isinstance(end, int) and not isinstance(end, bool):
+            out.setdefault("prune_every", max(1, round((end - start) / PRUNE_EVENTS)))
+    return out
+
+
+def _method_config(section: dict[str, Any], prune: bool, max_steps: int | None) -> PrunedLoraConfig:
+    """The method section as a PrunedLoraConfig for a run of ``max_steps`` (None: not known yet).
+
+    Plain LoRA (``prune: false``) trains at r0 and never prunes, so the pruning options do not
+    constrain it: a recipe written for pruning trains plain LoRA at any r0 (``--method.r0 8``)."""
+    values = dict(section)
+    if not prune:
+        r0 = values.get("r0", PrunedLoraConfig.r0)
+        if isinstance(r0, int) and not isinstance(r0, bool) and r0 >= 1:
+            for key in PRUNING_ONLY:
+                values.pop(key, None)
+            values.update(target_rank=float(r0), max_rank=r0, min_rank=min(1, r0))
+        return PrunedLoraConfig.from_dict(values)
+    if max_steps is not None:
+        values = schedule_defaults(values, max_steps)
+        config = PrunedLoraConfig.from_dict(values)
+        if config.schedule == "cubic" and config.prune_end_step >= max_steps:
+            raise ConfigError(
+                f"prune_end_step ({config.prune_end_step}) must be before max_steps ({max_steps}) so that the run "
+                "ends at the target rank; lower it, or leave it out to place it at two thirds of the run"
+            )
+        return config
+    return PrunedLoraConfig.from_dict(values)
 
 
 class _RecipeLoader(yaml.SafeLoader):
@@ -202,7 +279,9 @@ def recipe_from_dict(raw: dict[str, Any]) -> TrainRecipe:
     if not isinstance(prune, bool):
         raise ConfigError(f"prune must be true or false, got {prune!r}; false trains plain LoRA at r0")
     if "data" not in raw:
-        raise ConfigError(f"the recipe has no data section; add data: with task: one of {', '.join(TASKS)}")
+        raise ConfigError(
+            f"the recipe has no data section; add data: with path: (your data file) or task: (one of {', '.join(TASKS)})"
+        )
     sections = {}
     for name, cls in _SECTIONS.items():
         values = raw.get(name)
@@ -211,8 +290,7 @@ def recipe_from_dict(raw: dict[str, Any]) -> TrainRecipe:
             raise ConfigError(f"{name} must be a mapping of option: value, got {type(values).__name__} {values!r}")
         try:
             if cls is PrunedLoraConfig:
-                sections[name] = PrunedLoraConfig.from_dict(values)
-                continue
+                continue  # after training: its pruning steps may depend on the run's length
             known = {f.name for f in fields(cls)}
             bad = sorted(map(str, set(values) - known))
             if bad:
@@ -220,8 +298,7 @@ def recipe_from_dict(raw: dict[str, Any]) -> TrainRecipe:
             required = [f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING]
             missing = [key for key in required if key not in values]
             if missing:
-                hint = f" (one of {', '.join(TASKS)})" if missing == ["task"] else ""
-                raise ConfigError(f"{missing[0]} is missing; set {name}.{missing[0]}{hint}")
+                raise ConfigError(f"{missing[0]} is missing; set {name}.{missing[0]}")
             sections[name] = cls(**values)
         except PrunedLoraError as err:
             raise ConfigError(f"{name}: {err}") from None
@@ -239,7 +316,20 @@ def recipe_from_dict(raw: dict[str, Any]) -> TrainRecipe:
                 "(rank pruning of the adapter at the same time is not supported)"
             )
     salr = _salr_section(raw, prune, loraprune)
-    return TrainRecipe(model=model, prune=prune, loraprune=loraprune, salr=salr, **sections)
+    method_section = raw.get("method") or {}
+    try:
+        method = _method_config(method_section, prune, sections["training"].max_steps)
+    except PrunedLoraError as err:
+        raise ConfigError(f"method: {err}") from None
+    return TrainRecipe(
+        model=model,
+        prune=prune,
+        loraprune=loraprune,
+        salr=salr,
+        method=method,
+        method_section=dict(method_section) if isinstance(method_section, dict) else {},
+        **sections,
+    )
 
 
 def _salr_section(raw: dict[str, Any], prune: bool, loraprune: LorapruneConfig | None) -> SalrSection | None:

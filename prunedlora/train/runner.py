@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import logging
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 
 from prunedlora import metadata
-from prunedlora.config import ConfigError, PrunedLoraConfig
+from prunedlora.config import PrunedLoraConfig
+from prunedlora.tasks import DataError
 from prunedlora.pruner import RankPruner
 from prunedlora.train.recipe import TrainRecipe
 
@@ -28,6 +29,7 @@ class TrainResult:
     train_loss: float
     losses: list[tuple[int, float]]
     global_step: int
+    dev_losses: list[tuple[int, float]] = field(default_factory=list)
 
 
 def lora_config_for(method: PrunedLoraConfig):
@@ -104,17 +106,14 @@ def train(recipe: TrainRecipe, resume: bool | str = "auto", callbacks: list | No
 
     model_dir = resolve_model(recipe.model)
     run_dir = Path(recipe.training.output_dir)
-    opts = recipe.training
-    if recipe.prune and recipe.method.schedule == "cubic" and recipe.method.prune_end_step >= opts.max_steps:
-        raise ConfigError(
-            f"prune_end_step ({recipe.method.prune_end_step}) must be before max_steps ({opts.max_steps}) "
-            "so that the run ends at the target rank"
-        )
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     dataset = build_train_dataset(tokenizer, recipe.data)  # before the model: a bad data file fails fast
+    dev_dataset = _dev_dataset(tokenizer, recipe)
+    recipe = recipe.with_steps(recipe.training.steps_for(len(dataset)))
+    opts = recipe.training
     torch.manual_seed(opts.seed)
     salr_callbacks, salr_source = [], None
     if recipe.salr is not None:
@@ -138,6 +137,14 @@ def train(recipe: TrainRecipe, resume: bool | str = "auto", callbacks: list | No
         from prunedlora.loraprune.pruner import LoraPruner
 
         base_pruner = LoraPruner(model, recipe.loraprune, total_steps=opts.max_steps)
+    evaluation = {}
+    if dev_dataset is not None:  # the dev loss, a few times a run, beside the training loss
+        evaluation = dict(
+            eval_strategy="steps",
+            eval_steps=opts.eval_steps or max(1, opts.max_steps // 5),
+            per_device_eval_batch_size=opts.per_device_train_batch_size,
+            prediction_loss_only=True,  # logits of a whole dev split would not fit in memory
+        )
     args = training_arguments(
         opts,
         run_dir,
@@ -145,11 +152,13 @@ def train(recipe: TrainRecipe, resume: bool | str = "auto", callbacks: list | No
         save_steps=opts.save_steps,
         save_total_limit=opts.save_total_limit,
         ddp_find_unused_parameters=False,
+        **evaluation,
     )
     trainer = Trainer(
         model=model,
         args=args,
         train_dataset=dataset,
+        eval_dataset=dev_dataset,
         data_collator=make_collator(tokenizer),
         callbacks=[
             PrunedLoraCallback(pruner),
@@ -169,11 +178,14 @@ def train(recipe: TrainRecipe, resume: bool | str = "auto", callbacks: list | No
     output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
 
     losses = [(e["step"], e["loss"]) for e in trainer.state.log_history if "loss" in e]
+    dev_losses = [(e["step"], e["eval_loss"]) for e in trainer.state.log_history if "eval_loss" in e]
+    if dev_losses:
+        logger.info("dev loss: %s", ", ".join(f"step {s} {v:.4f}" for s, v in dev_losses))
     if trainer.is_world_process_zero():
         if base_pruner is not None:  # the final masks: `prunedlora prune-export RUN OUT` slices with them
             base_pruner.save(run_dir)  # before the run record, which is written last
         if salr_source is None:
-            write_run_dir(run_dir, model, pruner, recipe, model_dir, trainer.state.global_step)
+            write_run_dir(run_dir, model, pruner, recipe, model_dir, trainer.state.global_step, dev_losses=dev_losses)
         else:  # the adapter belongs to the materialised sparse base: that is the run's base model
             write_run_dir(
                 run_dir,
@@ -183,6 +195,7 @@ def train(recipe: TrainRecipe, resume: bool | str = "auto", callbacks: list | No
                 salr_source.base_dir,
                 trainer.state.global_step,
                 salr_source.provenance(),
+                dev_losses=dev_losses,
             )
     return TrainResult(
         run_dir=run_dir,
@@ -191,7 +204,25 @@ def train(recipe: TrainRecipe, resume: bool | str = "auto", callbacks: list | No
         train_loss=float(output.training_loss),
         losses=losses,
         global_step=trainer.state.global_step,
+        dev_losses=dev_losses,
     )
+
+
+def _dev_dataset(tokenizer, recipe: TrainRecipe):
+    """The first ``training.eval_examples`` of the dev split, tokenized as training tokenizes, or None
+    when the data has no dev split (never a part of the training split: ``tasks.split_dev``)."""
+    from prunedlora.tasks import has_dev_split
+    from prunedlora.train.data import build_train_dataset
+
+    if not has_dev_split(recipe.data):
+        return None
+    dev = replace(recipe.data, split="dev", max_examples=recipe.training.eval_examples, mix=None)
+    try:
+        return build_train_dataset(tokenizer, dev)
+    except DataError as err:
+        if "selects nothing" in str(err):  # own data too small for a carve
+            return None
+        raise
 
 
 def _salr_model(recipe: TrainRecipe, model_dir: Path):
@@ -219,6 +250,7 @@ def write_run_dir(
     model_dir: Path,
     step: int,
     salr: dict | None = None,
+    dev_losses: list[tuple[int, float]] | None = None,
 ) -> None:
     """Adapter at r0 (pruned components exactly 0), masks, rank history, run record, rank heatmap.
 
@@ -236,7 +268,11 @@ def write_run_dir(
         target_modules=list(recipe.method.target_modules),
         ranks=ranks,
         method=recipe.method.to_dict(),
-        training={**recipe.to_dict(), **({"salr_source": salr} if salr else {})},
+        training={
+            **recipe.to_dict(),
+            **({"salr_source": salr} if salr else {}),
+            **({"dev_losses": [list(x) for x in dev_losses]} if dev_losses else {}),
+        },
         global_step=step,
     )
     metadata.write_run(run_dir, record, pruner.masks, model.save_pretrained, history=pruner.history)

@@ -25,8 +25,8 @@ def test_the_package_ships_the_recipes():
 @pytest.mark.parametrize("spec", ["smollm2-sst2", "smollm2-sst2.yaml", "recipes/smollm2-sst2.yaml"])
 def test_a_shipped_recipe_by_name_from_any_folder(spec, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # no recipes/ folder here: the packaged file is read
-    recipe = load_recipe(spec, {"training.max_steps": "3"})
-    assert recipe.data.task == "sst2" and recipe.training.max_steps == 3
+    recipe = load_recipe(spec, {"training.max_steps": "300"})
+    assert recipe.data.task == "sst2" and recipe.training.max_steps == 300
 
 
 def test_a_file_wins_over_a_shipped_name(tmp_path, monkeypatch):
