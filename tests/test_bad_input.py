@@ -497,21 +497,13 @@ def test_three_problems_in_one_line(adapters, vllm_base, work, capsys):
 
 # inspect shows what an adapter holds, so it describes adapters whose files it can read even when they
 # cannot be served; it refuses only what it cannot read.
-INSPECT_DESCRIBES = {
-    "rank 0",
-    "target the base lacks",
-    "another PEFT type",
-    "no lora_B",
-    "NaN weights",
-    "dora",
-    "three problems",
-}
+INSPECT_CANNOT_READ = {"truncated", "no weights", "config not JSON", "no config", "pickled", "not a folder"}
 
 
 @pytest.mark.parametrize("case", ADAPTER_CASES)
 def test_inspect_refuses_what_it_cannot_read(case, adapters, work, capsys):
     path = adapters[case]
-    if case not in INSPECT_DESCRIBES:
+    if case in INSPECT_CANNOT_READ:
         refused(["inspect", path], capsys, path.name, work)
         return
     assert main(["inspect", str(path)]) == 0

@@ -408,7 +408,7 @@ def adapters_from_runs(run_dirs: list[str | os.PathLike], work_dir: str | os.Pat
             record = metadata.read_run_record(run)
         except metadata.MetadataError as err:
             raise BenchAdapterError(f"{run} is not a finished `prunedlora train` run: {err}") from err
-        stamp = (run / metadata.RUN_ADAPTER_DIR / "adapter_model.safetensors").stat().st_mtime_ns
+        stamp = (run / metadata.RUN_ADAPTER_DIR / ADAPTER_WEIGHTS_FILE).stat().st_mtime_ns
         base = {"run": str(run.resolve()), "stamp": stamp, "format": 1}
         r0_out = work_dir / f"r0-{i}"
         _export_cached(run / metadata.RUN_ADAPTER_DIR, r0_out, {**base, "kind": "r0"})

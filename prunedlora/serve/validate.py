@@ -210,22 +210,19 @@ def _check_config(config: dict, problems: _Problems) -> bool:
         problems.add(f"uses {', '.join(features)}, which vLLM does not support; retrain it as a plain LoRA")
     if "r" in config and not _positive_int(config["r"]):
         problems.add(f"r must be a positive integer in {ADAPTER_CONFIG_FILE}, got {config['r']!r}")
-    rank_pattern = config.get("rank_pattern") or {}
-    if not isinstance(rank_pattern, dict):
-        problems.add(f"rank_pattern must be a JSON object of module -> rank, got {rank_pattern!r}")
-    else:
-        for key, rank in rank_pattern.items():
-            if not _positive_int(rank):
-                problems.add(f"rank_pattern[{key!r}] must be a positive integer, got {rank!r}")
     if "lora_alpha" in config and not _positive_number(config["lora_alpha"]):
         problems.add(f"lora_alpha must be a positive number, got {config['lora_alpha']!r}")
-    alpha_pattern = config.get("alpha_pattern") or {}
-    if not isinstance(alpha_pattern, dict):
-        problems.add(f"alpha_pattern must be a JSON object of module -> alpha, got {alpha_pattern!r}")
-    else:
-        for key, alpha in alpha_pattern.items():
-            if not _positive_number(alpha):
-                problems.add(f"alpha_pattern[{key!r}] must be a positive number, got {alpha!r}")
+    for field_name, valid, kind in (
+        ("rank_pattern", _positive_int, "a positive integer"),
+        ("alpha_pattern", _positive_number, "a positive number"),
+    ):
+        pattern = config.get(field_name) or {}
+        if not isinstance(pattern, dict):
+            problems.add(f"{field_name} must be a JSON object of module -> value, got {pattern!r}")
+            continue
+        for key, value in pattern.items():
+            if not valid(value):
+                problems.add(f"{field_name}[{key!r}] must be {kind}, got {value!r}")
     return True
 
 
