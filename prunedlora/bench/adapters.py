@@ -36,6 +36,7 @@ from prunedlora.modelfacts import (
     PROJECTIONS,
     base_linear_shapes,
 )
+from prunedlora.staging import write_text_atomic
 
 FAMILIES = ("r0", "pruned-global", "pruned-uniform")
 MIXED_RANK_FAMILY = "mixed-rank"
@@ -224,7 +225,7 @@ def _export_cached(source: Path, out: Path, spec: dict) -> None:
     if marker.is_file() and json.loads(marker.read_text()).get("hash") == _spec_hash(spec):
         return
     export_adapter(source, out, verify=False, overwrite=True)
-    marker.write_text(json.dumps({"hash": _spec_hash(spec), "spec": spec}, indent=2, sort_keys=True) + "\n")
+    write_text_atomic(marker, json.dumps({"hash": _spec_hash(spec), "spec": spec}, indent=2, sort_keys=True) + "\n")
 
 
 def synthetic_adapters(
