@@ -11,6 +11,7 @@ import importlib
 import sys
 
 from prunedlora.errors import PrunedLoraError
+from prunedlora.iofaults import io_fault
 
 _STAGE_CLIS = (
     "prunedlora.train.cli",
@@ -64,6 +65,12 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except PrunedLoraError as err:
         print(f"prunedlora {args.command}: error: {one_line(err)}", file=sys.stderr)
+        return 2
+    except Exception as err:  # an I/O fault no writer saw (a read of a vanished file): one line too
+        fault = io_fault(err)
+        if fault is None:
+            raise
+        print(f"prunedlora {args.command}: error: {one_line(fault)}", file=sys.stderr)
         return 2
     return int(result or 0)
 

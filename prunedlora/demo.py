@@ -14,6 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from prunedlora.modelfacts import ADAPTER_WEIGHTS_FILE
+
 
 @dataclass(frozen=True)
 class DemoTask:
@@ -67,8 +69,8 @@ def _export_or_reuse(run_dir: Path, out_dir: Path) -> Path:
     from prunedlora import metadata
     from prunedlora.export import export_adapter, inspect_adapter
 
-    adapter_file = run_dir / metadata.RUN_ADAPTER_DIR / "adapter_model.safetensors"
-    exported = out_dir / "adapter_model.safetensors"
+    adapter_file = run_dir / metadata.RUN_ADAPTER_DIR / ADAPTER_WEIGHTS_FILE
+    exported = out_dir / ADAPTER_WEIGHTS_FILE
     if exported.is_file() and exported.stat().st_mtime_ns >= adapter_file.stat().st_mtime_ns:
         print(f"reusing the export in {out_dir}")
     else:
@@ -90,8 +92,8 @@ def _score_or_reuse(task: DemoTask, model_dir: Path, run_dir: Path, adapter_dir:
     from prunedlora.train.recipe import load_recipe
 
     sources = [
-        run_dir / metadata.RUN_ADAPTER_DIR / "adapter_model.safetensors",
-        adapter_dir / "adapter_model.safetensors",
+        run_dir / metadata.RUN_ADAPTER_DIR / ADAPTER_WEIGHTS_FILE,
+        adapter_dir / ADAPTER_WEIGHTS_FILE,
     ]
     if out_file.is_file() and all(out_file.stat().st_mtime_ns >= s.stat().st_mtime_ns for s in sources):
         print(f"reusing the scores in {out_file}")

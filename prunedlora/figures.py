@@ -22,10 +22,13 @@ def new_figure(width: float, height: float):
 
 
 def save_figure(fig, path: str | os.PathLike) -> Path:
-    """Write ``fig`` as a PNG at ``path`` (parents created) and return the path."""
+    """Write ``fig`` as a PNG at ``path`` (parents created, through a temporary sibling so a failed
+    write leaves no half image) and return the path."""
+    from prunedlora.staging import staged_files
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png", bbox_inches="tight")
+    with staged_files(path) as (temporary,):
+        fig.savefig(temporary, format="png", bbox_inches="tight")
     return path
 
 

@@ -35,6 +35,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from prunedlora.errors import PrunedLoraError
+from prunedlora.staging import staged_files, write_text_atomic
 
 FORMAT_VERSION = 1
 RUN_ADAPTER_DIR = "adapter"
@@ -98,12 +99,9 @@ class AdapterRecord:
 
 
 def write_json_atomic(path: Path, payload: Any) -> None:
-    """Write JSON beside ``path`` and rename it into place: a reader never sees half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n")
-    os.replace(tmp, path)
+    """Write JSON beside ``path`` and rename it into place: a reader never sees half a file, and a full
+    disk or an unwritable folder is one line naming the path (``staging``)."""
+    write_text_atomic(path, json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n")
 
 
 def _read_json(path: Path) -> Any:
@@ -180,9 +178,8 @@ def read_adapter_record(adapter_dir: str | os.PathLike) -> AdapterRecord | None:
 
 def save_masks(path: str | os.PathLike, masks: dict[str, torch.Tensor]) -> None:
     tensors = {name: mask.detach().to("cpu", torch.bool).contiguous() for name, mask in masks.items()}
-    tmp = f"{path}.tmp"
-    save_file(tensors, tmp, metadata={"format": "prunedlora-masks", "version": str(FORMAT_VERSION)})
-    os.replace(tmp, path)
+    with staged_files(path) as (tmp,):
+        save_file(tensors, str(tmp), metadata={"format": "prunedlora-masks", "version": str(FORMAT_VERSION)})
 
 
 def load_masks(path: str | os.PathLike) -> dict[str, torch.Tensor]:

@@ -3,7 +3,8 @@
 Why: train, export, serve and bench all name the same projections, read the same PEFT files and
 look at the same base weights. Keeping those facts here (rather than in whichever stage needed them
 first) lets ``export`` and ``serve`` use them without importing ``train``, and a change happens once.
-Nothing here imports torch, PEFT or vLLM: the base model's shapes come from safetensors headers.
+Nothing here imports PEFT or vLLM, nor torch at import time: the base model's shapes come from
+safetensors headers, and torch is imported only to name a dtype.
 """
 
 from __future__ import annotations
@@ -106,6 +107,30 @@ def unmatched_targets(target_modules, module_names) -> list[str]:
         matched = target_modules == "all-linear" or any(re.fullmatch(target_modules, n) for n in names)
         return [] if matched else [target_modules]
     return [t for t in target_modules or [] if not any(n == t or n.endswith("." + t) for n in names)]
+
+
+def saved_dtype(model):
+    """The floating dtype a model's weights are saved in, as its config declares it (``dtype``, or
+    ``torch_dtype`` in older configs); float32 when it declares none usable.
+
+    ``model`` is a Hugging Face folder, a loaded config or a config dict. Export's merged model and
+    LoRAPrune's sliced base are written back in this dtype, so a bfloat16 base stays bfloat16.
+    """
+    import torch
+
+    if isinstance(model, (str, os.PathLike)):
+        try:
+            config = json.loads((Path(model) / "config.json").read_text())
+        except (OSError, ValueError):
+            config = {}
+        named = (config.get("dtype") or config.get("torch_dtype")) if isinstance(config, dict) else None
+    elif isinstance(model, dict):
+        named = model.get("dtype") or model.get("torch_dtype")
+    else:
+        named = getattr(model, "dtype", None) or getattr(model, "torch_dtype", None)
+    if isinstance(named, str):
+        named = getattr(torch, named, None)
+    return named if isinstance(named, torch.dtype) and named.is_floating_point else torch.float32
 
 
 def safetensors_files(model_dir: str | Path) -> list[str] | None:

@@ -73,11 +73,10 @@ def unsupported_lora_features(adapter_config: dict) -> list[str]:
 
 # --- LoRA adapter format facts (vllm/lora/peft_helper.py, vllm/lora/lora_model.py) -----------------
 
-# vLLM reads only this weights file without unpickling; it falls back to these pickled files, which
-# run code from whoever made them when loaded, so ``serve`` refuses an adapter that ships one.
-ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
+# vLLM reads only PEFT's safetensors weights file (``modelfacts.ADAPTER_WEIGHTS_FILE``) without
+# unpickling; it falls back to these pickled files, which run code from whoever made them when loaded,
+# so ``serve`` refuses an adapter that ships one.
 PICKLED_ADAPTER_FILES: tuple[str, ...] = ("adapter_model.bin", "adapter_model.pt")
-ADAPTER_CONFIG_FILE = "adapter_config.json"
 
 # adapter_config.json fields without a default in vLLM's PEFTHelper: a config lacking one fails there.
 REQUIRED_LORA_CONFIG_FIELDS: tuple[str, ...] = ("r", "lora_alpha", "target_modules")

@@ -406,6 +406,11 @@ def adapters(vllm_base, tmp_path_factory) -> dict[str, Path]:
     tensors = load_file(str(good / weights))
     save_file({k: v for k, v in tensors.items() if "lora_B" not in k}, str(copy("no lora_B") / weights))
     save_file({k: v * float("nan") for k, v in tensors.items()}, str(copy("NaN weights") / weights))
+    three = copy("three problems")  # a config problem, a tensor problem, a module problem
+    config = json.loads((three / "adapter_config.json").read_text())
+    (three / "adapter_config.json").write_text(json.dumps({**config, "bias": "all"}))
+    broken = {k: v * float("nan") if "layers.0.self_attn.q_proj.lora_A" in k else v for k, v in tensors.items()}
+    save_file({k: v for k, v in broken.items() if "layers.1.self_attn.v_proj.lora_B" not in k}, str(three / weights))
     copy("not a folder")
     shutil.rmtree(made["not a folder"])
     made["not a folder"].write_text("a file")
@@ -425,6 +430,7 @@ ADAPTER_CASES = [
     "dora",
     "pickled",
     "not a folder",
+    "three problems",
 ]
 
 
@@ -480,15 +486,24 @@ def test_broken_adapters_refused_by_export(case, adapters, vllm_base, work, caps
         assert "match no module of base model" in line
 
 
+def test_three_problems_in_one_line(adapters, vllm_base, work, capsys):
+    """Every problem of an adapter in the one line, '; '-separated, so one run shows all there is to fix."""
+    path = adapters["three problems"]
+    line = refused(["serve", "--model", vllm_base, "--dry-run", "--adapter", f"x={path}"], capsys, str(path), work)
+    assert "trains biases" in line
+    assert "layers.0.self_attn.q_proj.lora_A.weight holds NaN" in line
+    assert "layers.1.self_attn.v_proj has no lora_B weight" in line
+
+
 # inspect shows what an adapter holds, so it describes adapters whose files it can read even when they
 # cannot be served; it refuses only what it cannot read.
-INSPECT_DESCRIBES = {"rank 0", "target the base lacks", "another PEFT type", "no lora_B", "NaN weights", "dora"}
+INSPECT_CANNOT_READ = {"truncated", "no weights", "config not JSON", "no config", "pickled", "not a folder"}
 
 
 @pytest.mark.parametrize("case", ADAPTER_CASES)
 def test_inspect_refuses_what_it_cannot_read(case, adapters, work, capsys):
     path = adapters[case]
-    if case not in INSPECT_DESCRIBES:
+    if case in INSPECT_CANNOT_READ:
         refused(["inspect", path], capsys, path.name, work)
         return
     assert main(["inspect", str(path)]) == 0

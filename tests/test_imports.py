@@ -33,6 +33,7 @@ CORE = (
     "criteria",
     "errors",
     "figures",
+    "iofaults",
     "lazy",
     "metadata",
     "modelfacts",

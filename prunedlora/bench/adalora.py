@@ -25,6 +25,7 @@ import torch
 from transformers import TrainerCallback
 
 from prunedlora.errors import PrunedLoraError
+from prunedlora.staging import write_text_atomic
 from prunedlora.train.recipe import TrainRecipe
 from prunedlora.train.runner import TrainResult
 
@@ -186,7 +187,8 @@ def train_adalora(recipe: TrainRecipe, out_dir: str | Path, keep_model: bool = F
         seconds=time.perf_counter() - start,
         model=model if keep_model else None,
     )
-    done.write_text(
+    write_text_atomic(
+        done,
         json.dumps(
             {
                 "ranks": ranks,
@@ -198,6 +200,6 @@ def train_adalora(recipe: TrainRecipe, out_dir: str | Path, keep_model: bool = F
             },
             indent=2,
         )
-        + "\n"
+        + "\n",
     )
     return result

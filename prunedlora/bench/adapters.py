@@ -36,6 +36,7 @@ from prunedlora.modelfacts import (
     PROJECTIONS,
     base_linear_shapes,
 )
+from prunedlora.staging import write_text_atomic
 
 FAMILIES = ("r0", "pruned-global", "pruned-uniform")
 MIXED_RANK_FAMILY = "mixed-rank"
@@ -224,7 +225,7 @@ def _export_cached(source: Path, out: Path, spec: dict) -> None:
     if marker.is_file() and json.loads(marker.read_text()).get("hash") == _spec_hash(spec):
         return
     export_adapter(source, out, verify=False, overwrite=True)
-    marker.write_text(json.dumps({"hash": _spec_hash(spec), "spec": spec}, indent=2, sort_keys=True) + "\n")
+    write_text_atomic(marker, json.dumps({"hash": _spec_hash(spec), "spec": spec}, indent=2, sort_keys=True) + "\n")
 
 
 def synthetic_adapters(
@@ -408,7 +409,7 @@ def adapters_from_runs(run_dirs: list[str | os.PathLike], work_dir: str | os.Pat
             record = metadata.read_run_record(run)
         except metadata.MetadataError as err:
             raise BenchAdapterError(f"{run} is not a finished `prunedlora train` run: {err}") from err
-        stamp = (run / metadata.RUN_ADAPTER_DIR / "adapter_model.safetensors").stat().st_mtime_ns
+        stamp = (run / metadata.RUN_ADAPTER_DIR / ADAPTER_WEIGHTS_FILE).stat().st_mtime_ns
         base = {"run": str(run.resolve()), "stamp": stamp, "format": 1}
         r0_out = work_dir / f"r0-{i}"
         _export_cached(run / metadata.RUN_ADAPTER_DIR, r0_out, {**base, "kind": "r0"})

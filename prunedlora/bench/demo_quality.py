@@ -21,7 +21,7 @@ from pathlib import Path
 from prunedlora import metadata
 from prunedlora.bench.paired import paired_bootstrap
 from prunedlora.bench.scoring import TASK_METRICS, EvalSettings, ScoringError, load_model, load_tokenizer, score_task
-from prunedlora.vllm_compat import ADAPTER_WEIGHTS_FILE
+from prunedlora.modelfacts import ADAPTER_WEIGHTS_FILE
 
 # Per-example agreement the r0 adapter and its export must reach (log-prob units: a classification
 # margin, or an example's summed answer log-likelihood). Both merge into fp32 weights, so they differ by

@@ -50,6 +50,7 @@ from prunedlora.cpu import CpuChoice, machine_record
 from prunedlora.errors import PrunedLoraError
 from prunedlora.modelfacts import PROJECTIONS, base_weight_shapes
 from prunedlora.serve.lora_ops import LORA_OPS_MODES, RANK_AWARE, STOCK
+from prunedlora.staging import write_text_atomic
 from prunedlora.vllm_compat import ALLOWED_MAX_LORA_RANKS, smallest_slot_rank
 
 DEFAULT_RESULTS_DIR = Path("benchmarks/results")
@@ -407,7 +408,7 @@ def _engine_specs(
 def _run_worker(spec: dict, engine_dir: Path, timeout_s: float, echo: bool, choice: CpuChoice | None = None) -> dict:
     engine_dir.mkdir(parents=True, exist_ok=True)
     spec_path, result_path, log_path = engine_dir / "spec.json", engine_dir / "result.json", engine_dir / "vllm.log"
-    spec_path.write_text(json.dumps(spec, indent=2) + "\n")
+    write_text_atomic(spec_path, json.dumps(spec, indent=2) + "\n")
     result_path.unlink(missing_ok=True)
     cmd = [sys.executable, "-m", "prunedlora.bench.latency_worker", str(spec_path), str(result_path)]
     env = dict(os.environ)
@@ -466,7 +467,7 @@ def run_latency_bench(config: LatencyBenchConfig) -> dict:
     ``per_adapter``: each adapter's own summary and ratios), ``adapters``, ``engines``, ``machine`` and
     ``files``.
     """
-    from prunedlora.bench.report import latency_markdown, plot_latency, portable_path
+    from prunedlora.bench.report import latency_markdown, plot_latency, portable_path, write_result_files
     from prunedlora.models import cache_dir, resolve_model
     from prunedlora.serve.config import cpu_choice, resolve_device
 
@@ -532,13 +533,7 @@ def run_latency_bench(config: LatencyBenchConfig) -> dict:
         "engines": engines,
         "elapsed_s": time.perf_counter() - started,
     }
-    out_dir.mkdir(parents=True, exist_ok=True)
-    files = {key: str(out_dir / name) for key, name in RESULT_FILES.items()}
-    payload["files"] = files
-    plot_latency(payload, files["plot"])
-    Path(files["markdown"]).write_text(latency_markdown(payload))
-    Path(files["json"]).write_text(json.dumps(payload, indent=2) + "\n")
-    return payload
+    return write_result_files(out_dir, RESULT_FILES, payload, plot_latency, latency_markdown)
 
 
 def _version(dist: str) -> str | None:

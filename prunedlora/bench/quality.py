@@ -60,6 +60,7 @@ import yaml
 
 from prunedlora.cpu import machine_line, machine_record
 from prunedlora.errors import PrunedLoraError
+from prunedlora.staging import write_text_atomic
 
 QUALITY_TASKS = ("gsm8k", "codealpaca", "sst2")  # the tasks the table covers (tasks.TASKS also has rte)
 METHODS: dict[str, dict[str, Any]] = {
@@ -469,8 +470,9 @@ def run_cell(cell: Cell, config: QualityBenchConfig) -> dict[str, Any]:
     if config.force and cell.dir.exists():
         shutil.rmtree(cell.dir)
     cell.dir.mkdir(parents=True, exist_ok=True)
-    (cell.dir / CELL_FILE).write_text(
-        json.dumps({**cell.spec, "command": cell_command(config, cell)}, indent=2, default=str) + "\n"
+    write_text_atomic(
+        cell.dir / CELL_FILE,
+        json.dumps({**cell.spec, "command": cell_command(config, cell)}, indent=2, default=str) + "\n",
     )
     runnable = copy.deepcopy(cell.spec["recipe"])
     runnable["data"]["path"] = real_data_path(runnable["data"].get("path"))
@@ -678,7 +680,7 @@ def run_quality_bench(config: QualityBenchConfig) -> dict[str, Any]:
     ``cells`` (each cell's result or error, with its command), ``summary`` (mean and spread per task
     and method) and ``files``.
     """
-    from prunedlora.bench.report import plot_quality, portable_path, quality_markdown
+    from prunedlora.bench.report import plot_quality, portable_path, quality_markdown, write_result_files
 
     started = time.perf_counter()
     cells = plan_cells(config)
@@ -727,14 +729,7 @@ def run_quality_bench(config: QualityBenchConfig) -> dict[str, Any]:
         "summary": aggregate(results),
         "elapsed_s": time.perf_counter() - started,
     }
-    out_dir = Path(config.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    files = {key: str(out_dir / name) for key, name in RESULT_FILES.items()}
-    payload["files"] = files
-    plot_quality(payload, files["plot"])
-    Path(files["markdown"]).write_text(quality_markdown(payload))
-    Path(files["json"]).write_text(json.dumps(payload, indent=2, default=str) + "\n")
-    return payload
+    return write_result_files(config.out_dir, RESULT_FILES, payload, plot_quality, quality_markdown)
 
 
 def _home_relative(cell: dict[str, Any]) -> dict[str, Any]:

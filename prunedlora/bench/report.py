@@ -7,13 +7,16 @@ committed result names the repository's folders and the user's cache, never one 
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import statistics
+from collections.abc import Callable
 from pathlib import Path
 
 from prunedlora.cpu import machine_line
 from prunedlora.figures import new_figure, save_figure
+from prunedlora.staging import staged_files
 
 
 def portable_path(path: str | os.PathLike, root: str | os.PathLike | None = None) -> str:
@@ -25,6 +28,29 @@ def portable_path(path: str | os.PathLike, root: str | os.PathLike | None = None
     if path.is_relative_to(root):
         return str(path.relative_to(root))
     return f"~/{path.relative_to(home)}" if path.is_relative_to(home) else str(path)
+
+
+def write_result_files(
+    out_dir: str | os.PathLike,
+    names: dict[str, str],
+    payload: dict,
+    plot: Callable[[dict, Path], object],
+    markdown: Callable[[dict], str],
+) -> dict:
+    """Write a bench's ``json``, ``markdown`` and ``plot`` files (``names``: key -> file name) into
+    ``out_dir`` together and return ``payload`` with their paths under ``files``.
+
+    Why together: the three are staged beside their targets and renamed only when all are written
+    (``staging.staged_files``), so a full disk or an unwritable folder leaves the previous results as
+    they were (never a new table beside an old plot) and is one line that names the path.
+    """
+    files = {key: str(Path(out_dir) / name) for key, name in names.items()}
+    payload["files"] = files
+    with staged_files(files["plot"], files["markdown"], files["json"]) as (png, md, data):
+        plot(payload, png)
+        md.write_text(markdown(payload))
+        data.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    return payload
 
 
 def _fmt(value, digits: int = 3, scale: float = 1.0) -> str:

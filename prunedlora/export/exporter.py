@@ -24,6 +24,7 @@ from prunedlora.modelfacts import (
     LORA_B_SUFFIX,
     PEFT_PREFIX,
     base_linear_shapes,
+    saved_dtype,
     unmatched_targets,
 )
 from prunedlora.staging import staged_directory
@@ -172,7 +173,6 @@ def export_adapter(
         check_base_shapes,
         load_base,
         resolve_base_model,
-        saved_dtype,
         verify_dtype,
         verify_export,
     )

@@ -89,19 +89,6 @@ def verify_dtype(num_params: int) -> torch.dtype:
     return torch.float64 if num_params <= FLOAT64_MAX_PARAMS else torch.float32
 
 
-def saved_dtype(base_path: Path) -> torch.dtype:
-    """The dtype the base model's config declares (float32 when it says nothing usable)."""
-    import json
-
-    try:
-        config = json.loads((base_path / "config.json").read_text())
-        name = config.get("dtype") or config.get("torch_dtype") or "float32"
-        dtype = getattr(torch, str(name))
-        return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else torch.float32
-    except Exception:
-        return torch.float32
-
-
 def load_base(base_path: Path, dtype: torch.dtype = torch.float32):
     from transformers import AutoModelForCausalLM
 

@@ -6,7 +6,7 @@ work is refused on construction with one line rather than after an hour of train
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from prunedlora.loraprune.errors import LorapruneError
@@ -49,12 +49,9 @@ class LorapruneConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        from prunedlora.fieldtypes import type_problem
+        from prunedlora.fieldtypes import check_field_types
 
-        for f in fields(self):
-            problem = type_problem(f.name, f.type, getattr(self, f.name))
-            if problem:
-                raise LorapruneError(problem)
+        check_field_types(self, LorapruneError)  # types first: the range checks below compare values
         if self.criterion not in CRITERIA:
             raise LorapruneError(f"criterion must be one of {', '.join(CRITERIA)}, got {self.criterion!r}")
         if not 0.0 < self.sparsity < 1.0:

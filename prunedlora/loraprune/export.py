@@ -16,6 +16,7 @@ from prunedlora.loraprune.groups import decoder_shape, find_projections
 from prunedlora.loraprune.masks import GroupMasks
 from prunedlora.loraprune.pruner import read_state
 from prunedlora.loraprune.slicing import PrunedModel, write_pruned
+from prunedlora.modelfacts import ADAPTER_CONFIG_FILE, saved_dtype
 
 
 def export_pruned(run_dir, out_dir, overwrite: bool = False) -> PrunedModel:
@@ -32,7 +33,7 @@ def export_pruned(run_dir, out_dir, overwrite: bool = False) -> PrunedModel:
     state = read_state(run_dir)
     record = metadata.read_run_record(run_dir)
     adapter_dir = run_dir / metadata.RUN_ADAPTER_DIR
-    if not (adapter_dir / "adapter_config.json").is_file():
+    if not (adapter_dir / ADAPTER_CONFIG_FILE).is_file():
         raise LorapruneError(f"{adapter_dir} holds no PEFT adapter: the run did not finish")
     base = AutoModelForCausalLM.from_pretrained(record.base_model, dtype=torch.float32)
     model = PeftModel.from_pretrained(base, adapter_dir)
@@ -48,17 +49,5 @@ def export_pruned(run_dir, out_dir, overwrite: bool = False) -> PrunedModel:
         out_dir,
         tokenizer=tokenizer,
         extra=extra,
-        dtype=stored_dtype(AutoConfig.from_pretrained(record.base_model)),
+        dtype=saved_dtype(AutoConfig.from_pretrained(record.base_model)),  # bfloat16 stays bfloat16, exactly
     )
-
-
-def stored_dtype(config):
-    """The dtype the base model was saved in (its config's ``dtype``), float32 when it names none: the
-    pruned base is written the same way, so a bfloat16 base stays bfloat16 (exactly: slicing only drops
-    values)."""
-    import torch
-
-    named = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
-    if isinstance(named, str):
-        named = getattr(torch, named, None)
-    return named if isinstance(named, torch.dtype) and named.is_floating_point else torch.float32

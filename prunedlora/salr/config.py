@@ -8,7 +8,7 @@ callers and the written ``salr.json`` agree.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from prunedlora.modelfacts import PROJECTIONS
@@ -65,12 +65,9 @@ class SparsifyConfig:
     seed: int = 0  # the PEFT initialisation of the task components
 
     def __post_init__(self) -> None:
-        from prunedlora.fieldtypes import type_problem
+        from prunedlora.fieldtypes import check_field_types
 
-        for f in fields(self):
-            problem = type_problem(f.name, f.type, getattr(self, f.name))
-            if problem:
-                raise SalrError(problem)
+        check_field_types(self, SalrError)  # types first: the range checks below compare values
         self.target_modules = list(self.target_modules)
         if not 0.0 < self.sparsity < 1.0:
             raise SalrError(f"sparsity must lie strictly between 0 and 1 (a fraction of zeros), got {self.sparsity}")

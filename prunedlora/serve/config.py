@@ -14,8 +14,8 @@ from pathlib import Path
 
 from prunedlora.cpu import CpuChoice, decide, read_cpu_info
 from prunedlora.errors import PrunedLoraError
+from prunedlora.modelfacts import ADAPTER_CONFIG_FILE
 from prunedlora.serve.lora_ops import DEFAULT_LORA_OPS, LORA_OPS_ENV, LORA_OPS_MODES
-from prunedlora.vllm_compat import ADAPTER_CONFIG_FILE
 
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 DEVICES = ("auto", "cpu", "cuda")

@@ -23,7 +23,7 @@ from prunedlora.serve.config import (
 )
 from prunedlora.serve.lora_ops import DEFAULT_LORA_OPS
 from prunedlora.serve.slots import SlotPlan, plan_slots
-from prunedlora.serve.validate import AdapterInfo, validate_adapter
+from prunedlora.serve.validate import AdapterInfo, validate_adapter, validate_adapters
 from prunedlora.serve.vllm_fixes import WORKER_EXTENSION
 
 
@@ -73,10 +73,9 @@ class OfflineEngine:
         ops_env = lora_ops_env(lora_ops)
         self.model_dir = resolve_model(str(model))
         self.device = resolve_device(device)
-        self.adapters: dict[str, AdapterInfo] = {}
-        for name, path in (adapters or {}).items():
+        for name in adapters or {}:
             check_adapter_name(name)
-            self.adapters[name] = validate_adapter(path, self.model_dir, name=name)
+        self.adapters: dict[str, AdapterInfo] = validate_adapters(dict(adapters or {}), self.model_dir)
         self.plan: SlotPlan = plan_slots(
             self.adapters, max_lora_rank=max_lora_rank, max_loras=max_loras, max_cpu_loras=max_cpu_loras
         )

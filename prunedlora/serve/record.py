@@ -14,6 +14,7 @@ from pathlib import Path
 
 from prunedlora.models import cache_dir
 from prunedlora.serve.config import LOOPBACK_HOSTS
+from prunedlora.staging import write_text_atomic
 
 
 def serve_record_path(host: str, port: int) -> Path:
@@ -56,10 +57,7 @@ def read_serve_record(host: str, port: int) -> ServeRecord | None:
 
 def write_serve_record(host: str, port: int, record: ServeRecord) -> Path:
     """Keep ``record`` for the server on host:port; returns where."""
-    path = serve_record_path(host, port)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(asdict(record), indent=2) + "\n")
-    return path
+    return write_text_atomic(serve_record_path(host, port), json.dumps(asdict(record), indent=2) + "\n")
 
 
 def remove_serve_record(host: str, port: int, pid: int) -> None:

@@ -41,7 +41,7 @@ from prunedlora.serve.http import free_port, http_json
 from prunedlora.serve.process import start_process, stop_process
 from prunedlora.serve.record import ServeRecord, remove_serve_record, write_serve_record
 from prunedlora.serve.slots import SlotPlan, plan_slots
-from prunedlora.serve.validate import AdapterInfo, validate_adapter
+from prunedlora.serve.validate import AdapterInfo, validate_adapters
 from prunedlora.serve.vllm_fixes import WORKER_EXTENSION
 
 
@@ -99,9 +99,7 @@ class VllmServer:
     # -- before start --------------------------------------------------------------------------
     def prepare(self) -> SlotPlan:
         """Validate every adapter and choose the slot settings; nothing is started."""
-        self.adapters = {
-            name: validate_adapter(path, self.model_dir, name=name) for name, path in self.adapter_paths.items()
-        }
+        self.adapters = validate_adapters(self.adapter_paths, self.model_dir)
         c = self.config
         self.plan = plan_slots(
             self.adapters, max_lora_rank=c.max_lora_rank, max_loras=c.max_loras, max_cpu_loras=c.max_cpu_loras

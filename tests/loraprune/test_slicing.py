@@ -163,10 +163,10 @@ def test_a_model_that_is_not_llama_like_is_refused(tmp_path):
 def test_a_bfloat16_base_is_written_in_bfloat16_and_still_matches(tmp_path):
     from transformers import LlamaConfig
 
-    from prunedlora.loraprune.export import stored_dtype
+    from prunedlora.modelfacts import saved_dtype
 
-    assert stored_dtype(LlamaConfig(dtype="bfloat16")) == torch.bfloat16
-    assert stored_dtype(LlamaConfig()) == torch.float32
+    assert saved_dtype(LlamaConfig(dtype="bfloat16")) == torch.bfloat16
+    assert saved_dtype(LlamaConfig()) == torch.float32
     model = tiny_peft()
     with torch.no_grad():  # a bfloat16 base loaded in float32 (as export loads it): every value is a bfloat16
         for name, p in model.named_parameters():

@@ -203,7 +203,7 @@ def test_module_missing_from_base(good, base, tmp_path):
     weights = adapter / "adapter_model.safetensors"
     tensors = {k.replace("self_attn.q_proj", "self_attn.qq_proj"): v for k, v in load_file(str(weights)).items()}
     save_file(tensors, str(weights))
-    message = _refused(adapter, base, "qq_proj, which is not a linear layer of base model")
+    message = _refused(adapter, base, r"qq_proj \(and 1 more\), which is not a linear layer of base model")
     assert "q_proj" in message.split("named")[1]
 
 

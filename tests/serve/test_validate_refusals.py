@@ -83,3 +83,47 @@ def test_a_and_b_of_different_ranks(copy, vllm_tiny_model_path):
 def test_a_module_without_one_factor(copy, vllm_tiny_model_path, drop, missing):
     _edit_tensors(copy, lambda t: t.pop(drop))
     _refused(copy, vllm_tiny_model_path, rf"module model\.layers\.0\.self_attn\.q_proj has no {missing} weight")
+
+
+def test_three_problems_in_one_message(copy, vllm_tiny_model_path):
+    """Every problem at once (as vLLM's PEFTHelper reports): a config problem, a tensor problem and a
+    module problem, named in one line separated by '; ', so the user fixes them in one pass.
+
+    Break: make validate_adapter raise at the first problem -> only one of the three is named."""
+    path = copy / "adapter_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "bias": "all"}))
+    _edit_tensors(copy, lambda t: (t.__setitem__(A_KEY, t[A_KEY] * float("nan")), t.pop(B_KEY)))
+    with pytest.raises(AdapterValidationError) as info:
+        validate_adapter(copy, vllm_tiny_model_path, name="x")
+    message = str(info.value)
+    assert "\n" not in message and message.startswith("adapter 'x'")
+    assert "trains biases" in message
+    assert f"tensor {A_KEY} holds NaN or infinite values" in message
+    assert "module model.layers.0.self_attn.q_proj has no lora_B weight" in message
+    assert message.count("; ") >= 2
+
+
+def test_a_problem_of_every_module_is_named_once(copy, vllm_tiny_model_path):
+    """A config rank that no module has is one problem, naming the first module and counting the rest."""
+    path = copy / "adapter_config.json"
+    config = json.loads(path.read_text())
+    path.write_text(json.dumps({**config, "r": 5}))
+    with pytest.raises(AdapterValidationError) as info:
+        validate_adapter(copy, vllm_tiny_model_path, name="x")
+    message = str(info.value)
+    modules = {k.rsplit(".lora_", 1)[0] for k in load_file(str(copy / WEIGHTS))}
+    assert message.count("declares rank 5") == 1
+    assert f"(and {len(modules) - 1} more)" in message
+
+
+def test_several_adapters_are_named_in_one_message(good, copy, vllm_tiny_model_path, tmp_path):
+    from prunedlora.serve.validate import validate_adapters
+
+    other = shutil.copytree(copy, tmp_path / "b")
+    for adapter in (copy, other):
+        path = adapter / "adapter_config.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), "use_dora": True}))
+    with pytest.raises(AdapterValidationError) as info:
+        validate_adapters({"good": good, "one": copy, "two": other}, vllm_tiny_model_path)
+    message = str(info.value)
+    assert "adapter 'one'" in message and "adapter 'two'" in message and "'good'" not in message

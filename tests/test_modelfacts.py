@@ -1,0 +1,30 @@
+"""modelfacts.saved_dtype: the one reader of the dtype a base model is saved in (export's merged model
+and LoRAPrune's sliced base are written back in it)."""
+
+import json
+
+import pytest
+import torch
+
+from prunedlora.modelfacts import saved_dtype
+
+
+@pytest.mark.parametrize(
+    "config, dtype",
+    [
+        ({"dtype": "bfloat16"}, torch.bfloat16),
+        ({"torch_dtype": "float16"}, torch.float16),  # the older key
+        ({"dtype": "int8"}, torch.float32),  # not a floating dtype: weights are written as float32
+        ({"dtype": "no-such-dtype"}, torch.float32),
+        ({}, torch.float32),
+    ],
+)
+def test_a_folder_and_a_dict_read_alike(tmp_path, config, dtype):
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert saved_dtype(tmp_path) == dtype == saved_dtype(config)
+
+
+def test_a_folder_without_a_readable_config_is_float32(tmp_path):
+    assert saved_dtype(tmp_path) == torch.float32
+    (tmp_path / "config.json").write_text("[1,")
+    assert saved_dtype(tmp_path) == torch.float32
