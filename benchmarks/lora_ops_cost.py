@@ -244,6 +244,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     parser.add_argument("--mixes", default="", help="adapters per decode batch, e.g. 1,4,16,64 (one token each)")
     parser.add_argument("--no-stock", action="store_true", help="skip vLLM's own ops (slow at decode)")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--name", default="lora_ops_cost", help="output file stem under --out")
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args(argv)
@@ -278,6 +279,8 @@ def main(argv: list[str]) -> int:
             self._token_batch = None
 
     dtype = getattr(torch, args.dtype)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     model_dir = resolve_model("default")
     work = cache_dir() / "bench" / "latency" / "adapters" / "synthetic"
     made = synthetic_adapters(model_dir, work, r0=SLOT, per_family=1)
