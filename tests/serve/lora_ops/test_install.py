@@ -52,6 +52,7 @@ def test_the_check_sees_a_wrong_kernel(monkeypatch):
                 a[-1] = 0
                 slot = type(slot)(a, slot.b, slot.bounds)
             trimmed.append(slot)
+        kwargs["stacked"] = None  # several slots in the batch: the per-slot loop, on the trimmed slots
         return original(out, x, trimmed, *args, **kwargs)
 
     monkeypatch.setattr(rank_aware, "linear", drop_last_component)
