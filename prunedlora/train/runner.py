@@ -11,8 +11,8 @@ import torch
 
 from prunedlora import metadata
 from prunedlora.config import PrunedLoraConfig
-from prunedlora.tasks import DataError
 from prunedlora.pruner import RankPruner
+from prunedlora.tasks import DataError
 from prunedlora.train.recipe import TrainRecipe
 
 logger = logging.getLogger(__name__)
