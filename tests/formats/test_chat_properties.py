@@ -8,8 +8,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from prunedlora.errors import PrunedLoraError
-from prunedlora.formats.chat import Chat
 from prunedlora.formats.base import FormatOptions
+from prunedlora.formats.chat import Chat
 from prunedlora.train.data import IGNORE_INDEX, tokenize_example
 
 PROPERTY = settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
