@@ -210,19 +210,20 @@ def train(recipe: TrainRecipe, resume: bool | str = "auto", callbacks: list | No
 
 def _dev_dataset(tokenizer, recipe: TrainRecipe):
     """The first ``training.eval_examples`` of the dev split, tokenized as training tokenizes, or None
-    when the data has no dev split (never a part of the training split: ``tasks.split_dev``)."""
+    when the dev loss is off (``training.eval_steps``) or the data has no dev split (a dev split is
+    never a part of the training split: ``tasks.split_dev``)."""
     from prunedlora.tasks import has_dev_split
     from prunedlora.train.data import build_train_dataset
 
-    if not has_dev_split(recipe.data):
+    every = recipe.training.eval_steps
+    if every == 0 or (every is None and recipe.data.preset is not None) or not has_dev_split(recipe.data):
         return None
     dev = replace(recipe.data, split="dev", max_examples=recipe.training.eval_examples, mix=None)
     try:
         return build_train_dataset(tokenizer, dev)
-    except DataError as err:
-        if "selects nothing" in str(err):  # own data too small for a carve
-            return None
-        raise
+    except DataError as err:  # too small for a carve, or nothing fits max_length: train without it
+        logger.warning("no dev loss during training: %s", err)
+        return None
 
 
 def _salr_model(recipe: TrainRecipe, model_dir: Path):

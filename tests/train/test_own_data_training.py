@@ -50,8 +50,9 @@ def test_pruning_steps_default_to_fractions_of_the_run_and_given_ones_win():
 def test_explicit_pruning_steps_are_still_checked_against_the_run():
     from prunedlora.config import ConfigError
 
+    recipe = load_recipe("smollm2-sst2", {"training.max_steps": "20"})
     with pytest.raises(ConfigError, match=r"prune_end_step \(100\) must be before max_steps \(20\)"):
-        load_recipe("smollm2-sst2", {"training.max_steps": "20"})
+        recipe.with_steps(20)  # what the runner does before the model loads
     # a recipe that leaves them out has them placed inside the run
     raw = {"model": "default", "data": {"task": "sst2"}, "training": {"max_steps": 20}}
     assert recipe_from_dict(raw).method.prune_end_step < 20
