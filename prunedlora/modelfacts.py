@@ -249,8 +249,9 @@ def family_names() -> str:
     return ", ".join(f.name for f in FAMILIES)
 
 
-def family_of(config: dict) -> Family:
-    """The family of a config.json's contents; UnsupportedModelError naming the family otherwise."""
+def family_of(config: dict, where: str | os.PathLike | None = None) -> Family:
+    """The family of a config.json's contents; UnsupportedModelError naming the family (and the folder
+    ``where`` it came from) otherwise."""
     model_type = config.get("model_type") if isinstance(config, dict) else None
     archs = config.get("architectures") if isinstance(config, dict) else None
     archs = [a for a in archs if isinstance(a, str)] if isinstance(archs, list) else []
@@ -263,7 +264,8 @@ def family_of(config: dict) -> Family:
     if isinstance(config, dict) and isinstance(config.get("text_config"), dict):
         hint = "; for a multimodal checkpoint, save its text model (e.g. Gemma3ForCausalLM) as its own folder"
     raise UnsupportedModelError(
-        f"model family {shown}{arch} is not supported: prunedlora knows the layers of {family_names()}{hint}"
+        (f"{where}: " if where is not None else "")
+        + f"model family {shown}{arch} is not supported: prunedlora knows the layers of {family_names()}{hint}"
     )
 
 
@@ -330,7 +332,7 @@ def model_facts(model_dir: str | os.PathLike) -> ModelFacts:
     (no tensor data): UnsupportedModelError for a family not in ``FAMILIES``, BaseModelError when the
     weights lack the family's projections."""
     config = read_config(model_dir)
-    family = family_of(config)
+    family = family_of(config, model_dir)
     shapes = base_weight_shapes(model_dir)
     layers: dict[str, set[int]] = {}
     found: dict[str, tuple[str, tuple[int, ...]]] = {}
@@ -359,24 +361,12 @@ def model_facts(model_dir: str | os.PathLike) -> ModelFacts:
     return ModelFacts(family, str(archs[0]), len(layers[prefix]), prefix, tuple(modules))
 
 
-class TargetModulesError(BaseModelError):
-    """A ``target_modules`` entry that matches no module of the model."""
-
-
 def resolve_targets(model_dir: str | os.PathLike, target_modules) -> list[str] | str:
-    """``target_modules`` made concrete for one model: PEFT's ``all-linear`` becomes the family's
-    projections that the model has, in order; explicit names are checked to match some linear module
-    (PEFT's rule, ``unmatched_targets``) and returned unchanged. TargetModulesError names the first
-    entry that matches nothing, with the family and its module names."""
-    facts = model_facts(model_dir)
+    """``target_modules`` made concrete for one model: PEFT's ``all-linear`` becomes the projections the
+    model's family has, in running order (UnsupportedModelError for a family not known); explicit names
+    are returned unchanged (each stage checks them against the model with ``unmatched_targets``)."""
     if target_modules == ALL_LINEAR or (
         isinstance(target_modules, (list, tuple)) and list(target_modules) == [ALL_LINEAR]
     ):
-        return list(facts.projections)
-    names = list(base_linear_shapes(model_dir))
-    for target in unmatched_targets(target_modules, names)[:1]:
-        raise TargetModulesError(
-            f"target module {target!r} matches no module of this {facts.family.name} model; its decoder layers' "
-            f"linear modules are: {', '.join(facts.projections)} (or all-linear)"
-        )
+        return list(model_facts(model_dir).projections)
     return target_modules if isinstance(target_modules, str) else list(target_modules)

@@ -98,7 +98,7 @@ def resolve_model(model: str | None, tokenizer: bool = False) -> Path:
         )
     from prunedlora.modelfacts import family_of, read_config, safetensors_files
 
-    family_of(read_config(path))  # an unsupported family is refused here, naming it
+    family_of(read_config(path), model)  # an unsupported family is refused here, naming it
     if safetensors_files(path) is None and not any(path.glob("pytorch_model*.bin")):
         raise PrunedLoraError(
             f"{model} has config.json but no weights (model.safetensors or model.safetensors.index.json); "

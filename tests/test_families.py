@@ -15,7 +15,6 @@ from prunedlora import metadata
 from prunedlora.modelfacts import (
     FAMILIES,
     BaseModelError,
-    TargetModulesError,
     UnsupportedModelError,
     family_of,
     model_facts,
@@ -111,11 +110,15 @@ def test_unsupported_family_is_refused_in_one_line_naming_it():
 
 
 def test_a_target_matching_nothing_in_the_family_names_its_modules(family_model):
+    from prunedlora.config import ConfigError, PrunedLoraConfig
+
     family, path = family_model
     wrong = "q_proj" if family.name == "Phi-3" else "qkv_proj"
-    with pytest.raises(TargetModulesError, match=rf"'{wrong}' matches no module of this {family.name} model") as err:
-        resolve_targets(path, [wrong])
-    assert ", ".join(family.projections) in str(err.value)
+    paths = model_facts(path).module_paths()
+    with pytest.raises(ConfigError, match=rf"'{wrong}' matches no module of this model") as err:
+        PrunedLoraConfig(target_modules=[wrong]).check_modules(paths, paths)
+    assert ", ".join(sorted(family.projections)) in str(err.value)
+    assert resolve_targets(path, ["o_proj"]) == ["o_proj"]  # explicit names are kept as given
 
 
 def test_weights_without_the_family_projections_are_refused(tmp_path):

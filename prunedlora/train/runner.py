@@ -11,7 +11,7 @@ import torch
 
 from prunedlora import metadata
 from prunedlora.config import PrunedLoraConfig
-from prunedlora.modelfacts import resolve_targets
+from prunedlora.modelfacts import base_linear_shapes, model_facts, resolve_targets
 from prunedlora.pruner import RankPruner
 from prunedlora.tasks import DataError
 from prunedlora.train.recipe import TrainRecipe
@@ -119,6 +119,7 @@ def train(recipe: TrainRecipe, resume: bool | str = "auto", callbacks: list | No
     recipe = replace(
         recipe, method=replace(recipe.method, target_modules=resolve_targets(model_dir, recipe.method.target_modules))
     )
+    recipe.method.check_modules(list(base_linear_shapes(model_dir)), model_facts(model_dir).module_paths())  # headers
     opts = recipe.training
     torch.manual_seed(opts.seed)
     salr_callbacks, salr_source = [], None

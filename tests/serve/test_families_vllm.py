@@ -14,12 +14,12 @@ import pytest
 from prunedlora import metadata
 from prunedlora.serve.engine import OfflineEngine
 from tests.families import FAMILIES, build_tiny_family
-from tests.serve.helpers import hf_greedy
 
 pytestmark = pytest.mark.slow
 
 PROMPTS = ["The capital of France is", "def add(a, b):"]
 MAX_TOKENS = 6
+NOISE = 1e-4  # logit gaps below this are float noise: greedy choices there may differ
 CASES = [(family, ops) for family in FAMILIES for ops in family.lora_ops]
 _MADE: dict[str, tuple[Path, dict[str, Path]]] = {}  # family -> (model, adapters), shared by its ops modes
 
@@ -67,13 +67,43 @@ def served(request, tmp_path_factory, default_model_path):
     return family, ops, model, adapters, {(r.prompt, r.adapter): r.token_ids for r in results}
 
 
+def _hf_greedy(model: Path, adapter: Path | None) -> list[tuple[list[int], list[float]]]:
+    """HF (+PEFT) greedy tokens of each prompt with the gap between the best and second-best logit at
+    each step (full forward each step, no cache)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    net = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
+    if adapter is not None:
+        from peft import PeftModel
+
+        net = PeftModel.from_pretrained(net, adapter)
+    net.eval()
+    results = []
+    with torch.no_grad():
+        for prompt in PROMPTS:
+            ids = tokenizer(prompt)["input_ids"]
+            tokens, margins = list(ids), []
+            for _ in range(MAX_TOKENS):
+                top = torch.topk(net(input_ids=torch.tensor([tokens])).logits[0, -1], 2)
+                margins.append(float(top.values[0] - top.values[1]))
+                tokens.append(int(top.indices[0]))
+            results.append((tokens[len(ids) :], margins))
+    return results
+
+
 def test_greedy_tokens_equal_hf_peft_in_a_mixed_batch(served):
+    """Token ids are compared up to the first step where HF's best two logits are within float noise
+    of each other (after it the two may rightly part), and most tokens must be compared."""
     family, ops, model, adapters, tokens = served
-    answers = {}
+    answers, compared = {}, 0
     for name in (None, *adapters):
-        expected, margin = hf_greedy(model, adapters.get(name), PROMPTS, MAX_TOKENS)
-        assert margin > 1e-4, (family.name, name, margin)  # token parity means something above float noise
-        for prompt, want in zip(PROMPTS, expected):
-            assert tokens[(prompt, name)] == want, (family.name, ops, name, prompt)
-        answers[name] = expected
+        expected = _hf_greedy(model, adapters.get(name))
+        for prompt, (want, margins) in zip(PROMPTS, expected):
+            upto = next((i + 1 for i, m in enumerate(margins) if m < NOISE), len(want))
+            assert tokens[(prompt, name)][:upto] == want[:upto], (family.name, ops, name, prompt)
+            compared += upto
+        answers[name] = [want for want, _ in expected]
+    assert compared >= 0.6 * MAX_TOKENS * len(PROMPTS) * (1 + len(adapters))
     assert any(answers[name] != answers[None] for name in adapters), "no adapter changed an answer"
