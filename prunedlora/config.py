@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from prunedlora.errors import PrunedLoraError
-from prunedlora.modelfacts import PROJECTIONS
+from prunedlora.modelfacts import ALL_LINEAR
 
 # "obs-paper" is PrunedLoRA's second-order score as the paper's code computes it (H = G^T G from one batch);
 # "obs-fisher" and "obs-input" are the variants derived in criteria.py, "sensitivity" AdaLoRA's smoothed
@@ -53,7 +53,9 @@ class PrunedLoraConfig:
     lora_alpha: float = 64.0
     use_rslora: bool = False
     lora_dropout: float = 0.0
-    target_modules: list[str] = field(default_factory=lambda: list(PROJECTIONS))  # every projection
+    # PEFT's "all-linear": every linear module of the model's decoder layers, as its family has them
+    # (modelfacts.resolve_targets makes it concrete when the model is known); or a list of module names
+    target_modules: list[str] | str = ALL_LINEAR
     target_rank: float | None = 8.0
     total_rank_budget: int | None = None
     min_rank: int = 1
@@ -78,7 +80,12 @@ class PrunedLoraConfig:
             problem = type_problem(f.name, f.type, getattr(self, f.name))
             if problem is not None:
                 raise ConfigError(problem)
-        self.target_modules = list(self.target_modules)
+        if isinstance(self.target_modules, str) and self.target_modules != ALL_LINEAR:
+            raise ConfigError(
+                f"target_modules must be a list of names or {ALL_LINEAR}, got {self.target_modules!r} (str)"
+            )
+        if not isinstance(self.target_modules, str):
+            self.target_modules = list(self.target_modules)
         self.criterion = CRITERION_ALIASES.get(self.criterion, self.criterion)
         if self.recovery is None:
             self.recovery = DEFAULT_RECOVERY.get(self.criterion, "none")

@@ -76,14 +76,49 @@ def default_model_dir(progress: bool = True) -> Path:
     return target
 
 
-def resolve_model(model: str | None) -> Path:
-    """A model argument as a folder: None or "default" means the default model."""
+def resolve_model(model: str | None, tokenizer: bool = False) -> Path:
+    """A model argument as a folder: None or "default" means the default model.
+
+    A folder must hold config.json of a supported family (``modelfacts.FAMILIES``) and weights, and with
+    ``tokenizer`` (training, serving) tokenizer files; otherwise one line says what is missing. A GGUF
+    file is refused: it must be turned into a folder first (``default_model_dir`` shows how).
+    """
     if model in (None, "", "default", DEFAULT_MODEL_NAME):
         return default_model_dir()
     path = Path(model).expanduser()
+    if path.suffix.lower() == ".gguf" or (path.is_file() and _is_gguf(path)):
+        raise PrunedLoraError(
+            f"{model} is a GGUF file, not a Hugging Face model folder: load it with transformers "
+            "(from_pretrained(folder, gguf_file=name)) and save_pretrained it to a folder, then pass that folder"
+        )
     if not (path / "config.json").is_file():
         raise PrunedLoraError(
             f"{model} is not a Hugging Face model folder (no config.json); models are never downloaded, "
             "pass a local folder or 'default'"
         )
+    from prunedlora.modelfacts import family_of, read_config, safetensors_files
+
+    family_of(read_config(path), model)  # an unsupported family is refused here, naming it
+    if safetensors_files(path) is None and not any(path.glob("pytorch_model*.bin")):
+        raise PrunedLoraError(
+            f"{model} has config.json but no weights (model.safetensors or model.safetensors.index.json); "
+            "save the model into it with save_pretrained"
+        )
+    if tokenizer and not any((path / name).is_file() for name in _TOKENIZER_FILES):
+        raise PrunedLoraError(
+            f"{model} has no tokenizer files ({', '.join(_TOKENIZER_FILES)}); save the tokenizer into it "
+            "with save_pretrained"
+        )
     return path
+
+
+# a folder holds a tokenizer when it has one of these (fast, SentencePiece, byte-level BPE)
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
+
+
+def _is_gguf(path: Path) -> bool:
+    try:
+        with open(path, "rb") as handle:
+            return handle.read(4) == b"GGUF"
+    except OSError:
+        return False

@@ -544,6 +544,43 @@ def test_inspect_refuses_what_it_cannot_read(case, adapters, work, capsys):
     assert str(path) in capsys.readouterr().out
 
 
+# -- models -----------------------------------------------------------------------------------------
+
+MODELS = CORPUS / "models"
+
+
+@pytest.fixture(scope="module")
+def no_tokenizer_model(tmp_path_factory, tiny_model_path) -> Path:
+    """The tiny model's config and weights without its tokenizer files."""
+    folder = tmp_path_factory.mktemp("no-tokenizer")
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(tiny_model_path / name, folder / name)
+    return folder
+
+
+MODEL_CASES = {
+    "no weights": (MODELS / "no_weights", "has config.json but no weights"),
+    "unsupported family": (MODELS / "unsupported_family", "model family 'gpt2' (GPT2LMHeadModel) is not supported"),
+    "GGUF file": (MODELS / "model.gguf", "is a GGUF file, not a Hugging Face model folder"),
+}
+
+
+@pytest.mark.parametrize("case", [*MODEL_CASES, "no tokenizer"])
+def test_model_folders_train_and_serve_cannot_use(case, no_tokenizer_model, work, capsys):
+    path, expect = MODEL_CASES.get(case, (no_tokenizer_model, "has no tokenizer files"))
+    recipe = write_recipe(work.parent, good_recipe(path))
+    assert expect in refused(["train", "--config", recipe], capsys, str(path), work)
+    assert expect in refused(["serve", "--model", path, "--dry-run"], capsys, str(path), work)
+
+
+def test_target_module_matching_nothing_in_the_family(tiny_model_path, work, capsys):
+    raw = good_recipe(tiny_model_path)
+    raw["method"]["target_modules"] = ["q_proj", "qkv_proj"]
+    recipe = write_recipe(work.parent, raw)
+    line = refused(["train", "--config", recipe], capsys, "qkv_proj", work)
+    assert "matches no module of this model" in line and "down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj" in line
+
+
 # -- bench ------------------------------------------------------------------------------------------
 
 

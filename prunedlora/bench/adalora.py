@@ -18,13 +18,14 @@ import json
 import re
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 from transformers import TrainerCallback
 
 from prunedlora.errors import PrunedLoraError
+from prunedlora.modelfacts import resolve_targets
 from prunedlora.staging import write_text_atomic
 from prunedlora.train.recipe import TrainRecipe
 from prunedlora.train.runner import TrainResult
@@ -147,6 +148,10 @@ def train_adalora(recipe: TrainRecipe, out_dir: str | Path, keep_model: bool = F
         tokenizer.pad_token = tokenizer.eos_token
     torch.manual_seed(opts.seed)  # as the runner: the seed before the adapter is initialised
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, opts.dtype))
+    # all-linear -> the family's projections (modelfacts), as the runner resolves them
+    recipe = replace(
+        recipe, method=replace(recipe.method, target_modules=resolve_targets(model_dir, recipe.method.target_modules))
+    )
     targets = set(recipe.method.target_modules)
     module_names = [
         n for n, m in base.named_modules() if isinstance(m, torch.nn.Linear) and n.rsplit(".", 1)[-1] in targets

@@ -30,11 +30,12 @@ from prunedlora import metadata
 from prunedlora.errors import PrunedLoraError
 from prunedlora.modelfacts import (
     ADAPTER_WEIGHTS_FILE,
+    ALL_LINEAR,
     LORA_A_SUFFIX,
     LORA_B_SUFFIX,
     PEFT_PREFIX,
-    PROJECTIONS,
     base_linear_shapes,
+    model_facts,
 )
 from prunedlora.staging import write_text_atomic
 
@@ -98,11 +99,14 @@ class AdapterSet:
 # -- rank patterns ----------------------------------------------------------------------------------
 
 
-def target_module_shapes(model_dir: str | os.PathLike, target_modules=PROJECTIONS) -> dict[str, tuple[int, int]]:
+def target_module_shapes(model_dir: str | os.PathLike, target_modules=ALL_LINEAR) -> dict[str, tuple[int, int]]:
     """Module name -> (out_features, in_features) of the base model's target linear layers, in order.
 
-    Read from the safetensors headers (no weights loaded), as ``serve`` validates adapters.
+    Read from the safetensors headers (no weights loaded), as ``serve`` validates adapters;
+    ``all-linear`` is every projection of the model's family (``modelfacts``).
     """
+    if target_modules == ALL_LINEAR:
+        target_modules = model_facts(model_dir).projections
     shapes = base_linear_shapes(model_dir)
     found = {name: shape for name, shape in shapes.items() if name.rsplit(".", 1)[-1] in set(target_modules)}
     if not found:
@@ -235,7 +239,7 @@ def synthetic_adapters(
     r0: int = 32,
     target_rank: int = 8,
     lora_alpha: float = 64.0,
-    target_modules=PROJECTIONS,
+    target_modules=ALL_LINEAR,
     patterns: list[dict] | None = None,
     per_family: int | dict[str, int] = 3,
 ) -> AdapterSet:
@@ -331,7 +335,7 @@ def mixed_rank_adapters(
     *,
     r0: int = 32,
     lora_alpha: float = 64.0,
-    target_modules=PROJECTIONS,
+    target_modules=ALL_LINEAR,
 ) -> list[BenchAdapter]:
     """The ``mixed-rank`` family: one exported synthetic adapter per rank in ``ranks``, every module at
     that rank (named ``mixed-rank-r<rank>``), built and cached as :func:`synthetic_adapters` builds
@@ -369,7 +373,7 @@ def uniform_rank_adapter(
     family: str,
     r0: int = 32,
     lora_alpha: float = 64.0,
-    target_modules=PROJECTIONS,
+    target_modules=ALL_LINEAR,
     source: str | None = None,
 ) -> BenchAdapter:
     """One exported synthetic adapter with every target module at ``rank`` (built from a run of

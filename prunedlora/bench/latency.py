@@ -48,7 +48,7 @@ from prunedlora.bench.adapters import (
 )
 from prunedlora.cpu import CpuChoice, machine_record
 from prunedlora.errors import PrunedLoraError
-from prunedlora.modelfacts import PROJECTIONS, base_weight_shapes
+from prunedlora.modelfacts import base_weight_shapes, model_facts
 from prunedlora.serve.lora_ops import LORA_OPS_MODES, RANK_AWARE, STOCK
 from prunedlora.staging import write_text_atomic
 from prunedlora.vllm_compat import ALLOWED_MAX_LORA_RANKS, smallest_slot_rank
@@ -294,13 +294,14 @@ def lora_slot_bytes_estimate(model_dir: str | os.PathLike, max_lora_rank: int, m
     projection, plus the embedding's and the logits' LoRA (vocab + hidden each), from the base
     model's weight shapes (safetensors headers)."""
     shapes = base_weight_shapes(model_dir)
+    projections = set(model_facts(model_dir).projections)
     per_rank = 0
     hidden = vocab = None
     for name, shape in shapes.items():
         if len(shape) != 2 or not name.endswith(".weight"):
             continue
         module = name[: -len(".weight")].rsplit(".", 1)[-1]
-        if module in PROJECTIONS:  # the decoder projections vLLM wraps with LoRA layers
+        if module in projections:  # the decoder projections vLLM wraps with LoRA layers (the family's)
             per_rank += shape[0] + shape[1]
         elif module == "embed_tokens":
             vocab, hidden = shape

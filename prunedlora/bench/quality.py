@@ -580,12 +580,13 @@ def check_schedule(recipe) -> None:
     would stop above the target rank and the comparison would not be at the same budget)."""
     if not recipe.prune:
         return
-    from prunedlora.modelfacts import base_linear_shapes
+    from prunedlora.modelfacts import base_linear_shapes, resolve_targets
     from prunedlora.models import resolve_model
     from prunedlora.schedule import PruningSchedule
 
-    targets = set(recipe.method.target_modules)
-    modules = [n for n in base_linear_shapes(resolve_model(recipe.model)) if n.rsplit(".", 1)[-1] in targets]
+    model_dir = resolve_model(recipe.model)
+    targets = set(resolve_targets(model_dir, recipe.method.target_modules))
+    modules = [n for n in base_linear_shapes(model_dir) if n.rsplit(".", 1)[-1] in targets]
     last = PruningSchedule.build(recipe.method, len(modules)).last_step
     if last >= recipe.training.max_steps:
         raise QualityBenchError(

@@ -12,7 +12,7 @@ from pathlib import Path
 from prunedlora import metadata
 from prunedlora.export.errors import ExportError
 from prunedlora.export.source import is_run_dir
-from prunedlora.modelfacts import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, PEFT_PREFIX, PROJECTIONS
+from prunedlora.modelfacts import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, PEFT_PREFIX, module_sort_key
 
 _LAYER = re.compile(r"^(?P<prefix>.*?)\.(?P<layer>\d+)\.(?P<rest>.+)$")
 _KEY = re.compile(r"^(?P<module>.+)\.(?P<part>lora_[ABE])(?:\.weight)?$")
@@ -81,9 +81,9 @@ def rank_grid(ranks: dict[str, int | str]) -> list[str]:
         if column not in columns:
             columns.append(column)
         grid.setdefault((match["prefix"], int(match["layer"])), {})[column] = str(rank)
-    # the column order of `prunedlora train`'s table and heatmap: q, k, v, o, gate, up, down, others
-    order = {name: i for i, name in enumerate(PROJECTIONS)}
-    columns.sort(key=lambda c: (order.get(c, len(order)), c))
+    # the column order of `prunedlora train`'s table and heatmap: as the modules run in a decoder layer
+    # of their family (q, k, v, o, gate, up, down; Phi-3's qkv, o, gate_up, down), others after
+    columns.sort(key=module_sort_key)
     lines = []
     if grid:
         width = max(len(c) for c in columns)

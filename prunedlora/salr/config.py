@@ -8,10 +8,10 @@ callers and the written ``salr.json`` agree.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
-from prunedlora.modelfacts import PROJECTIONS
+from prunedlora.modelfacts import ALL_LINEAR
 from prunedlora.salr.errors import SalrError
 
 PATTERNS = ("unstructured", "2:4")
@@ -59,7 +59,8 @@ class SparsifyConfig:
     use_rslora: bool = False
     residual: str = "frozen"
     residual_fit: str = "svd"
-    target_modules: list[str] = field(default_factory=lambda: list(PROJECTIONS))
+    # PEFT's all-linear (every projection of the model's family, modelfacts) or a list of module names
+    target_modules: list[str] | str = ALL_LINEAR
     calibration_samples: int = 32  # wanda, whitened: sequences in the one calibration pass
     calibration_length: int = 128  # wanda, whitened: tokens per calibration sequence
     seed: int = 0  # the PEFT initialisation of the task components
@@ -68,7 +69,10 @@ class SparsifyConfig:
         from prunedlora.fieldtypes import check_field_types
 
         check_field_types(self, SalrError)  # types first: the range checks below compare values
-        self.target_modules = list(self.target_modules)
+        if isinstance(self.target_modules, str) and self.target_modules != ALL_LINEAR:
+            raise SalrError(f"target_modules must be a list of names or {ALL_LINEAR}, got {self.target_modules!r}")
+        if not isinstance(self.target_modules, str):
+            self.target_modules = list(self.target_modules)
         if not 0.0 < self.sparsity < 1.0:
             raise SalrError(f"sparsity must lie strictly between 0 and 1 (a fraction of zeros), got {self.sparsity}")
         if self.pattern not in PATTERNS:

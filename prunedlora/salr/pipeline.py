@@ -16,14 +16,14 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from prunedlora.metadata import write_json_atomic
-from prunedlora.modelfacts import ADAPTER_CONFIG_FILE, base_linear_shapes
+from prunedlora.modelfacts import ADAPTER_CONFIG_FILE, base_linear_shapes, resolve_targets
 from prunedlora.salr.config import SparsifyConfig
 from prunedlora.salr.errors import SalrError
 from prunedlora.salr.mask import keep_mask
@@ -178,6 +178,7 @@ def sparsify(
     out_dir = Path(out_dir)
     model_dir = resolve_model(None if model is None else str(model))
     _check_out_dir(out_dir, model_dir, overwrite)
+    config = replace(config, target_modules=resolve_targets(model_dir, config.target_modules))  # all-linear
     shapes = base_linear_shapes(model_dir)
     names = target_weights(shapes, config.target_modules)
     if not names:

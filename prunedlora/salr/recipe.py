@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from prunedlora.modelfacts import ALL_LINEAR
 from prunedlora.salr.config import RESIDUAL_MODES, SparsifyConfig, residual_update_scale
 from prunedlora.salr.errors import SalrError
 
@@ -133,13 +134,16 @@ class SalrSection:
             return
         if self.sparsify is not None:
             try:
-                made = json.loads(self.record_path.read_text())["config"]
+                record = json.loads(self.record_path.read_text())
+                made = record["config"]
             except (OSError, json.JSONDecodeError, KeyError, TypeError) as err:
                 raise SalrError(f"{self.record_path} is damaged ({err}); run `prunedlora sparsify` again") from None
             wanted = {k: v for k, v in self.sparsify.to_dict().items() if k not in _NOT_IN_WEIGHTS}
             # an option missing from the record did not exist when it was written: it was made with the default
             default = SparsifyConfig().to_dict()
             made = {k: made.get(k, default[k]) for k in wanted}
+            if wanted.get("target_modules") == ALL_LINEAR and isinstance(made.get("target_modules"), list):
+                wanted["target_modules"] = self._all_linear(record)  # the folder records the names it resolved to
             differ = sorted(k for k, v in wanted.items() if made[k] != v)
             if differ:
                 shown = ", ".join(f"{k} {made.get(k)!r} (recipe {wanted[k]!r})" for k in differ[:4])
@@ -149,6 +153,19 @@ class SalrSection:
                 )
             if self.calibration is not None:
                 self._check_calibration()
+
+    def _all_linear(self, record: dict) -> list[str] | str:
+        """What all-linear meant for the model this folder was sparsified from (its copy in the folder
+        when the source is gone)."""
+        from prunedlora.errors import PrunedLoraError
+        from prunedlora.modelfacts import resolve_targets
+
+        for model in (record.get("source_model"), Path(self.dir) / "base"):
+            try:
+                return resolve_targets(model, ALL_LINEAR)
+            except (PrunedLoraError, TypeError):
+                continue
+        return ALL_LINEAR
 
     def _check_calibration(self) -> None:
         """A reused folder must come from the text the recipe names (its hash, which sparsify records)."""

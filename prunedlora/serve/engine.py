@@ -71,7 +71,7 @@ class OfflineEngine:
     ):
         self.lora_ops = lora_ops
         ops_env = lora_ops_env(lora_ops)
-        self.model_dir = resolve_model(str(model))
+        self.model_dir = resolve_model(str(model), tokenizer=True)
         self.device = resolve_device(device)
         for name in adapters or {}:
             check_adapter_name(name)

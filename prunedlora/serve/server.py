@@ -67,7 +67,7 @@ class VllmServer:
 
     def __init__(self, config: ServeConfig):
         self.config = config
-        self.model_dir = resolve_model(str(config.model))
+        self.model_dir = resolve_model(str(config.model), tokenizer=True)
         self.device = resolve_device(config.device)
         # dtype 'auto' and thread binding from the CPU (see prunedlora.cpu); None on a GPU
         self.cpu_choice: CpuChoice | None = cpu_choice(

@@ -14,7 +14,7 @@ from typing import Any
 
 from prunedlora.errors import PrunedLoraError
 from prunedlora.figures import new_figure, save_figure
-from prunedlora.modelfacts import MODULE_ORDER, short_type
+from prunedlora.modelfacts import module_sort_key, short_type
 
 OTHER_ROW = "other"
 _LAYER = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)(?:\.|$)")
@@ -33,7 +33,8 @@ def _layer_of(name: str) -> int | None:
 def rank_table(ranks: dict[str, int]) -> tuple[list[str], list[str], list[list[int | None]]]:
     """(row labels, column labels, grid) for ``ranks``: rows are layers in order (then ``other``
     for modules outside the numbered layers, such as ``lm_head``), columns are module types
-    (``q_proj`` -> ``q``): q, k, v, o, gate, up, down first in that order, any others sorted after;
+    (``q_proj`` -> ``q``) in the order they run in a decoder layer of their family (q, k, v, o, gate, up,
+    down; Phi-3's qkv, o, gate_up, down; ``modelfacts.module_sort_key``), any others sorted after;
     a cell is None where that layer has no such module."""
     if not ranks:
         raise PlotError("no ranks to plot: the ranks dict is empty")
@@ -60,7 +61,7 @@ def rank_table(ranks: dict[str, int]) -> tuple[list[str], list[str], list[list[i
         cells[key] = (name, rank)
     rows = [str(layer) for layer in sorted(layers)] + ([OTHER_ROW] if has_other else [])
     types = {col for _, col in cells}
-    cols = [t for t in MODULE_ORDER if t in types] + sorted(types - set(MODULE_ORDER))
+    cols = sorted(types, key=module_sort_key)
     grid = [[cells[(row, col)][1] if (row, col) in cells else None for col in cols] for row in rows]
     return rows, cols, grid
 

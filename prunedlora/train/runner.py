@@ -11,6 +11,7 @@ import torch
 
 from prunedlora import metadata
 from prunedlora.config import PrunedLoraConfig
+from prunedlora.modelfacts import base_linear_shapes, model_facts, resolve_targets
 from prunedlora.pruner import RankPruner
 from prunedlora.tasks import DataError
 from prunedlora.train.recipe import TrainRecipe
@@ -52,6 +53,7 @@ def build_peft_model(model_dir: Path, method: PrunedLoraConfig, dtype: str = "fl
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM
 
+    method = replace(method, target_modules=resolve_targets(model_dir, method.target_modules))  # all-linear
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype))
     linear_names = [n for n, m in base.named_modules() if isinstance(m, torch.nn.Linear)]
     method.check_modules([n for n, _ in base.named_modules()], linear_names)
@@ -104,7 +106,7 @@ def train(recipe: TrainRecipe, resume: bool | str = "auto", callbacks: list | No
     from prunedlora.train.callback import LorapruneCallback, PrunedLoraCallback, RankProgressCallback
     from prunedlora.train.data import build_train_dataset, make_collator
 
-    model_dir = resolve_model(recipe.model)
+    model_dir = resolve_model(recipe.model, tokenizer=True)
     run_dir = Path(recipe.training.output_dir)
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -113,6 +115,11 @@ def train(recipe: TrainRecipe, resume: bool | str = "auto", callbacks: list | No
     dataset = build_train_dataset(tokenizer, recipe.data)  # before the model: a bad data file fails fast
     dev_dataset = _dev_dataset(tokenizer, recipe)
     recipe = recipe.with_steps(recipe.training.steps_for(len(dataset)))
+    # all-linear -> this model's projections (modelfacts), so the run record names the modules trained
+    recipe = replace(
+        recipe, method=replace(recipe.method, target_modules=resolve_targets(model_dir, recipe.method.target_modules))
+    )
+    recipe.method.check_modules(list(base_linear_shapes(model_dir)), model_facts(model_dir).module_paths())  # headers
     opts = recipe.training
     torch.manual_seed(opts.seed)
     salr_callbacks, salr_source = [], None
