@@ -153,7 +153,7 @@ OUT_OF_RANGE = {
 def _section_fields():
     from dataclasses import fields
 
-    from prunedlora.config import PrunedLoraConfig
+    from prunedlora.rank.config import PrunedLoraConfig
     from prunedlora.tasks import DataConfig
     from prunedlora.train.recipe import TrainingOptions
 

@@ -7,8 +7,8 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaForCausalLM
 
-from prunedlora.config import ConfigError, PrunedLoraConfig
-from prunedlora.pruner import RankPruner, find_lora_modules
+from prunedlora.rank.config import ConfigError, PrunedLoraConfig
+from prunedlora.rank.pruner import RankPruner, find_lora_modules
 from tests.conftest import tiny_llama_config
 
 VOCAB = 64
@@ -412,7 +412,7 @@ def test_moving_averages_survive_a_checkpoint_and_are_not_reset_at_events(tmp_pa
 
 def test_taylor_ema_folds_each_steps_taylor_score_of_every_module():
     """After one backward the average is 0.1 x that step's taylor score, per module and component."""
-    from prunedlora.criteria import taylor_scores
+    from prunedlora.rank.criteria import taylor_scores
 
     model = tiny_peft(seed=7)
     pruner = RankPruner(model, _events_at_3_6_9("taylor-ema"))

@@ -52,8 +52,8 @@ def _digest(*tensors: torch.Tensor) -> str:
 
 
 def fingerprint(options: dict, tmp_path: Path) -> dict:
-    from prunedlora.config import PrunedLoraConfig
-    from prunedlora.pruner import RankPruner
+    from prunedlora.rank.config import PrunedLoraConfig
+    from prunedlora.rank.pruner import RankPruner
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

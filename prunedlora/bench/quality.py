@@ -582,7 +582,7 @@ def check_schedule(recipe) -> None:
         return
     from prunedlora.modelfacts import base_linear_shapes
     from prunedlora.models import resolve_model
-    from prunedlora.schedule import PruningSchedule
+    from prunedlora.rank.schedule import PruningSchedule
 
     targets = set(recipe.method.target_modules)
     modules = [n for n in base_linear_shapes(resolve_model(recipe.model)) if n.rsplit(".", 1)[-1] in targets]

@@ -83,7 +83,7 @@ class SalrSource:
     def method(self):
         """The PrunedLoRA method record of the folder's adapter (full rank, never pruned): the runner's
         rank bookkeeping and the run record describe the adapter with it, and export checks against it."""
-        from prunedlora.config import PrunedLoraConfig
+        from prunedlora.rank.config import PrunedLoraConfig
 
         config = self.record["config"]
         rank = int(config["residual_rank"]) + int(config["task_rank"])

@@ -15,7 +15,7 @@ from transformers.trainer_callback import ProgressCallback
 
 from prunedlora.errors import PrunedLoraError
 from prunedlora.loraprune.pruner import STATE_FILE, LoraPruner
-from prunedlora.pruner import RankPruner
+from prunedlora.rank.pruner import RankPruner
 
 logger = logging.getLogger(__name__)
 

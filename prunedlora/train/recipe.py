@@ -16,10 +16,10 @@ from typing import Any
 
 import yaml
 
-from prunedlora.config import ConfigError, PrunedLoraConfig
 from prunedlora.errors import PrunedLoraError
 from prunedlora.fieldtypes import check_field_types
 from prunedlora.loraprune.config import LorapruneConfig
+from prunedlora.rank.config import ConfigError, PrunedLoraConfig
 from prunedlora.salr.recipe import ADAPTER_SHAPE_OPTIONS, SalrSection
 from prunedlora.tasks import TASKS, DataConfig
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import torch
 
 from prunedlora import metadata
-from prunedlora.config import PrunedLoraConfig
-from prunedlora.pruner import RankPruner
+from prunedlora.rank.config import PrunedLoraConfig
+from prunedlora.rank.pruner import RankPruner
 from prunedlora.tasks import DataError
 from prunedlora.train.recipe import TrainRecipe
 

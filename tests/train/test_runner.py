@@ -11,9 +11,9 @@ from safetensors.torch import load_file
 from transformers import TrainerCallback
 
 from prunedlora import metadata
-from prunedlora.config import ConfigError
 from prunedlora.errors import PrunedLoraError
-from prunedlora.pruner import STATE_HISTORY_FILE, STATE_TENSORS_FILE, find_lora_modules
+from prunedlora.rank.config import ConfigError
+from prunedlora.rank.pruner import STATE_HISTORY_FILE, STATE_TENSORS_FILE, find_lora_modules
 from prunedlora.train import runner
 from prunedlora.train.recipe import load_recipe, recipe_from_dict
 from prunedlora.train.runner import train

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from prunedlora.config import ConfigError
+from prunedlora.rank.config import ConfigError
 from prunedlora.train.recipe import load_recipe, recipe_from_dict
 
 

@@ -26,9 +26,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from prunedlora.allocation import allocate_global, allocate_uniform
-from prunedlora.config import ConfigError, PrunedLoraConfig
-from prunedlora.criteria import (
+from prunedlora.errors import PrunedLoraError
+from prunedlora.rank.allocation import allocate_global, allocate_uniform
+from prunedlora.rank.config import ConfigError, PrunedLoraConfig
+from prunedlora.rank.criteria import (
     activation_scores,
     damped_inverse,
     damped_inverse_hessian,
@@ -42,8 +43,7 @@ from prunedlora.criteria import (
     update_sensitivity,
     update_taylor_ema,
 )
-from prunedlora.errors import PrunedLoraError
-from prunedlora.schedule import PruningEvent, PruningSchedule
+from prunedlora.rank.schedule import PruningEvent, PruningSchedule
 
 STATE_TENSORS_FILE = "prunedlora_pruner.safetensors"
 STATE_HISTORY_FILE = "prunedlora_pruner.json"
