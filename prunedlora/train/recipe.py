@@ -136,7 +136,8 @@ class TrainRecipe:
         method = self.method
         if self.method_section is not None:
             method = _method_config(self.method_section, self.prune, max_steps)
-        return replace(self, method=method, training=replace(self.training, max_steps=max_steps))
+        # the length as steps, the one spelling a run record needs (epochs said how to count them)
+        return replace(self, method=method, training=replace(self.training, max_steps=max_steps, epochs=None))
 
     def to_dict(self) -> dict[str, Any]:
         return {
