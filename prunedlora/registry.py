@@ -19,12 +19,20 @@ class Registry(Generic[T]):
     """The classes registered for one kind of part, by name and alias, in registration order."""
 
     def __init__(
-        self, what: str, base: T, entry_point_group: str | None = None, check: Callable[[T], None] | None = None
+        self,
+        what: str,
+        base: T,
+        entry_point_group: str | None = None,
+        check: Callable[[T], None] | None = None,
+        shipped: dict[str, str] | None = None,
     ):
         self.what = what  # for messages: "criterion"
         self.base = base
         self.entry_point_group = entry_point_group
         self.check = check  # raises ValueError for a class the method cannot use
+        # name -> "package.module:Class" of parts imported on first use (a core registry may list
+        # the stages' parts this way without importing them)
+        self.shipped = dict(shipped or {})
         self._classes: dict[str, T] = {}
         self._aliases: dict[str, str] = {}
 
@@ -57,15 +65,31 @@ class Registry(Generic[T]):
                 self._aliases.pop(alias, None)
 
     def find(self, name: str) -> T | None:
-        """The class registered under ``name`` or an alias of it (an entry point is loaded on a miss);
-        None when there is none."""
+        """The class registered under ``name`` or an alias of it (a shipped part or an entry point is
+        loaded on a miss); None when there is none."""
         if self._aliases.get(name, name) not in self._classes:
-            self._load_entry_point(name)
+            if name in self.shipped:
+                self._load(self.shipped[name])
+            else:
+                self._load_entry_point(name)
         return self._classes.get(self._aliases.get(name, name))
 
     def names(self) -> tuple[str, ...]:
-        """Every name a recipe may use: aliases first, then the classes in registration order."""
-        return (*self._aliases, *self._classes)
+        """Every name a recipe may use: aliases first, then the classes in registration order (shipped
+        parts first)."""
+        return (*self._aliases, *dict.fromkeys([*self.shipped, *self._classes]))
+
+    def classes(self) -> list[T]:
+        """Every class, the shipped ones imported."""
+        for name in self.shipped:
+            self.find(name)
+        return list(self._classes.values())
+
+    def _load(self, target: str) -> None:
+        import importlib
+
+        module, _, attr = target.partition(":")
+        self.register(getattr(importlib.import_module(module), attr))
 
     def _load_entry_point(self, name: str) -> None:
         if self.entry_point_group is None:

@@ -34,8 +34,11 @@ CORE = (
     "figures",
     "iofaults",
     "lazy",
+    "loralayers",
     "metadata",
+    "method",
     "modelfacts",
+    "registry",
     "staging",
     "tasks",
     "vllm_compat",
@@ -193,3 +196,19 @@ def test_no_private_helper_crosses_a_package():
             if owner in MODULES and package(owner) != package(i.source):
                 bad.append(f"{i.source}:{i.line} imports {private} from {owner}")
     assert not bad, f"private helpers used across packages (make them public in a shared module): {bad}"
+
+
+def test_train_names_no_method():
+    """The runner reaches the methods through ``prunedlora.method``'s registry: train/ imports no method
+    package, except ``rank.config``, whose PrunedLoraConfig is also the record of the LoRA every method
+    trains (r0, alpha, targets)."""
+    allowed = {"prunedlora.rank.config"}
+    bad = [
+        f"{i.source}:{i.line} imports {i.target}"
+        for imports in GRAPH.values()
+        for i in imports
+        if stage_of(i.source) == "train"
+        and stage_of(i.target) in ("rank", "loraprune", "salr")
+        and i.target not in allowed
+    ]
+    assert not bad, f"train must reach methods through prunedlora.method: {bad}"

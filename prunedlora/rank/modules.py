@@ -1,53 +1,13 @@
-"""The PEFT LoRA layers the rank method works on, seen as it needs them: B (out x r0) and A (r0 x in)."""
+"""The rank components of PEFT LoRA layers (``prunedlora.loralayers``) as the pruner and criteria read them."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
-from torch import nn
 
 from prunedlora.errors import PrunedLoraError
+from prunedlora.loralayers import LoraModule, find_lora_modules, unwrap
 
-
-@dataclass
-class LoraModule:
-    """One PEFT LoRA layer seen as the pruner needs it: B (out x r0) and A (r0 x in)."""
-
-    name: str
-    layer: nn.Module
-    lora_a: nn.Parameter
-    lora_b: nn.Parameter
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The model whose module names are the base model's own (what rank_pattern keys match)."""
-    while hasattr(model, "module") and isinstance(model.module, nn.Module):  # DDP and friends
-        model = model.module
-    from peft import PeftModel
-    from peft.tuners.lora import LoraModel
-
-    if isinstance(model, PeftModel):
-        model = model.base_model
-    if isinstance(model, LoraModel):
-        model = model.model
-    return model
-
-
-def find_lora_modules(model: nn.Module, adapter_name: str = "default") -> dict[str, LoraModule]:
-    """PEFT LoRA layers of ``model`` keyed by the base model's module name, in model order."""
-    from peft.tuners.lora import LoraLayer
-
-    found: dict[str, LoraModule] = {}
-    for name, module in unwrap(model).named_modules():
-        if isinstance(module, LoraLayer) and adapter_name in getattr(module, "lora_A", {}):
-            found[name] = LoraModule(
-                name=name,
-                layer=module,
-                lora_a=module.lora_A[adapter_name].weight,
-                lora_b=module.lora_B[adapter_name].weight,
-            )
-    return found
+__all__ = ["LoraModule", "active_grads", "find_lora_modules", "has_grads", "unwrap"]
 
 
 def active_grads(module: LoraModule, active: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
