@@ -36,6 +36,8 @@ class Method:
     # whether the ``method:`` section's pruning options apply; without, they are dropped (plain LoRA at r0)
     prunes_rank: ClassVar[bool] = False
     export_command: ClassVar[str] = "export"
+    # the one-line refusal of an explicit ``prune: true`` (a method whose adapter keeps its rank)
+    prune_refusal: ClassVar[str | None] = None
 
     # -- reading the recipe ---------------------------------------------------------------------------
     @classmethod
@@ -46,6 +48,10 @@ class Method:
     @classmethod
     def check_recipe(cls, raw: dict[str, Any]) -> None:
         """Refuse, with one line, a recipe whose other parts contradict this method."""
+        if cls.prune_refusal is not None and raw.get("prune") is True:
+            from prunedlora.errors import PrunedLoraError
+
+            raise PrunedLoraError(cls.prune_refusal)
 
     # -- the run ----------------------------------------------------------------------------------------
     def __init__(self, recipe: Any) -> None:

@@ -34,6 +34,8 @@ CRITERIA = (
     "activation",
     "magnitude",
 )
+SHAPE = dict(r0=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"], target_rank=3.0, min_rank=1)
+SCHEDULE = dict(prune_start_step=2, prune_end_step=6, prune_every=2)  # events at 2, 4, 6
 CASES = {
     **{f"{c}/{r}": dict(criterion=c, recovery=r) for c in CRITERIA for r in ("none", "compensate", "newton")},
     "obs/default": dict(criterion="obs"),
@@ -59,18 +61,7 @@ def fingerprint(options: dict, tmp_path: Path) -> dict:
     torch.set_num_threads(1)
     try:
         model = tiny_peft(seed=3)
-        values = dict(
-            r0=8,
-            lora_alpha=16,
-            target_modules=["q_proj", "v_proj", "down_proj"],
-            target_rank=3.0,
-            min_rank=1,
-            prune_start_step=2,
-            prune_end_step=6,
-            prune_every=2,
-        )
-        values.update(options)
-        pruner = RankPruner(model, PrunedLoraConfig(**values))
+        pruner = RankPruner(model, PrunedLoraConfig(**{**SHAPE, **SCHEDULE, **options}))
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.01)
         data = iter(batches(16, seed=1))

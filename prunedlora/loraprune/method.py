@@ -19,6 +19,10 @@ class Loraprune(Method):
     name = "loraprune"
     section = "loraprune"
     export_command = "prune-export"
+    prune_refusal = (
+        "a loraprune recipe prunes the base model while plain LoRA trains: set prune: false "
+        "(rank pruning of the adapter at the same time is not supported)"
+    )
 
     @classmethod
     def parse_section(cls, values: Any):
@@ -33,14 +37,6 @@ class Loraprune(Method):
             return LorapruneConfig.from_dict(values)
         except PrunedLoraError as err:
             raise LorapruneError(f"loraprune: {err}") from None
-
-    @classmethod
-    def check_recipe(cls, raw: dict[str, Any]) -> None:
-        if raw.get("prune") is True:
-            raise PrunedLoraError(
-                "a loraprune recipe prunes the base model while plain LoRA trains: set prune: false "
-                "(rank pruning of the adapter at the same time is not supported)"
-            )
 
     def start(self, model: Any, max_steps: int) -> list[Any]:
         from prunedlora.loraprune.callback import LorapruneCallback

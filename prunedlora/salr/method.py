@@ -22,6 +22,10 @@ logger = logging.getLogger(__name__)
 class Salr(Method):
     name = "salr"
     section = "salr"
+    prune_refusal = (
+        "a salr recipe trains the sparsify folder's adapter at its full rank: set prune: false "
+        "(rank pruning of that adapter is not supported)"
+    )
 
     @classmethod
     def parse_section(cls, values: Any):
@@ -37,11 +41,7 @@ class Salr(Method):
     def check_recipe(cls, raw: dict[str, Any]) -> None:
         from prunedlora.salr.recipe import ADAPTER_SHAPE_OPTIONS
 
-        if raw.get("prune") is True:
-            raise PrunedLoraError(
-                "a salr recipe trains the sparsify folder's adapter at its full rank: set prune: false "
-                "(rank pruning of that adapter is not supported)"
-            )
+        super().check_recipe(raw)
         method = raw.get("method") if isinstance(raw.get("method"), dict) else {}
         shape = sorted(set(method) & set(ADAPTER_SHAPE_OPTIONS))
         if shape:
