@@ -75,7 +75,7 @@ class Salr(Method):
         return model
 
     def start(self, model: Any, max_steps: int) -> list[Any]:
-        from prunedlora.salr.training import ResidualDampingCallback
+        from prunedlora.salr.callback import ResidualDampingCallback
 
         callbacks = super().start(model, max_steps)
         return [*callbacks, *([ResidualDampingCallback(self.damping)] if self.damping is not None else [])]
