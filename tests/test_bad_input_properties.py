@@ -17,8 +17,8 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from prunedlora.config import ConfigError, PrunedLoraConfig
 from prunedlora.errors import PrunedLoraError
+from prunedlora.rank.config import ConfigError, PrunedLoraConfig
 from prunedlora.tasks import DataConfig
 from prunedlora.train.recipe import TrainingOptions, load_recipe, recipe_from_dict
 

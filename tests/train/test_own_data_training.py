@@ -48,7 +48,7 @@ def test_pruning_steps_default_to_fractions_of_the_run_and_given_ones_win():
 
 
 def test_explicit_pruning_steps_are_still_checked_against_the_run():
-    from prunedlora.config import ConfigError
+    from prunedlora.rank.config import ConfigError
 
     recipe = load_recipe("smollm2-sst2", {"training.max_steps": "20"})
     with pytest.raises(ConfigError, match=r"prune_end_step \(100\) must be before max_steps \(20\)"):

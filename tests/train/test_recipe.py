@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from prunedlora.config import ConfigError
+from prunedlora.rank.config import ConfigError
 from prunedlora.train.recipe import load_recipe, packaged_recipes
 
 SHIPPED = [
