@@ -152,11 +152,23 @@ def evaluate(
         "scorer": kind,
         "metrics": [list(m) for m in metrics],
         "answer_pattern": answer_pattern,
-        "base_model": str(base),
+        "base_model": _model_name(model_dir, base),
         "eval_examples": rows[0]["result"]["eval_examples"],
         "rows": rows,
         "comparisons": compare_rows(rows, metrics),
     }
+
+
+def _model_name(model_dir: Path, given: str) -> str:
+    """How results name the base model: ``default`` for the bundled one (not this machine's cache path)."""
+    from prunedlora.models import default_model_dir
+
+    try:
+        if Path(model_dir).resolve() == default_model_dir(progress=False).resolve():
+            return "default"
+    except Exception:  # the default model not installed: the name as given
+        pass
+    return str(given)
 
 
 def format_table(payload: dict) -> str:
