@@ -544,7 +544,10 @@ def test_target_module_matching_nothing_in_the_family(tiny_model_path, work, cap
     raw["method"]["target_modules"] = ["q_proj", "qkv_proj"]
     recipe = write_recipe(work.parent, raw)
     line = refused(["train", "--config", recipe], capsys, "qkv_proj", work)
-    assert "matches no module of this model" in line and "down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj" in line
+    assert (
+        "matches no module of this model" in line
+        and "down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj" in line
+    )
 
 
 # -- bench ------------------------------------------------------------------------------------------
