@@ -51,7 +51,7 @@ def time_training(model_dir: Path, task: str, mode: str, steps: int) -> dict:
     from torch.utils.data import DataLoader
 
     from prunedlora.bench.scoring import load_tokenizer
-    from prunedlora.config import PrunedLoraConfig
+    from prunedlora.rank.config import PrunedLoraConfig
     from prunedlora.tasks import DataConfig, shared_data_path
     from prunedlora.train.data import build_train_dataset, make_collator
     from prunedlora.train.runner import build_peft_model

@@ -204,7 +204,9 @@ def step_memory(criterion: str | None, sparsity: float, args, batch_sizes: list[
         torch.manual_seed(args.seed)
         model = build_peft_model(model_dir, recipe.method, recipe.training.dtype)
         model.train()
-        pruner = LoraPruner(model, recipe.loraprune, total_steps=args.steps) if criterion is not None else None
+        pruner = (
+            LoraPruner(model, recipe.sections["loraprune"], total_steps=args.steps) if criterion is not None else None
+        )
         trainable = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(trainable, lr=recipe.training.learning_rate)
         phases: dict[str, list[int]] = {"forward_backward": [], "scoring": [], "optimizer": []}

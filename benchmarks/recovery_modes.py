@@ -34,10 +34,10 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     from prunedlora.bench.report import portable_path
-    from prunedlora.config import PrunedLoraConfig
     from prunedlora.models import resolve_model
-    from prunedlora.pruner import RankPruner
-    from prunedlora.schedule import PruningEvent
+    from prunedlora.rank.config import PrunedLoraConfig
+    from prunedlora.rank.pruner import RankPruner
+    from prunedlora.rank.schedule import PruningEvent
     from prunedlora.tasks import DataConfig
     from prunedlora.train.data import build_train_dataset, make_collator
     from prunedlora.train.runner import build_peft_model

@@ -206,6 +206,7 @@ class DataConfig:
                 raise DataError(f"unknown task(s) {unknown} in mix; known tasks: {', '.join(TASKS)}")
             if self.task in self.mix or len(set(self.mix)) != len(self.mix):
                 raise DataError(f"mix must name other tasks than {self.task!r}, each once; got {self.mix}")
+        self.path, self.dev_path = _packaged(self.path), _packaged(self.dev_path)
         if self.path is not None and not isinstance(self.path, Path):
             local = Path(self.path).expanduser()
             # a hub name (org/name) stays a string, so it reaches load_dataset unchanged
@@ -247,6 +248,16 @@ class DataConfig:
 
 
 # -- files ----------------------------------------------------------------------------------------
+
+PACKAGE_PREFIX = "package:"  # data shipped in the package: package:examples/chat.jsonl
+
+
+def _packaged(path: str | Path | None) -> str | Path | None:
+    """``package:NAME`` as the file shipped in ``prunedlora/data/`` (so a shipped recipe names its data
+    the same way from a checkout and an installed wheel); anything else unchanged."""
+    if isinstance(path, str) and path.startswith(PACKAGE_PREFIX):
+        return VENDORED_DATA_DIR / path[len(PACKAGE_PREFIX) :]
+    return path
 
 
 def shared_data_dir() -> Path:

@@ -153,7 +153,7 @@ OUT_OF_RANGE = {
 def _section_fields():
     from dataclasses import fields
 
-    from prunedlora.config import PrunedLoraConfig
+    from prunedlora.rank.config import PrunedLoraConfig
     from prunedlora.tasks import DataConfig
     from prunedlora.train.recipe import TrainingOptions
 
@@ -237,6 +237,40 @@ def test_broken_data_files(name, tiny_model_path, work, capsys):
     task = path.stem.rsplit("_", 1)[1]
     recipe = write_recipe(work, good_recipe(tiny_model_path, task=task, path=str(path)))
     assert DATA_CASES[name] in refused(["train", "--config", recipe], capsys, name, work)
+
+
+# file -> (data options, a piece of the one-line error): your own data in the formats
+OWN_DATA_CASES = {
+    "ok_then_bad_roles.jsonl": ({"format": "chat"}, ":2: roles must alternate user, assistant"),
+    "no_assistant.jsonl": ({"format": "chat"}, "no assistant turn"),
+    "unknown_role.jsonl": ({"format": "chat"}, "unknown role 'bot'"),
+    "messages_not_list.jsonl": ({"format": "chat"}, "messages is a str, expected a list"),
+    "misspelled_column.jsonl": ({"format": "chat"}, "lacks column(s) messages that format chat needs"),
+    "empty.jsonl": ({"format": "chat"}, "is empty"),
+    "label_outside.csv": ({"format": "classification", "labels": ["positive", "negative"]}, "has label 'neutral'"),
+    "template_without_text.csv": ({"format": "classification", "template": "Review: ?"}, "has no placeholder"),
+    "format_mismatch.csv": ({"format": "chat"}, "found instruction, output"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(OWN_DATA_CASES))
+def test_broken_own_data_files(name, tiny_model_path, work, capsys):
+    options, expected = OWN_DATA_CASES[name]
+    path = CORPUS / "data" / "own" / name
+    recipe = good_recipe(tiny_model_path, path=str(path), **options)
+    del recipe["data"]["task"]
+    # a bad option (the template) is named by its key, found before the file is read
+    line = refused(["train", "--config", write_recipe(work.parent, recipe)], capsys, (name, "data.template"), work)
+    assert expected in line
+
+
+def test_own_data_longer_than_max_length_everywhere(tiny_model_path, work, capsys):
+    recipe = good_recipe(tiny_model_path, path=str(CORPUS.parent.parent / "prunedlora/data/examples/chat.jsonl"))
+    del recipe["data"]["task"]
+    recipe["data"].update(format="chat", max_length=8)
+    assert "raise max_length" in refused(
+        ["train", "--config", write_recipe(work.parent, recipe)], capsys, "max_length", work
+    )
 
 
 def test_binary_and_missing_data_files(tiny_model_path, work, capsys):

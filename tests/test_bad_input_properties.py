@@ -17,8 +17,8 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from prunedlora.config import ConfigError, PrunedLoraConfig
 from prunedlora.errors import PrunedLoraError
+from prunedlora.rank.config import ConfigError, PrunedLoraConfig
 from prunedlora.tasks import DataConfig
 from prunedlora.train.recipe import TrainingOptions, load_recipe, recipe_from_dict
 
@@ -121,7 +121,7 @@ def test_training_options_from_any_values(values):
     except PrunedLoraError as err:
         refused_properly(err)
         return
-    assert options.max_steps >= 1 and options.learning_rate > 0
+    assert (options.max_steps is None or options.max_steps >= 1) and options.learning_rate > 0
 
 
 SECTIONS = {"data": DataConfig, "method": PrunedLoraConfig, "training": TrainingOptions}

@@ -1,6 +1,6 @@
 import pytest
 
-from prunedlora.config import ConfigError, PrunedLoraConfig
+from prunedlora.rank.config import ConfigError, PrunedLoraConfig
 
 
 def test_defaults_are_valid_and_scaling_follows_rslora():

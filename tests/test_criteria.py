@@ -3,15 +3,11 @@
 import pytest
 import torch
 
-from prunedlora.criteria import (
-    activation_scores,
-    damped_inverse_hessian,
-    magnitude_scores,
-    obs_row_costs,
-    obs_scores,
-    remove_components,
-    taylor_scores,
-)
+from prunedlora.rank.criteria.activation import activation_scores
+from prunedlora.rank.criteria.magnitude import magnitude_scores
+from prunedlora.rank.criteria.obs_paper import obs_scores
+from prunedlora.rank.criteria.taylor import taylor_scores
+from prunedlora.rank.obs import damped_inverse_hessian, obs_row_costs, remove_components
 
 
 @pytest.fixture(autouse=True)
@@ -175,7 +171,7 @@ def _schur_removal_cost(w_rows, h, j):
 
 
 def test_classic_obs_cost_is_the_exact_quadratic_removal_cost():
-    from prunedlora.criteria import classic_obs_costs
+    from prunedlora.rank.obs import classic_obs_costs
 
     gen = torch.Generator().manual_seed(3)
     root = torch.randn(5, 5, generator=gen, dtype=torch.float64)
@@ -188,7 +184,7 @@ def test_classic_obs_cost_is_the_exact_quadratic_removal_cost():
 
 def test_compensation_with_the_true_hessian_reaches_the_exact_cost():
     """The recovery update ``compensate`` is the optimal re-fit: its loss change equals the cost."""
-    from prunedlora.criteria import classic_obs_costs
+    from prunedlora.rank.obs import classic_obs_costs
 
     gen = torch.Generator().manual_seed(4)
     root = torch.randn(6, 6, generator=gen, dtype=torch.float64)
@@ -207,7 +203,7 @@ def _fisher(grad_rows):
 
 def test_obs_fisher_scales_with_the_gradient_squared_and_keeps_its_order():
     """Unlike obs-paper (scale-free), obs-fisher is an estimated loss increase: gradients x c -> scores x c^2."""
-    from prunedlora.criteria import obs_fisher_scores
+    from prunedlora.rank.criteria.obs_fisher import obs_fisher_scores
 
     b, a, gb, ga = _module(seed=5)
     base = obs_fisher_scores(b, a, _fisher(gb), _fisher(ga.T), 0.01)
@@ -219,7 +215,7 @@ def test_obs_fisher_scales_with_the_gradient_squared_and_keeps_its_order():
 
 def test_obs_fisher_of_a_module_twice_as_wide_made_of_copies_is_twice_the_cost():
     """Per-row Fisher pooled by the mean: two copies of a module cost twice one, whatever the width."""
-    from prunedlora.criteria import obs_fisher_scores
+    from prunedlora.rank.criteria.obs_fisher import obs_fisher_scores
 
     b, a, gb, ga = _module(seed=6)
     one = obs_fisher_scores(b, a, _fisher(gb), _fisher(ga.T), 0.01)
@@ -231,7 +227,7 @@ def test_obs_fisher_of_a_module_twice_as_wide_made_of_copies_is_twice_the_cost()
 
 def test_obs_input_is_the_least_squares_increase_of_the_modules_output():
     """SparseGPT on B: cost = 1/2 min ||s (B - B') Z||^2 over B' with column j zero (H_z = Z Z^T)."""
-    from prunedlora.criteria import obs_input_scores
+    from prunedlora.rank.criteria.obs_input import obs_input_scores
 
     gen = torch.Generator().manual_seed(7)
     b = torch.randn(9, 4, generator=gen, dtype=torch.float64)
@@ -259,7 +255,7 @@ def _module(seed, out=12, s=5, inp=10):
 # --- sensitivity: AdaLoRA's smoothed importance x uncertainty -----------------------------------------
 def test_sensitivity_moving_averages_follow_peft_update_ipt_step_by_step():
     """Two steps by hand: Ibar_1 = .15 I_1, Ubar_1 = .15 |I_1 - Ibar_1|; then the same again from there."""
-    from prunedlora.criteria import update_sensitivity
+    from prunedlora.rank.criteria.sensitivity import update_sensitivity
 
     w = torch.tensor([[2.0, -1.0]], dtype=torch.float64)
     importance, uncertainty = torch.zeros_like(w), torch.zeros_like(w)
@@ -277,7 +273,7 @@ def test_sensitivity_moving_averages_follow_peft_update_ipt_step_by_step():
 
 
 def test_sensitivity_score_is_the_mean_over_bs_column_plus_the_mean_over_as_row():
-    from prunedlora.criteria import sensitivity_scores
+    from prunedlora.rank.criteria.sensitivity import sensitivity_scores
 
     ib = torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]])  # B: out 3 x s 2
     ub = torch.tensor([[1.0, 1.0], [2.0, 0.5], [0.0, 1.0]])
@@ -289,7 +285,7 @@ def test_sensitivity_score_is_the_mean_over_bs_column_plus_the_mean_over_as_row(
 
 def test_sensitivity_scales_with_the_gradient_squared():
     """I = |w g| scales with g, Ubar too, so the score goes with g^2: comparable across modules like obs-fisher."""
-    from prunedlora.criteria import sensitivity_scores, update_sensitivity
+    from prunedlora.rank.criteria.sensitivity import sensitivity_scores, update_sensitivity
 
     b, a, gb, ga = _module(seed=8)
 
@@ -306,7 +302,7 @@ def test_sensitivity_scales_with_the_gradient_squared():
 # --- taylor-ema: LoRAPrune's moving average of the first-order score ---------------------------------
 def test_taylor_ema_is_loraprunes_moving_average_step_by_step():
     """S_1 = .1 s_1, then S_2 = .9 S_1 + .1 s_2, as LoRAPrune's ``s_dict = 0.9 s_dict + 0.1 s``."""
-    from prunedlora.criteria import update_taylor_ema
+    from prunedlora.rank.criteria.taylor_ema import update_taylor_ema
 
     average = torch.zeros(3, dtype=torch.float64)
     s1, s2 = torch.tensor([1.0, 4.0, 0.0]), torch.tensor([3.0, 0.0, 2.0])
@@ -318,7 +314,8 @@ def test_taylor_ema_is_loraprunes_moving_average_step_by_step():
 
 def test_taylor_ema_scales_with_the_gradient_and_ranks_by_the_averaged_taylor_score():
     """Linear in g (first order), and the average of steps whose taylor ranking flips follows the larger."""
-    from prunedlora.criteria import taylor_scores, update_taylor_ema
+    from prunedlora.rank.criteria.taylor import taylor_scores
+    from prunedlora.rank.criteria.taylor_ema import update_taylor_ema
 
     b, a, gb, ga = _module(seed=9)
 

@@ -110,7 +110,7 @@ def test_unsupported_family_is_refused_in_one_line_naming_it():
 
 
 def test_a_target_matching_nothing_in_the_family_names_its_modules(family_model):
-    from prunedlora.config import ConfigError, PrunedLoraConfig
+    from prunedlora.rank.config import ConfigError, PrunedLoraConfig
 
     family, path = family_model
     wrong = "q_proj" if family.name == "Phi-3" else "qkv_proj"

@@ -13,32 +13,32 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1] / "prunedlora"
-STAGES = ("train", "export", "serve", "bench", "salr", "loraprune")
+STAGES = ("train", "export", "serve", "bench", "rank", "salr", "loraprune")
 # which stages a stage may not import (bench sits above all of them and may import them)
 FORBIDDEN = {
-    "export": ("train", "serve", "bench", "salr", "loraprune"),
-    "serve": ("train", "export", "bench", "salr", "loraprune"),
+    "export": ("train", "serve", "bench", "rank", "salr", "loraprune"),
+    "serve": ("train", "export", "bench", "rank", "salr", "loraprune"),
     "train": ("export", "serve", "bench"),
     # train reads a sparsify folder and keeps SALR's residual frozen through salr's own loader and
     # callback (a recipe's salr: section); salr itself knows no stage
     "salr": ("train", "export", "serve", "bench", "loraprune"),
+    # the three methods are siblings: none imports another, none knows a stage
+    "rank": ("train", "export", "serve", "bench", "salr", "loraprune"),
     # train drives LoRAPrune's pruner through a callback; the method itself knows no stage
-    "loraprune": ("train", "export", "serve", "bench", "salr"),
+    "loraprune": ("train", "export", "serve", "bench", "rank", "salr"),
 }
 # the core: tensors, configs and files only; it imports no stage
 CORE = (
-    "allocation",
     "answers",
-    "config",
-    "criteria",
     "errors",
     "figures",
     "iofaults",
     "lazy",
+    "loralayers",
     "metadata",
+    "method",
     "modelfacts",
-    "pruner",
-    "schedule",
+    "registry",
     "staging",
     "tasks",
     "vllm_compat",
@@ -196,3 +196,19 @@ def test_no_private_helper_crosses_a_package():
             if owner in MODULES and package(owner) != package(i.source):
                 bad.append(f"{i.source}:{i.line} imports {private} from {owner}")
     assert not bad, f"private helpers used across packages (make them public in a shared module): {bad}"
+
+
+def test_train_names_no_method():
+    """The runner reaches the methods through ``prunedlora.method``'s registry: train/ imports no method
+    package, except ``rank.config``, whose PrunedLoraConfig is also the record of the LoRA every method
+    trains (r0, alpha, targets)."""
+    allowed = {"prunedlora.rank.config"}
+    bad = [
+        f"{i.source}:{i.line} imports {i.target}"
+        for imports in GRAPH.values()
+        for i in imports
+        if stage_of(i.source) == "train"
+        and stage_of(i.target) in ("rank", "loraprune", "salr")
+        and i.target not in allowed
+    ]
+    assert not bad, f"train must reach methods through prunedlora.method: {bad}"

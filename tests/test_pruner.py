@@ -7,8 +7,8 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaForCausalLM
 
-from prunedlora.config import ConfigError, PrunedLoraConfig
-from prunedlora.pruner import RankPruner, find_lora_modules
+from prunedlora.rank.config import ConfigError, PrunedLoraConfig
+from prunedlora.rank.pruner import RankPruner, find_lora_modules
 from tests.conftest import tiny_llama_config
 
 VOCAB = 64
@@ -254,7 +254,10 @@ def test_state_round_trip(tmp_path):
     other.load(tmp_path)
     assert other.history == pruner.history
     assert all(torch.equal(other.masks[n], pruner.masks[n]) for n in pruner.masks)
-    assert all(torch.equal(other.activation_sq[n], pruner.activation_sq[n]) for n in pruner.masks)
+    assert all(
+        torch.equal(other.criterion.stats["activation_sq"][n], pruner.criterion.stats["activation_sq"][n])
+        for n in pruner.masks
+    )
     # loading applies the masks to the fresh weights
     for name, module in other.modules.items():
         assert torch.all(module.lora_b[:, ~other.masks[name]] == 0)
@@ -281,21 +284,23 @@ def test_statistics_between_events_round_trip_and_reset_at_events(tmp_path, crit
     model = tiny_peft(seed=6)
     pruner = RankPruner(model, config)
     run_loop(model, pruner, steps=2)  # before the first event: statistics only
-    stats = pruner.fisher_b if criterion == "obs-fisher" else pruner.input_cov
+    stats = pruner.criterion.stats["fisher_b" if criterion == "obs-fisher" else "input_cov"]
     assert stats and all(s.abs().sum() > 0 for s in stats.values())
-    assert pruner.fisher_steps == (2 if criterion == "obs-fisher" else 0)
+    assert pruner.criterion.counters() == ({"fisher_steps": 2} if criterion == "obs-fisher" else {})
     pruner.save(tmp_path)
     other = RankPruner(tiny_peft(seed=6), config)
     other.load(tmp_path)
-    other_stats = other.fisher_b if criterion == "obs-fisher" else other.input_cov
+    other_stats = other.criterion.stats["fisher_b" if criterion == "obs-fisher" else "input_cov"]
     assert all(torch.equal(other_stats[n], stats[n]) for n in stats)
-    assert other.fisher_steps == pruner.fisher_steps
+    assert other.criterion.counters() == pruner.criterion.counters()
     if criterion == "obs-fisher":
-        assert all(torch.equal(other.fisher_a[n], pruner.fisher_a[n]) for n in stats)
+        other_a, fisher_a = other.criterion.stats["fisher_a"], pruner.criterion.stats["fisher_a"]
+        assert all(torch.equal(other_a[n], fisher_a[n]) for n in stats)
     ids = batches(1, seed=9)[0]
     model(input_ids=ids, labels=ids).loss.backward()
     assert pruner.before_optimizer_step(3) is not None  # the event
-    assert all(s.abs().sum() == 0 for s in stats.values()) and pruner.fisher_steps == 0
+    assert all(s.abs().sum() == 0 for s in stats.values())
+    assert all(v == 0 for v in pruner.criterion.counters().values())
 
 
 def test_obs_fisher_is_the_mean_of_per_step_fishers():
@@ -320,7 +325,7 @@ def test_obs_fisher_is_the_mean_of_per_step_fishers():
         pruner.before_optimizer_step(0)
         model.zero_grad()
     for name in pruner.modules:
-        torch.testing.assert_close(pruner._mean_fisher(name, torch.arange(8))[0], expected[name] / 3)
+        torch.testing.assert_close(pruner.criterion.mean_fisher(name, torch.arange(8))[0], expected[name] / 3)
 
 
 def test_module_names_are_the_base_models_and_r0_must_match():
@@ -394,14 +399,14 @@ def test_moving_averages_survive_a_checkpoint_and_are_not_reset_at_events(tmp_pa
     pruner = RankPruner(model, config)
     run_loop(model, pruner, steps=2)
     for kind in kinds:
-        stats = getattr(pruner, kind)
+        stats = pruner.criterion.stats[kind]
         assert set(stats) == set(pruner.modules) and all(s.abs().sum() > 0 for s in stats.values())
     pruner.save(tmp_path)
     other = RankPruner(tiny_peft(seed=6), config)
     other.load(tmp_path)
     for kind in kinds:
-        assert all(torch.equal(getattr(other, kind)[n], getattr(pruner, kind)[n]) for n in pruner.modules)
-    first = getattr(pruner, kinds[0])
+        assert all(torch.equal(other.criterion.stats[kind][n], pruner.criterion.stats[kind][n]) for n in pruner.modules)
+    first = pruner.criterion.stats[kinds[0]]
     before = {n: t.clone() for n, t in first.items()}
     ids = batches(1, seed=9)[0]
     model(input_ids=ids, labels=ids).loss.backward()
@@ -412,7 +417,7 @@ def test_moving_averages_survive_a_checkpoint_and_are_not_reset_at_events(tmp_pa
 
 def test_taylor_ema_folds_each_steps_taylor_score_of_every_module():
     """After one backward the average is 0.1 x that step's taylor score, per module and component."""
-    from prunedlora.criteria import taylor_scores
+    from prunedlora.rank.criteria.taylor import taylor_scores
 
     model = tiny_peft(seed=7)
     pruner = RankPruner(model, _events_at_3_6_9("taylor-ema"))
@@ -421,7 +426,9 @@ def test_taylor_ema_folds_each_steps_taylor_score_of_every_module():
     pruner.accumulate_gradient_statistics()
     for name, module in pruner.modules.items():
         expected = 0.1 * taylor_scores(module.lora_b, module.lora_a, module.lora_b.grad, module.lora_a.grad)
-        torch.testing.assert_close(pruner.taylor_ema[name], expected.detach(), rtol=1e-12, atol=0)
-        assert pruner.taylor_ema[name].abs().sum() > 0
+        torch.testing.assert_close(pruner.criterion.stats["taylor_ema"][name], expected.detach(), rtol=1e-12, atol=0)
+        assert pruner.criterion.stats["taylor_ema"][name].abs().sum() > 0
     scores = pruner.score()
-    assert all(torch.equal(scores[n], pruner.taylor_ema[n]) for n in pruner.modules)  # nothing pruned yet
+    assert all(
+        torch.equal(scores[n], pruner.criterion.stats["taylor_ema"][n]) for n in pruner.modules
+    )  # nothing pruned yet

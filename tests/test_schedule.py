@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from prunedlora.allocation import allocate_global, allocate_uniform
-from prunedlora.config import PrunedLoraConfig
-from prunedlora.schedule import PruningSchedule
+from prunedlora.rank.allocation import allocate_global, allocate_uniform
+from prunedlora.rank.config import PrunedLoraConfig
+from prunedlora.rank.schedule import PruningSchedule
 
 
 def _simulate(config, n, seed=0):

@@ -59,7 +59,7 @@ class AdaLoraResult(TrainResult):
 
 def schedule_window(recipe: TrainRecipe, num_modules: int) -> tuple[int, int, int]:
     """(tinit, tfinal, deltaT) matching the recipe's pruning schedule (its first and last events)."""
-    from prunedlora.schedule import PruningSchedule
+    from prunedlora.rank.schedule import PruningSchedule
 
     events = PruningSchedule.build(recipe.method, num_modules).events
     if not events:

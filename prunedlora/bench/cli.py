@@ -51,6 +51,117 @@ def register(subparsers) -> None:
     kinds = bench.add_subparsers(dest="bench_command", metavar="BENCH", required=True)
     _register_latency(kinds)
     _register_quality(kinds)
+    _register_eval(subparsers)
+
+
+def _key_values(pairs: list[str], option: str) -> dict[str, str]:
+    from prunedlora.bench.scoring import ScoringError
+
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key or not value:
+            raise ScoringError(f"{option} takes NAME=COLUMN, got {pair!r}")
+        out[key] = value
+    return out
+
+
+def eval_data(args):
+    """The DataConfig ``prunedlora eval`` scores: a file as a whole, a recipe's dev split, or a task's."""
+    from prunedlora.bench.scoring import ScoringError
+    from prunedlora.tasks import DataConfig
+
+    chosen = [name for name in ("data", "config", "task") if getattr(args, name)]
+    if len(chosen) != 1:
+        raise ScoringError("give exactly one of --data FILE, --config RECIPE (its dev split), --task TASK")
+    common = {"max_examples": args.max_examples, "loss_on": args.loss_on}
+    if args.max_length is not None:
+        common["max_length"] = args.max_length
+    if args.config:
+        from dataclasses import replace
+
+        from prunedlora.train.recipe import load_recipe
+
+        recipe = load_recipe(args.config)
+        return replace(recipe.data, split="dev", mix=None, **common), recipe.model
+    if args.task:
+        return DataConfig(task=args.task, split="dev", **common), None
+    own = {
+        "format": args.format,
+        "columns": _key_values(args.column, "--column") or None,
+        "labels": args.labels.split(",") if args.labels else None,
+        "template": args.template,
+    }
+    # the whole file is scored: it is held out already
+    return DataConfig(path=args.data, dev_size=0, **own, **common), None
+
+
+def run_eval(args) -> int:
+    from prunedlora.bench.evaluate import evaluate, format_table, write_results
+    from prunedlora.bench.scoring import EvalSettings, check_answer_pattern
+
+    data, recipe_model = eval_data(args)
+    if args.answer_regex:
+        check_answer_pattern(args.answer_regex)
+    settings = EvalSettings(
+        max_examples=args.max_examples,
+        max_length=data.max_length,
+        batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens,
+        exact_match_examples=args.exact_match,
+    )
+    payload = evaluate(
+        data,
+        args.adapters,
+        model=args.model or recipe_model,
+        settings=settings,
+        answer_pattern=args.answer_regex,
+        include_base=not args.no_base,
+        names=args.name or None,
+    )
+    print(format_table(payload))
+    out = args.out or f"runs/eval/{data.name.rsplit('.', 1)[0]}"
+    json_path, _ = write_results(payload, out)
+    print(f"per-example results: {json_path}")
+    return 0
+
+
+def _register_eval(subparsers) -> None:
+    p = subparsers.add_parser(
+        "eval",
+        help="score the base model and adapters on your data or a recipe's dev split, paired, with intervals",
+        description="Score the base model and each ADAPTER (PEFT folder, run directory or export) on the same "
+        "examples: label accuracy (classification), the replies' NLL per token (chat: every assistant turn; "
+        "--loss-on last for the final one) and greedy exact match with --answer-regex, perplexity (text). Each "
+        "row is compared paired with the first (the base model) with a 95%% bootstrap interval. Writes eval.json "
+        "(per example) and eval.md to --out.",
+    )
+    p.add_argument("adapters", nargs="*", metavar="ADAPTER", help="adapter folders, run directories or exports")
+    p.add_argument("--data", help="a data file or folder scored whole (JSON/JSONL, CSV/TSV, Parquet, save_to_disk)")
+    p.add_argument("--config", help="a recipe: its data's dev split (and its model)")
+    p.add_argument("--task", help="a built-in task's held-out split (gsm8k, codealpaca, sst2, rte)")
+    p.add_argument("--format", help="the data's format (default: detected from its columns)")
+    p.add_argument(
+        "--column", action="append", default=[], metavar="NAME=COLUMN", help="map a format's column to yours"
+    )
+    p.add_argument("--labels", help="classification label words, comma-separated (default: every label in the file)")
+    p.add_argument("--template", help="classification prompt template with {text}")
+    p.add_argument("--model", help="base model folder or 'default' (default: what the first adapter records)")
+    p.add_argument("--no-base", action="store_true", help="do not score the base model; compare with the first adapter")
+    p.add_argument("--name", action="append", default=[], help="a name per adapter for the table, in order")
+    p.add_argument("--max-examples", type=int, help="score the first N examples only")
+    p.add_argument("--max-length", type=int, help="tokens per example (default: the data's, 512)")
+    p.add_argument("--loss-on", default="response", choices=("response", "last"), help="which replies NLL scores")
+    p.add_argument(
+        "--answer-regex",
+        help="greedy exact match on the answer this regex finds (group 1 if any); "
+        "'final_number' compares the last number",
+    )
+    p.add_argument("--exact-match", type=int, help="greedy answers on the first N examples only (default: all)")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--out", help="folder for eval.json and eval.md (default: runs/eval/<data name>)")
+    p.set_defaults(handler=run_eval)
 
 
 def _register_latency(kinds) -> None:

@@ -582,7 +582,7 @@ def check_schedule(recipe) -> None:
         return
     from prunedlora.modelfacts import base_linear_shapes, resolve_targets
     from prunedlora.models import resolve_model
-    from prunedlora.schedule import PruningSchedule
+    from prunedlora.rank.schedule import PruningSchedule
 
     model_dir = resolve_model(recipe.model)
     targets = set(resolve_targets(model_dir, recipe.method.target_modules))

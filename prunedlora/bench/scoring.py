@@ -384,7 +384,7 @@ def score_examples(
         hits = exact_matches(answers, [ex.response for ex in subset], answer_pattern)
         result["exact_match"] = sum(hits) / len(subset)
         result["exact_match_examples"] = len(subset)
-        result["per_example"]["exact_match"] = [bool(h) for h in hits]
+        result["exact_match_per_example"] = [bool(h) for h in hits]  # the first N examples, in order
         result["sample_answer"] = answers[0][:400] if answers else ""
     return result
 

@@ -11,7 +11,6 @@ from typing import Any
 
 from prunedlora.loraprune.errors import LorapruneError
 
-CRITERIA = ("lora", "lora-act", "grad", "magnitude", "random")
 EXEMPTIONS = ("none", "released")
 
 
@@ -52,8 +51,10 @@ class LorapruneConfig:
         from prunedlora.fieldtypes import check_field_types
 
         check_field_types(self, LorapruneError)  # types first: the range checks below compare values
-        if self.criterion not in CRITERIA:
-            raise LorapruneError(f"criterion must be one of {', '.join(CRITERIA)}, got {self.criterion!r}")
+        from prunedlora.loraprune.criteria import CRITERIA  # registered classes (criteria.py)
+
+        if CRITERIA.find(self.criterion) is None:
+            raise LorapruneError(f"criterion must be one of {', '.join(CRITERIA.names())}, got {self.criterion!r}")
         if not 0.0 < self.sparsity < 1.0:
             raise LorapruneError(
                 f"sparsity must lie strictly between 0 and 1 (the fraction of prunable weights removed), "

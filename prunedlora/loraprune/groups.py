@@ -26,9 +26,12 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from prunedlora.loraprune.config import LorapruneConfig
 from prunedlora.loraprune.errors import LorapruneError
+
+if TYPE_CHECKING:  # the config validates criteria through criteria -> importance -> this module
+    from prunedlora.loraprune.config import LorapruneConfig
 
 # The model types whose decoder layers are q/k/v/o + gate/up/down with (grouped-query) attention and
 # a per-layer shape given by the config alone; anything else is refused rather than sliced wrongly.

@@ -8,6 +8,8 @@ weight ``|Ĝ ⊙ (W0 + s B A)|`` (the merged weight: what removing the weight wo
 ``s`` enters only there, as in the released code). Element scores are summed over each group's rows
 (q/k/v/gate/up) or input columns (o/down), each module's group vector is L2-normalised so that no
 module's scale dominates, and the vectors of a group's modules are summed.
+The criteria themselves (``lora``, ``lora-act``, ``grad``, ``magnitude``, ``random``) are registered
+classes in ``criteria``; this module holds the arithmetic they share.
 
 ``lora-act`` (this project's variant, not the paper's) multiplies each element score by the norm of
 the projection's input feature it reads, Wanda-style: ``|Ĝ ⊙ W|_ij · ‖X_j‖`` with ``‖X_j‖`` the L2 norm of
@@ -52,33 +54,6 @@ def merged_weight(module) -> torch.Tensor:
     return w
 
 
-def element_scores(
-    module, criterion: str, base_grad: torch.Tensor | None = None, input_norm: torch.Tensor | None = None
-) -> torch.Tensor | None:
-    """|G ⊙ (W0 + s·B·A)| for one projection (out x in), or None when the criterion has no gradient for
-    it (a ``lora`` projection without a LoRA or before its first backward; ``grad`` without a buffer;
-    ``lora-act`` without the input's feature norms).
-
-    ``lora``: G = Ĝ from the factors; ``grad``: G = ``base_grad``, W0's true gradient; ``magnitude``:
-    G = 1 (the merged weight's size); ``lora-act``: ``lora``'s score times ``input_norm`` (one norm per
-    input feature, broadcast over the rows)."""
-    weight = merged_weight(module)
-    if criterion == "magnitude":
-        return weight.abs()
-    if criterion == "grad":
-        return None if base_grad is None else (base_grad.float() * weight).abs()
-    _, a, b, _ = lora_parts(module)
-    if a is None or a.grad is None or b.grad is None:
-        return None
-    if criterion == "lora-act" and input_norm is None:
-        return None
-    grad = estimated_weight_grad(a.detach().float(), b.detach().float(), a.grad.float(), b.grad.float())
-    scores = (grad * weight).abs()
-    if criterion == "lora-act":
-        scores = scores * input_norm.to(scores.device, torch.float32)
-    return scores
-
-
 def reduce_to_groups(name: str, scores: torch.Tensor, shape: DecoderShape) -> torch.Tensor:
     """One score per KV group (attention projections) or per channel (MLP projections) from the
     element scores of projection ``name``: rows for q/k/v/gate/up, input columns for o/down."""
@@ -94,27 +69,18 @@ def normalised(vector: torch.Tensor) -> torch.Tensor:
     return vector / (torch.linalg.vector_norm(vector) + _EPS)
 
 
-def layer_scores(
-    projections: dict[str, object],
-    criterion: str,
-    shape: DecoderShape,
-    base_grads: dict[str, torch.Tensor] | None = None,
-    generator: torch.Generator | None = None,
-    input_norms: dict[str, torch.Tensor] | None = None,
+def summed_layer_scores(
+    projections: dict[str, object], shape: DecoderShape, scores_of
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """(KV-group scores, channel scores) of one layer, or None for a kind that no projection could
-    score this step. ``random`` draws both from ``generator``: a floor every criterion should beat.
-    ``input_norms``: each projection's input feature norms (``lora-act``)."""
-    if criterion == "random":
-        heads = torch.rand(shape.num_kv_heads, generator=generator)
-        return heads, torch.rand(shape.intermediate, generator=generator)
+    """(KV-group scores, channel scores) of one layer from ``scores_of(name, module)``, each projection's
+    element scores (or None: it cannot score this step): reduced to groups, L2-normalised per module
+    so that no module's scale dominates, summed over the kind's projections; None for a kind that no
+    projection could score."""
     out = []
     for kind in (ATTENTION, MLP):
         total = None
         for name in kind:
-            scores = element_scores(
-                projections[name], criterion, (base_grads or {}).get(name), (input_norms or {}).get(name)
-            )
+            scores = scores_of(name, projections[name])
             if scores is None:
                 continue
             part = normalised(reduce_to_groups(name, scores, shape))

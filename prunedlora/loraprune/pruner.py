@@ -14,9 +14,10 @@ import torch
 
 from prunedlora import metadata
 from prunedlora.loraprune.config import LorapruneConfig
+from prunedlora.loraprune.criteria import criterion
 from prunedlora.loraprune.errors import LorapruneError
 from prunedlora.loraprune.groups import ATTENTION, MLP, decoder_shape, find_projections, plan
-from prunedlora.loraprune.importance import layer_scores, lora_parts
+from prunedlora.loraprune.importance import lora_parts
 from prunedlora.loraprune.masks import GroupMasks
 from prunedlora.loraprune.schedule import prune_events
 
@@ -57,7 +58,8 @@ class LoraPruner:
             raise LorapruneError(
                 f"the model has {len(self.projections)} decoder layers, its config says {self.shape.num_layers}"
             )
-        if config.criterion in ("lora", "lora-act"):
+        self.criterion = criterion(config.criterion)
+        if self.criterion.from_lora:
             self._check_lora_targets()
         self.events = prune_events(config, total_steps, self.plan.groups_removed, self.plan.channels_removed)
         self.masks = GroupMasks(self.shape)
@@ -70,9 +72,9 @@ class LoraPruner:
         self._grad_handles: list = []
         self._input_sq: dict[int, dict[str, torch.Tensor]] = {}
         self._input_handles: list = []
-        if config.criterion == "grad":
+        if self.criterion.base_gradients:
             self._track_base_grads()
-        if config.criterion == "lora-act":
+        if self.criterion.input_norms:
             self._track_input_norms()
 
     # -- the per-step call -----------------------------------------------------------------------
@@ -98,9 +100,8 @@ class LoraPruner:
         ema = self.config.ema
         norms = self._input_norms()
         scores = {
-            layer: layer_scores(
+            layer: self.criterion.layer_scores(
                 self.projections[layer],
-                self.config.criterion,
                 self.shape,
                 self._base_grads.get(layer),
                 self._generator,
@@ -134,7 +135,7 @@ class LoraPruner:
             else:
                 self.masks.remove(layer, channels=lowest)
 
-    # -- lora-act criterion: each projection's input feature norms over the step's tokens -----------
+    # -- criteria that read the inputs (lora-act): each projection's input feature norms over the step's tokens -----------
     def _track_input_norms(self) -> None:
         for layer, mods in self.projections.items():
             if layer not in self.plan.pruned_layers:
@@ -179,7 +180,7 @@ class LoraPruner:
         self._input_handles.clear()
         self._input_sq.clear()
 
-    # -- grad criterion ----------------------------------------------------------------------------
+    # -- criteria that read W0's true gradient (grad) ----------------------------------------------------------------------------
     def _track_base_grads(self) -> None:
         for layer, mods in self.projections.items():
             if layer not in self.plan.pruned_layers:
@@ -216,7 +217,7 @@ class LoraPruner:
             wanted = self.config.prune_heads if kind == "heads" else self.config.prune_channels
             if wanted and not any(lora_parts(self.projections[0][n])[1] is not None for n in names):
                 raise LorapruneError(
-                    f"criterion lora scores {kind} from LoRA factors, but none of {', '.join(names)} carries a "
+                    f"criterion {self.config.criterion} scores {kind} from LoRA factors, but none of {', '.join(names)} carries a "
                     "LoRA: add them to target_modules"
                 )
 

@@ -1,6 +1,6 @@
 """When LoRAPrune masks groups and how many have gone after each event.
 
-The cubic ramp of ``prunedlora.schedule.PruningSchedule`` (AdaLoRA's and LoRAPrune's): the pruned share
+The cubic ramp of ``prunedlora.rank.schedule.PruningSchedule`` (AdaLoRA's and LoRAPrune's): the pruned share
 after step t is ``r_f * (1 - (1 - p)^3)`` with ``p = (t - start) / (end - start)``. That class counts
 LoRA ranks of a ``PrunedLoraConfig``; here the counts are KV groups and channels per layer, so the same
 formula is a small function of its own.

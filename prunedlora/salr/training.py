@@ -7,7 +7,7 @@ keeps them fixed (SALR's default: the residual repairs the base, the task compon
 components are zeroed, and after each optimizer step their saved values are written back (AdamW's
 decoupled weight decay moves a parameter even with a zero gradient); damped, they are saved before
 each step and the step scaled after it. With transformers' Trainer these run from
-``ResidualDampingCallback``'s ``on_pre_optimizer_step`` and ``on_optimizer_step``, around
+``callback.ResidualDampingCallback``'s ``on_pre_optimizer_step`` and ``on_optimizer_step``, around
 ``optimizer.step()``.
 """
 
@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import TrainerCallback
 
 from prunedlora.salr.config import residual_update_scale
 from prunedlora.salr.errors import SalrError
@@ -83,7 +82,7 @@ class SalrSource:
     def method(self):
         """The PrunedLoRA method record of the folder's adapter (full rank, never pruned): the runner's
         rank bookkeeping and the run record describe the adapter with it, and export checks against it."""
-        from prunedlora.config import PrunedLoraConfig
+        from prunedlora.rank.config import PrunedLoraConfig
 
         config = self.record["config"]
         rank = int(config["residual_rank"]) + int(config["task_rank"])
@@ -135,16 +134,3 @@ def prepare_source(section, model_dir: str | os.PathLike) -> SalrSource:
     return SalrSource(
         dir=Path(section.dir), record=record, residual=residual, residual_lr_scale=section.residual_lr_scale
     )
-
-
-class ResidualDampingCallback(TrainerCallback):
-    """Runs a ``ResidualDamping`` around every optimizer step of a transformers Trainer."""
-
-    def __init__(self, damping: ResidualDamping):
-        self.damping = damping
-
-    def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        self.damping.snapshot()
-
-    def on_optimizer_step(self, args, state, control, **kwargs):
-        self.damping.restore()

@@ -6,7 +6,7 @@ import argparse
 
 
 def _parse_overrides(extra: list[str]) -> dict[str, str]:
-    from prunedlora.config import ConfigError
+    from prunedlora.rank.config import ConfigError
 
     overrides, i = {}, 0
     while i < len(extra):

@@ -16,11 +16,10 @@ from typing import Any
 
 import yaml
 
-from prunedlora.config import ConfigError, PrunedLoraConfig
 from prunedlora.errors import PrunedLoraError
 from prunedlora.fieldtypes import check_field_types
-from prunedlora.loraprune.config import LorapruneConfig
-from prunedlora.salr.recipe import ADAPTER_SHAPE_OPTIONS, SalrSection
+from prunedlora.method import METHODS, Method
+from prunedlora.rank.config import ConfigError, PrunedLoraConfig
 from prunedlora.tasks import TASKS, DataConfig
 
 
@@ -44,7 +43,9 @@ class TrainingOptions:
     seed: int = 0
     dtype: str = "float32"
     gradient_checkpointing: bool = False
-    eval_steps: int | None = None  # dev loss every N steps when a dev split exists; None: five times a run
+    # dev loss every N steps when a dev split exists; None: five times a run on your own data (off for the
+    # built-in tasks, whose quality the demo and `bench quality` score after training); 0: off
+    eval_steps: int | None = None
     eval_examples: int = 100  # dev examples the dev loss is taken over (the first N of the dev split)
 
     def steps_for(self, train_examples: int) -> int:
@@ -69,7 +70,7 @@ class TrainingOptions:
             raise ConfigError(f"epochs must be positive, got {self.epochs}")
         for name, low in (
             ("max_steps", 1),
-            ("eval_steps", 1),
+            ("eval_steps", 0),
             ("eval_examples", 1),
             ("per_device_train_batch_size", 1),
             ("gradient_accumulation_steps", 1),
@@ -109,12 +110,11 @@ class TrainingOptions:
 class TrainRecipe:
     """Model, data, method and training settings of one run.
 
-    ``prune: false`` trains plain LoRA at rank r0 with the same everything else (the baseline).
-    A ``loraprune`` section prunes the *base model* (heads and MLP channels, LoRAPrune) while that
-    plain LoRA trains; it needs ``prune: false`` (the adapter's rank is not pruned at the same time).
-    A ``salr`` section trains from a ``prunedlora sparsify`` folder (sparse base, residual + task
-    adapter) instead of the dense model; it too needs ``prune: false``, and the adapter's shape is the
-    folder's, not ``method``'s.
+    ``method`` describes the adapter (its LoRA at rank r0, and for PrunedLoRA how its rank is pruned);
+    which method trains it is ``method_class()``: the recipe's ``method.name`` (``prunedlora``, ``lora``,
+    ``loraprune``, ``salr``, or a registered one; ``prunedlora.method``), or in the older spelling
+    ``prune: false`` (plain LoRA at r0) and a method's own section (``loraprune:``, ``salr:``).
+    ``sections`` holds that section, parsed by its method.
     """
 
     model: str = "default"
@@ -122,11 +122,15 @@ class TrainRecipe:
     method: PrunedLoraConfig = field(default_factory=PrunedLoraConfig)
     training: TrainingOptions = field(default_factory=TrainingOptions)
     prune: bool = True
-    loraprune: LorapruneConfig | None = None
-    salr: SalrSection | None = None
+    sections: dict[str, Any] = field(default_factory=dict)
+    method_name: str | None = None  # the recipe's method.name; None: from prune and sections
     # the method section as written: pruning steps it leaves out are fractions of the run's length,
     # filled in once that length is known (``with_steps``)
     method_section: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    def method_class(self) -> type[Method]:
+        """The method that trains this recipe's adapter."""
+        return METHODS.find(_method_name(self.method_name, self.prune, [s for s, v in self.sections.items() if v]))
 
     def with_steps(self, max_steps: int) -> TrainRecipe:
         """This recipe for a run of ``max_steps``: the training length set, and the method's pruning
@@ -135,19 +139,36 @@ class TrainRecipe:
 
         method = self.method
         if self.method_section is not None:
-            method = _method_config(self.method_section, self.prune, max_steps)
-        return replace(self, method=method, training=replace(self.training, max_steps=max_steps))
+            method = _method_config(self.method_section, self.method_class().prunes_rank, max_steps, check_end=True)
+        # the length as steps, the one spelling a run record needs (epochs said how to count them)
+        return replace(self, method=method, training=replace(self.training, max_steps=max_steps, epochs=None))
 
     def to_dict(self) -> dict[str, Any]:
+        sections = {s: None if self.sections.get(s) is None else self.sections[s].to_dict() for s in _section_owners()}
         return {
             "model": self.model,
             "prune": self.prune,
-            "loraprune": None if self.loraprune is None else self.loraprune.to_dict(),
-            "salr": None if self.salr is None else self.salr.to_dict(),
+            **sections,
             "data": self.data.to_dict(),
             "method": self.method.to_dict(),
             "training": asdict(self.training),
+            "method_name": self.method_class().name,
         }
+
+
+def _section_owners() -> dict[str, str]:
+    """Recipe section -> the method whose options it holds (``loraprune`` -> loraprune, ``salr`` -> salr)."""
+    return {cls.section: cls.name for cls in METHODS.classes() if cls.section}
+
+
+def _method_name(tag: str | None, prune: bool, sections: list[str]) -> str:
+    """The method a recipe names: ``method.name`` when given, else the older spelling's (a method's own
+    section, else ``prune``: true is PrunedLoRA, false plain LoRA)."""
+    if tag is not None:
+        return tag
+    if sections:
+        return _section_owners()[sections[0]]
+    return "prunedlora" if prune else "lora"
 
 
 _SECTIONS = {"data": DataConfig, "method": PrunedLoraConfig, "training": TrainingOptions}
@@ -173,11 +194,16 @@ def schedule_defaults(method: dict[str, Any], max_steps: int) -> dict[str, Any]:
     return out
 
 
-def _method_config(section: dict[str, Any], prune: bool, max_steps: int | None) -> PrunedLoraConfig:
-    """The method section as a PrunedLoraConfig for a run of ``max_steps`` (None: not known yet).
+def _method_config(
+    section: dict[str, Any], prune: bool, max_steps: int | None, check_end: bool = False
+) -> PrunedLoraConfig:
+    """The method section as a PrunedLoraConfig for a run of ``max_steps`` (None: not known yet);
+    ``check_end`` refuses a cubic schedule that does not end inside the run (the runner asks, before
+    the model loads; tools that stretch a recipe's schedule load it first and check in their own words).
 
-    Plain LoRA (``prune: false``) trains at r0 and never prunes, so the pruning options do not
-    constrain it: a recipe written for pruning trains plain LoRA at any r0 (``--method.r0 8``)."""
+    A method that does not prune the adapter's rank (plain LoRA, ``prune: false``; LoRAPrune; SALR)
+    trains at r0 and never prunes, so the pruning options do not constrain it: a recipe written for
+    pruning trains plain LoRA at any r0 (``--method.r0 8``)."""
     values = dict(section)
     if not prune:
         r0 = values.get("r0", PrunedLoraConfig.r0)
@@ -189,7 +215,7 @@ def _method_config(section: dict[str, Any], prune: bool, max_steps: int | None) 
     if max_steps is not None:
         values = schedule_defaults(values, max_steps)
         config = PrunedLoraConfig.from_dict(values)
-        if config.schedule == "cubic" and config.prune_end_step >= max_steps:
+        if check_end and config.schedule == "cubic" and config.prune_end_step >= max_steps:
             raise ConfigError(
                 f"prune_end_step ({config.prune_end_step}) must be before max_steps ({max_steps}) so that the run "
                 "ends at the target rank; lower it, or leave it out to place it at two thirds of the run"
@@ -262,11 +288,12 @@ def recipe_from_dict(raw: dict[str, Any]) -> TrainRecipe:
     Every problem is a ConfigError (a PrunedLoraError) that names the section and key."""
     if not isinstance(raw, dict):
         raise ConfigError(f"a recipe must be a mapping with model, data, method, training; got a {type(raw).__name__}")
-    unknown = sorted(map(str, set(raw) - {"model", "prune", "loraprune", "salr", *_SECTIONS}))
+    owners = _section_owners()
+    unknown = sorted(map(str, set(raw) - {"model", "prune", *owners, *_SECTIONS}))
     if unknown:
         raise ConfigError(
             f"unknown recipe section(s) {unknown}; a recipe has model, prune, data, method, training "
-            "(and loraprune or salr)"
+            f"(and {' or '.join(owners)})"
         )
     if "model" not in raw:
         raise ConfigError(
@@ -302,57 +329,53 @@ def recipe_from_dict(raw: dict[str, Any]) -> TrainRecipe:
             sections[name] = cls(**values)
         except PrunedLoraError as err:
             raise ConfigError(f"{name}: {err}") from None
-    loraprune = raw.get("loraprune")
-    if loraprune is not None:
-        if not isinstance(loraprune, dict):
-            raise ConfigError(f"loraprune must be a mapping of option: value, got {type(loraprune).__name__}")
-        try:
-            loraprune = LorapruneConfig.from_dict(loraprune)
-        except PrunedLoraError as err:
-            raise ConfigError(f"loraprune: {err}") from None
-        if prune:
-            raise ConfigError(
-                "a loraprune recipe prunes the base model while plain LoRA trains: set prune: false "
-                "(rank pruning of the adapter at the same time is not supported)"
-            )
-    salr = _salr_section(raw, prune, loraprune)
-    method_section = raw.get("method") or {}
+    method_section = dict(raw.get("method") or {})  # a mapping: checked with the other sections above
+    method_cls, tag = _recipe_method(raw, method_section.pop("name", None))
+    parsed = {}
     try:
-        method = _method_config(method_section, prune, sections["training"].max_steps)
+        method_cls.check_recipe(raw)
+        if method_cls.section is not None:
+            parsed[method_cls.section] = method_cls.parse_section(raw.get(method_cls.section))
+    except PrunedLoraError as err:
+        raise ConfigError(str(err)) from None
+    try:
+        method = _method_config(method_section, method_cls.prunes_rank, sections["training"].max_steps)
     except PrunedLoraError as err:
         raise ConfigError(f"method: {err}") from None
     return TrainRecipe(
         model=model,
-        prune=prune,
-        loraprune=loraprune,
-        salr=salr,
+        prune=method_cls.prunes_rank,
+        sections=parsed,
+        method_name=tag,
         method=method,
-        method_section=dict(method_section) if isinstance(method_section, dict) else {},
+        method_section=method_section,
         **sections,
     )
 
 
-def _salr_section(raw: dict[str, Any], prune: bool, loraprune: LorapruneConfig | None) -> SalrSection | None:
-    """The ``salr`` section, refused when another part of the recipe contradicts it."""
-    if raw.get("salr") is None:
-        return None
-    if prune:
+def _recipe_method(raw: dict[str, Any], tag: Any) -> tuple[type[Method], str | None]:
+    """(the method class, the recipe's ``method.name`` or None) of a recipe, refused where its parts disagree."""
+    owners = _section_owners()
+    present = [s for s in owners if raw.get(s) is not None]
+    if len(present) > 1:
         raise ConfigError(
-            "a salr recipe trains the sparsify folder's adapter at its full rank: set prune: false "
-            "(rank pruning of that adapter is not supported)"
+            f"a recipe has a {present[-1]} or a {present[0]} section, not both: they prune the base differently"
         )
-    if loraprune is not None:
-        raise ConfigError("a recipe has a salr or a loraprune section, not both: they prune the base differently")
-    shape = sorted(set(raw.get("method") or {}) & set(ADAPTER_SHAPE_OPTIONS))
-    if shape:
+    if tag is None:
+        return METHODS.find(_method_name(None, raw.get("prune", True), present)), None
+    cls = METHODS.find(tag) if isinstance(tag, str) else None
+    if cls is None:
+        raise ConfigError(f"method.name must be one of {', '.join(METHODS.names())}; got {tag!r}")
+    if present and present[0] != cls.section:
         raise ConfigError(
-            f"method.{shape[0]} does not apply to a salr recipe: the adapter's rank, alpha and targets are the "
-            "sparsify folder's (set them under salr.sparsify: residual_rank, task_rank, lora_alpha, target_modules)"
+            f"method.name {tag} has no {present[0]} section: drop it, or name method {owners[present[0]]}"
         )
-    try:
-        return SalrSection.from_dict(raw["salr"])
-    except PrunedLoraError as err:
-        raise ConfigError(str(err) if str(err).startswith("salr") else f"salr: {err}") from None
+    if "prune" in raw and raw["prune"] != cls.prunes_rank:
+        raise ConfigError(
+            f"prune: {str(raw['prune']).lower()} contradicts method.name {tag}: drop prune (the name says "
+            "which method trains)"
+        )
+    return cls, tag
 
 
 def packaged_recipes() -> dict[str, Any]:

@@ -10,9 +10,9 @@ from pathlib import Path
 import torch
 
 from prunedlora import metadata
-from prunedlora.config import PrunedLoraConfig
+from prunedlora.method import Method
 from prunedlora.modelfacts import base_linear_shapes, model_facts, resolve_targets
-from prunedlora.pruner import RankPruner
+from prunedlora.rank.config import PrunedLoraConfig
 from prunedlora.tasks import DataError
 from prunedlora.train.recipe import TrainRecipe
 
@@ -94,8 +94,10 @@ def training_arguments(opts, output_dir: str | Path, **overrides):
 
 
 def train(recipe: TrainRecipe, resume: bool | str = "auto", callbacks: list | None = None) -> TrainResult:
-    """Fine-tune with LoRA at r0 and prune to the recipe's target; write the run directory.
+    """Train the recipe's adapter with the recipe's method and write the run directory.
 
+    The method (``recipe.method_class()``, ``prunedlora.method``) builds the model, gives the Trainer
+    callbacks that drive it and writes its own files; this function knows no method by name.
     ``resume="auto"`` continues from the run directory's last checkpoint when there is one, so an
     interrupted command can simply be run again.
     """
@@ -103,7 +105,7 @@ def train(recipe: TrainRecipe, resume: bool | str = "auto", callbacks: list | No
     from transformers.trainer_callback import ProgressCallback
 
     from prunedlora.models import resolve_model
-    from prunedlora.train.callback import LorapruneCallback, PrunedLoraCallback, RankProgressCallback
+    from prunedlora.train.callback import RankLogCallback, RankProgressCallback
     from prunedlora.train.data import build_train_dataset, make_collator
 
     model_dir = resolve_model(recipe.model, tokenizer=True)
@@ -122,28 +124,14 @@ def train(recipe: TrainRecipe, resume: bool | str = "auto", callbacks: list | No
     recipe.method.check_modules(list(base_linear_shapes(model_dir)), model_facts(model_dir).module_paths())  # headers
     opts = recipe.training
     torch.manual_seed(opts.seed)
-    salr_callbacks, salr_source = [], None
-    if recipe.salr is not None:
-        model, recipe, salr_source, salr_callbacks = _salr_model(recipe, model_dir)
-    else:
-        model = build_peft_model(model_dir, recipe.method, opts.dtype)
+    method: Method = recipe.method_class()(recipe)
+    model = method.build_model(model_dir, lambda config: build_peft_model(model_dir, config, opts.dtype))
+    recipe = method.recipe  # a method may describe the adapter it built (SALR: the folder's shape)
     if opts.gradient_checkpointing:
         model.gradient_checkpointing_enable()
         model.enable_input_require_grads()
 
-    pruner = RankPruner(model, recipe.method)
-    if not recipe.prune:  # plain LoRA at r0: the pruner only reports ranks, it never fires
-        pruner.schedule = type(pruner.schedule)(
-            events=(),
-            num_modules=len(pruner.modules),
-            r0=recipe.method.r0,
-            final_total=len(pruner.modules) * recipe.method.r0,
-        )
-    base_pruner = None
-    if recipe.loraprune is not None:
-        from prunedlora.loraprune.pruner import LoraPruner
-
-        base_pruner = LoraPruner(model, recipe.loraprune, total_steps=opts.max_steps)
+    method_callbacks = method.start(model, opts.max_steps)
     evaluation = {}
     if dev_dataset is not None:  # the dev loss, a few times a run, beside the training loss
         evaluation = dict(
@@ -167,15 +155,10 @@ def train(recipe: TrainRecipe, resume: bool | str = "auto", callbacks: list | No
         train_dataset=dataset,
         eval_dataset=dev_dataset,
         data_collator=make_collator(tokenizer),
-        callbacks=[
-            PrunedLoraCallback(pruner),
-            *([LorapruneCallback(base_pruner)] if base_pruner is not None else []),
-            *salr_callbacks,
-            *(callbacks or []),
-        ],
+        callbacks=[*method_callbacks, RankLogCallback(method), *(callbacks or [])],
     )
     trainer.remove_callback(ProgressCallback)
-    trainer.add_callback(RankProgressCallback(pruner))
+    trainer.add_callback(RankProgressCallback(method))
 
     checkpoint = None
     if resume:
@@ -189,25 +172,13 @@ def train(recipe: TrainRecipe, resume: bool | str = "auto", callbacks: list | No
     if dev_losses:
         logger.info("dev loss: %s", ", ".join(f"step {s} {v:.4f}" for s, v in dev_losses))
     if trainer.is_world_process_zero():
-        if base_pruner is not None:  # the final masks: `prunedlora prune-export RUN OUT` slices with them
-            base_pruner.save(run_dir)  # before the run record, which is written last
-        if salr_source is None:
-            write_run_dir(run_dir, model, pruner, recipe, model_dir, trainer.state.global_step, dev_losses=dev_losses)
-        else:  # the adapter belongs to the materialised sparse base: that is the run's base model
-            write_run_dir(
-                run_dir,
-                model,
-                pruner,
-                recipe,
-                salr_source.base_dir,
-                trainer.state.global_step,
-                salr_source.provenance(),
-                dev_losses=dev_losses,
-            )
+        method.finish(run_dir)  # the method's own files, before the run record (written last)
+        write_run_dir(run_dir, model, method, recipe, trainer.state.global_step, dev_losses=dev_losses)
+        logger.info("run directory %s; next: prunedlora %s %s OUT", run_dir, method.export_command, run_dir)
     return TrainResult(
         run_dir=run_dir,
-        ranks=pruner.ranks(),
-        average_rank=pruner.average_rank,
+        ranks=method.ranks(),
+        average_rank=method.average_rank,
         train_loss=float(output.training_loss),
         losses=losses,
         global_step=trainer.state.global_step,
@@ -217,58 +188,40 @@ def train(recipe: TrainRecipe, resume: bool | str = "auto", callbacks: list | No
 
 def _dev_dataset(tokenizer, recipe: TrainRecipe):
     """The first ``training.eval_examples`` of the dev split, tokenized as training tokenizes, or None
-    when the data has no dev split (never a part of the training split: ``tasks.split_dev``)."""
+    when the dev loss is off (``training.eval_steps``) or the data has no dev split (a dev split is
+    never a part of the training split: ``tasks.split_dev``)."""
     from prunedlora.tasks import has_dev_split
     from prunedlora.train.data import build_train_dataset
 
-    if not has_dev_split(recipe.data):
+    every = recipe.training.eval_steps
+    if every == 0 or (every is None and recipe.data.preset is not None) or not has_dev_split(recipe.data):
         return None
     dev = replace(recipe.data, split="dev", max_examples=recipe.training.eval_examples, mix=None)
     try:
         return build_train_dataset(tokenizer, dev)
-    except DataError as err:
-        if "selects nothing" in str(err):  # own data too small for a carve
-            return None
-        raise
-
-
-def _salr_model(recipe: TrainRecipe, model_dir: Path):
-    """(PEFT model, recipe with the folder's adapter shape as its method, SalrSource, callbacks) of a
-    ``salr`` recipe: the sparsify folder (made first if the section says how) loaded for training."""
-    from prunedlora.salr.training import ResidualDampingCallback, load_for_training, prepare_source
-
-    source = prepare_source(recipe.salr, model_dir)
-    model, damping = load_for_training(
-        source.dir, dtype=recipe.training.dtype, residual=source.residual, residual_lr_scale=source.residual_lr_scale
-    )
-    scaled = "" if source.residual_lr_scale is None else f" at {source.residual_lr_scale:g} x the learning rate"
-    logger.info(
-        "SALR: training %s over the sparse base %s, residual %s%s", source.dir, source.base_dir, source.residual, scaled
-    )
-    callbacks = [ResidualDampingCallback(damping)] if damping is not None else []
-    return model, replace(recipe, method=source.method()), source, callbacks
+    except DataError as err:  # too small for a carve, or nothing fits max_length: train without it
+        logger.warning("no dev loss during training: %s", err)
+        return None
 
 
 def write_run_dir(
     run_dir: Path,
     model,
-    pruner: RankPruner,
+    method: Method,
     recipe: TrainRecipe,
-    model_dir: Path,
     step: int,
-    salr: dict | None = None,
     dev_losses: list[tuple[int, float]] | None = None,
 ) -> None:
     """Adapter at r0 (pruned components exactly 0), masks, rank history, run record, rank heatmap.
 
-    ``salr`` (a SALR run's source folder, ``SalrSource.provenance``) is kept in the record's
-    ``training`` under ``salr_source``; export reads it to refuse serving the adapter on the dense model."""
+    The record's ``training`` holds the recipe and what the method adds (``Method.record``: a SALR
+    run's source folder, which export reads to refuse serving the adapter on the dense model); its base
+    model is the one the adapter belongs to (``Method.base_model_dir``)."""
     from prunedlora.train.plots import plot_rank_heatmap
 
-    pruner.mask_weights()
-    ranks = pruner.ranks()
+    ranks = method.ranks()
     record = metadata.RunRecord(
-        base_model=str(model_dir),
+        base_model=str(method.base_model_dir),
         r0=recipe.method.r0,
         lora_alpha=recipe.method.lora_alpha,
         use_rslora=recipe.method.use_rslora,
@@ -277,12 +230,12 @@ def write_run_dir(
         method=recipe.method.to_dict(),
         training={
             **recipe.to_dict(),
-            **({"salr_source": salr} if salr else {}),
+            **method.record(),
             **({"dev_losses": [list(x) for x in dev_losses]} if dev_losses else {}),
         },
         global_step=step,
     )
-    metadata.write_run(run_dir, record, pruner.masks, model.save_pretrained, history=pruner.history)
+    metadata.write_run(run_dir, record, method.masks, model.save_pretrained, history=method.history)
     plot_rank_heatmap(
         ranks,
         run_dir / metadata.RANKS_PLOT_FILE,

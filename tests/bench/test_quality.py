@@ -146,7 +146,7 @@ def test_the_protocol_recipes_still_give_the_committed_cells_keys(path, tmp_path
 def test_every_protocol_recipe_prunes_on_the_protocols_schedule(task):
     """Issue 9's schedule for every task alike: the first event after warm-up (B has grown), the last by
     70% of training, so at least 30% of the steps train at the final ranks."""
-    from prunedlora.schedule import PruningSchedule
+    from prunedlora.rank.schedule import PruningSchedule
     from prunedlora.train.recipe import load_recipe
 
     recipe = load_recipe(quality.PROTOCOL_RECIPES_DIR / f"smollm2-{task}.yaml")

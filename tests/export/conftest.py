@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from prunedlora import metadata
-from prunedlora.config import PrunedLoraConfig
+from prunedlora.rank.config import PrunedLoraConfig
 
 # A masks spec: "random" (mixed patterns, including a module that keeps everything and one pruned to
 # zero), "full" (nothing pruned), {module: bool mask}, or fn(module_name, index, r0, generator) -> mask.

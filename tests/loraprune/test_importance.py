@@ -10,8 +10,9 @@ square and orthogonal (the update of the product B·A is then W0's own gradient 
 import pytest
 import torch
 
+from prunedlora.loraprune.criteria import element_scores, layer_scores
 from prunedlora.loraprune.groups import DecoderShape
-from prunedlora.loraprune.importance import element_scores, estimated_weight_grad, layer_scores, reduce_to_groups
+from prunedlora.loraprune.importance import estimated_weight_grad, reduce_to_groups
 from tests.loraprune.helpers import batch, tiny_peft
 
 SHAPE = DecoderShape(num_layers=3, hidden=64, num_heads=4, num_kv_heads=2, head_dim=16, intermediate=128)

@@ -3,9 +3,10 @@ import json
 import pytest
 
 from prunedlora.salr import SalrError
+from prunedlora.salr.callback import ResidualDampingCallback
 from prunedlora.salr.pipeline import ADAPTER_DIR
 from prunedlora.salr.share import share_residual
-from prunedlora.salr.training import ResidualDampingCallback, load_for_training
+from prunedlora.salr.training import load_for_training
 from tests.salr.helpers import train_two_steps
 
 

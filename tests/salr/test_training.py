@@ -2,8 +2,9 @@ import pytest
 import torch
 
 from prunedlora.salr import SalrError
+from prunedlora.salr.callback import ResidualDampingCallback
 from prunedlora.salr.residual import lora_layers
-from prunedlora.salr.training import ResidualDampingCallback, load_for_training
+from prunedlora.salr.training import load_for_training
 from tests.salr.helpers import scale_residual_gradients, train_two_steps
 
 

@@ -9,7 +9,7 @@ import torch
 def main(model_dir: str, run_dir: str, dump_dir: str, mode: str = "full") -> None:
     """``full``: an uninterrupted run; ``crash``: checkpoints every 2 steps and is interrupted at step 5;
     ``resume``: the same command again, resuming from the crashed run's last checkpoint."""
-    from prunedlora.pruner import find_lora_modules
+    from prunedlora.rank.pruner import find_lora_modules
     from prunedlora.train.recipe import recipe_from_dict
     from prunedlora.train.runner import train
 

@@ -8,9 +8,9 @@ import torch
 from transformers import TrainerCallback
 
 from prunedlora.cli import main
-from prunedlora.config import ConfigError
 from prunedlora.loraprune import export_pruned
 from prunedlora.loraprune.pruner import STATE_FILE, read_state
+from prunedlora.rank.config import ConfigError
 from prunedlora.train.recipe import recipe_from_dict
 from prunedlora.train.runner import train
 from tests.train.test_runner import Crash

@@ -4,17 +4,22 @@ from pathlib import Path
 
 import pytest
 
-from prunedlora.config import ConfigError
+from prunedlora.rank.config import ConfigError
 from prunedlora.train.recipe import load_recipe, packaged_recipes
 
 SHIPPED = [
+    "alpaca-example",
+    "chat-example",
+    "classification-example",
     "demo",
     "demo-gsm8k",
+    "prompt-completion-example",
     "smollm2-codealpaca",
     "smollm2-gsm8k",
     "smollm2-loraprune",
     "smollm2-salr",
     "smollm2-sst2",
+    "text-example",
 ]
 
 
@@ -36,7 +41,9 @@ def test_a_file_wins_over_a_shipped_name(tmp_path, monkeypatch):
 
 
 def test_unknown_recipe_lists_the_shipped_names(tmp_path):
-    with pytest.raises(ConfigError, match="not found; give a YAML file or a shipped recipe's name: demo, demo-gsm8k"):
+    with pytest.raises(
+        ConfigError, match="not found; give a YAML file or a shipped recipe's name: alpaca-example, chat-example"
+    ):
         load_recipe(tmp_path / "nope.yaml")
     with pytest.raises(ConfigError, match="not found"):
         load_recipe("elsewhere/smollm2-sst2.yaml")  # a path that is not the recipes folder is not guessed

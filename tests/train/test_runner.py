@@ -11,10 +11,10 @@ from safetensors.torch import load_file
 from transformers import TrainerCallback
 
 from prunedlora import metadata
-from prunedlora.config import ConfigError
 from prunedlora.errors import PrunedLoraError
-from prunedlora.pruner import STATE_HISTORY_FILE, STATE_TENSORS_FILE, find_lora_modules
-from prunedlora.train import runner
+from prunedlora.rank import method as rank_method
+from prunedlora.rank.config import ConfigError
+from prunedlora.rank.pruner import STATE_HISTORY_FILE, STATE_TENSORS_FILE, find_lora_modules
 from prunedlora.train.recipe import load_recipe, recipe_from_dict
 from prunedlora.train.runner import train
 
@@ -107,7 +107,7 @@ def trained(tiny_model_path, tmp_path_factory):
     """One tiny run (accumulation 2), with its pruner, its in-memory model and what Adam saw."""
     pruners = []
 
-    class Capturing(runner.RankPruner):
+    class Capturing(rank_method.RankPruner):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             pruners.append(self)
@@ -115,7 +115,7 @@ def trained(tiny_model_path, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("trained") / "run"
     adam, keep = WhatAdamSees(pruners), KeepModel()
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(runner, "RankPruner", Capturing)
+        patch.setattr(rank_method, "RankPruner", Capturing)
         result = train(tiny_recipe(tiny_model_path, run_dir), callbacks=[adam, keep])
     return SimpleNamespace(run=run_dir, result=result, adam=adam, model=keep.model, pruner=pruners[0])
 

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from prunedlora.config import ConfigError
+from prunedlora.rank.config import ConfigError
 from prunedlora.train.recipe import load_recipe, recipe_from_dict
 
 
@@ -30,7 +30,7 @@ def fake_folder(path, **config):
 
 def test_a_section_with_sparsify_options_is_read(tmp_path):
     recipe = recipe_from_dict(raw(tmp_path))
-    assert recipe.salr.sparsify.residual_rank == 4 and recipe.salr.residual is None
+    assert recipe.sections["salr"].sparsify.residual_rank == 4 and recipe.sections["salr"].residual is None
     assert recipe.to_dict()["salr"]["sparsify"]["task_rank"] == 4
 
 
@@ -39,18 +39,22 @@ def test_an_existing_folder_alone_is_enough_and_overrides_reach_the_section(tmp_
     recipe_file = tmp_path / "r.yaml"
     recipe_file.write_text(f"model: default\nprune: false\ndata: {{task: gsm8k}}\nsalr: {{dir: {folder}}}\n")
     recipe = load_recipe(recipe_file, {"salr.residual": "trainable"})
-    assert recipe.salr.dir == str(folder) and recipe.salr.residual == "trainable" and recipe.salr.sparsify is None
+    assert (
+        recipe.sections["salr"].dir == str(folder)
+        and recipe.sections["salr"].residual == "trainable"
+        and recipe.sections["salr"].sparsify is None
+    )
 
 
 def test_a_residual_learning_rate_scale_is_read(tmp_path):
     section = {**raw(tmp_path)["salr"], "residual": "trainable", "residual_lr_scale": 0.1}
     recipe = recipe_from_dict(raw(tmp_path, salr=section))
-    assert recipe.salr.residual_lr_scale == 0.1 and recipe.to_dict()["salr"]["residual_lr_scale"] == 0.1
-    assert recipe_from_dict(raw(tmp_path)).salr.residual_lr_scale is None
+    assert recipe.sections["salr"].residual_lr_scale == 0.1 and recipe.to_dict()["salr"]["residual_lr_scale"] == 0.1
+    assert recipe_from_dict(raw(tmp_path)).sections["salr"].residual_lr_scale is None
     # an existing folder trains with the mode it recorded, not the options' default (frozen): no refusal here
     folder = fake_folder(tmp_path / "f", residual_rank=4, task_rank=4, residual="trainable")
     section = {"dir": str(folder), "sparsify": {"residual_rank": 4, "task_rank": 4}, "residual_lr_scale": 0.1}
-    assert recipe_from_dict(raw(tmp_path, salr=section)).salr.residual_lr_scale == 0.1
+    assert recipe_from_dict(raw(tmp_path, salr=section)).sections["salr"].residual_lr_scale == 0.1
 
 
 @pytest.mark.parametrize(
@@ -100,7 +104,7 @@ def test_a_folder_made_with_other_options_is_refused(tmp_path):
         recipe_from_dict(raw(tmp_path, salr=section))
     assert "\n" not in str(info.value)
     section["sparsify"]["residual_rank"] = 8  # `residual` is only the training default: not a difference
-    assert recipe_from_dict(raw(tmp_path, salr=section)).salr.sparsify.residual == "trainable"
+    assert recipe_from_dict(raw(tmp_path, salr=section)).sections["salr"].sparsify.residual == "trainable"
 
 
 def test_a_non_empty_folder_without_a_record_is_not_overwritten(tmp_path):
@@ -118,7 +122,7 @@ def test_a_record_written_before_an_option_existed_counts_as_its_default(tmp_pat
     del record["config"]["residual_fit"]
     (folder / "salr.json").write_text(json.dumps(record))
     section = {"dir": str(folder), "sparsify": {"residual_rank": 4, "task_rank": 4, "residual_fit": "svd"}}
-    assert recipe_from_dict(raw(tmp_path, salr=section)).salr.sparsify.residual_fit == "svd"
+    assert recipe_from_dict(raw(tmp_path, salr=section)).sections["salr"].sparsify.residual_fit == "svd"
     section["sparsify"]["residual_fit"] = "whitened"
     with pytest.raises(ConfigError, match=r"residual_fit 'svd' \(recipe 'whitened'\)"):
         recipe_from_dict(raw(tmp_path, salr=section))
@@ -144,4 +148,4 @@ def test_a_reused_folder_must_come_from_the_recipes_calibration_text(tmp_path):
         recipe_from_dict(raw(tmp_path, salr=section))
     record["calibration"]["sha256"] = hashlib.sha256(text.read_bytes()).hexdigest()
     (folder / "salr.json").write_text(json.dumps(record))
-    assert recipe_from_dict(raw(tmp_path, salr=section)).salr.calibration == str(text)
+    assert recipe_from_dict(raw(tmp_path, salr=section)).sections["salr"].calibration == str(text)

@@ -10,28 +10,10 @@ from typing import Any
 from prunedlora.errors import PrunedLoraError
 from prunedlora.modelfacts import ALL_LINEAR
 
-# "obs-paper" is PrunedLoRA's second-order score as the paper's code computes it (H = G^T G from one batch);
-# "obs-fisher" and "obs-input" are the variants derived in criteria.py, "sensitivity" AdaLoRA's smoothed
-# importance on LoRA's components, "taylor-ema" LoRAPrune's moving average of taylor. "obs" names the second-order score
-# the quality protocol measured best (docs/results.md): obs-input. See README ("The method").
-CRITERIA = (
-    "obs",
-    "obs-paper",
-    "obs-fisher",
-    "obs-input",
-    "sensitivity",
-    "taylor",
-    "taylor-ema",
-    "activation",
-    "magnitude",
-)
-CRITERION_ALIASES = {"obs": "obs-input"}
-# The recovery update measured best for each criterion (benchmarks/score_screening.py: obs-input's own
-# re-fit helps; every other criterion's update, built from gradients, costs more than it recovers).
-DEFAULT_RECOVERY = {"obs-input": "compensate"}
+# Criteria are registered classes (prunedlora.rank.criteria: one module each, with its derivation and its
+# default recovery); this module asks the registry, on construction, which names exist.
 SCHEDULES = ("cubic", "constant")
 ALLOCATIONS = ("global", "uniform")
-RECOVERIES = ("none", "compensate", "newton")
 
 
 class ConfigError(PrunedLoraError):
@@ -66,8 +48,8 @@ class PrunedLoraConfig:
     schedule: str = "cubic"
     components_per_event: int = 2
     allocation: str = "global"
-    criterion: str = "obs"  # resolved to the concrete score on construction (CRITERION_ALIASES)
-    # None = the update measured best for the criterion (DEFAULT_RECOVERY, else "none"): with H built from
+    criterion: str = "obs"  # a registered criterion's name or alias, resolved to its name on construction
+    # None = the update measured best for the criterion (its default_recovery, mostly "none"): with H built from
     # one batch's gradients the OBS compensation overshoots on SmolLM2 (benchmarks/recovery_modes.py), while
     # obs-input's re-fit over B's inputs has the right scale and recovers loss (score_screening).
     recovery: str | None = None
@@ -86,9 +68,11 @@ class PrunedLoraConfig:
             )
         if not isinstance(self.target_modules, str):
             self.target_modules = list(self.target_modules)
-        self.criterion = CRITERION_ALIASES.get(self.criterion, self.criterion)
+        criterion = self.criterion_class()
+        if criterion is not None:
+            self.criterion = criterion.name
         if self.recovery is None:
-            self.recovery = DEFAULT_RECOVERY.get(self.criterion, "none")
+            self.recovery = "none" if criterion is None else criterion.default_recovery
         if self.max_rank is None:
             self.max_rank = self.r0
         self._validate()
@@ -106,11 +90,13 @@ class PrunedLoraConfig:
         need(self.lora_alpha > 0, f"lora_alpha must be positive, got {self.lora_alpha}")
         need(0.0 <= self.lora_dropout < 1.0, f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
         need(len(self.target_modules) > 0, "target_modules is empty: name at least one module, e.g. q_proj")
+        from prunedlora.rank import criteria
+
         for name, value, allowed in (
-            ("criterion", self.criterion, CRITERIA),
+            ("criterion", self.criterion, criteria.names()),
             ("schedule", self.schedule, SCHEDULES),
             ("allocation", self.allocation, ALLOCATIONS),
-            ("recovery", self.recovery, RECOVERIES),
+            ("recovery", self.recovery, criteria.RECOVERIES),
         ):
             need(value in allowed, f"{name} must be one of {', '.join(allowed)}; got {value!r}")
         need(
@@ -156,6 +142,12 @@ class PrunedLoraConfig:
         need(self.hessian_damping > 0, f"hessian_damping must be positive, got {self.hessian_damping}")
 
     # -- derived quantities -------------------------------------------------------------------
+    def criterion_class(self):
+        """The registered ``Criterion`` class ``criterion`` names (None when it names none)."""
+        from prunedlora.rank import criteria
+
+        return criteria.find(self.criterion)
+
     @property
     def scaling(self) -> float:
         """The LoRA scaling PEFT applies at rank r0: alpha/r0, or alpha/sqrt(r0) with rsLoRA."""

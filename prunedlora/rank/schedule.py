@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from prunedlora.config import PrunedLoraConfig
+from prunedlora.rank.config import PrunedLoraConfig
 
 
 @dataclass(frozen=True)
