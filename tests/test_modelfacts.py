@@ -52,3 +52,16 @@ def test_column_order_follows_each_familys_running_order():
         for p in ("mlp.down_proj", "self_attn.qkv_proj", "mlp.gate_up_proj", "self_attn.o_proj")
     }
     assert rank_table(phi3)[1] == ["qkv", "o", "gate_up", "down"]
+
+
+def test_the_installed_vllm_has_every_supported_family():
+    """The families' architectures as vLLM's registry names them (read as text, vLLM not imported)."""
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None:
+        pytest.skip("vLLM is not installed")
+    from prunedlora.modelfacts import FAMILIES
+    from prunedlora.vllm_compat import vllm_has_architecture
+
+    assert all(vllm_has_architecture(a) for f in FAMILIES for a in f.architectures)
+    assert vllm_has_architecture("NoSuchModelForCausalLM") is False
