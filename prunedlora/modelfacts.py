@@ -370,3 +370,24 @@ def resolve_targets(model_dir: str | os.PathLike, target_modules) -> list[str] |
     ):
         return list(model_facts(model_dir).projections)
     return target_modules if isinstance(target_modules, str) else list(target_modules)
+
+
+def check_servable(model_dir: str | os.PathLike) -> None:
+    """Refuse, in one line, a model whose architecture the installed vLLM lacks (serving checks this
+    before it starts anything); nothing is said when vLLM is not installed (serve says that itself)."""
+    from prunedlora.vllm_compat import vllm_has_architecture
+
+    config = read_config(model_dir)
+    family = family_of(config, model_dir)
+    architecture = str((config.get("architectures") or [family.architectures[0]])[0])
+    if vllm_has_architecture(architecture) is False:
+        import importlib.metadata
+
+        try:
+            version = importlib.metadata.version("vllm")
+        except importlib.metadata.PackageNotFoundError:
+            version = "unknown"
+        raise UnsupportedModelError(
+            f"{model_dir}: the installed vLLM ({version}) has no {architecture} ({family.name}): "
+            "serve it with a vLLM release that has it"
+        )

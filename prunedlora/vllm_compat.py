@@ -104,3 +104,23 @@ def pattern_value(pattern: dict[str, float] | None, module_name: str):
         if re.match(PATTERN_MATCH.format(key=key), module_name):
             return value
     return None
+
+
+def vllm_has_architecture(architecture: str) -> bool | None:
+    """Whether the installed vLLM names ``architecture`` (a config.json ``architectures`` entry) in its
+    model registry; None when vLLM is not installed or its registry cannot be read.
+
+    Read as text from ``vllm/model_executor/models/registry.py`` rather than imported: importing vLLM's
+    model registry takes many seconds, and ``serve --dry-run`` starts nothing.
+    """
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.find_spec("vllm")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    registry = Path(next(iter(spec.submodule_search_locations))) / "model_executor" / "models" / "registry.py"
+    try:
+        return f'"{architecture}"' in registry.read_text()
+    except OSError:
+        return None

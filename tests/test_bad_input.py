@@ -573,6 +573,14 @@ def test_model_folders_train_and_serve_cannot_use(case, no_tokenizer_model, work
     assert expect in refused(["serve", "--model", path, "--dry-run"], capsys, str(path), work)
 
 
+def test_a_family_the_installed_vllm_lacks(tiny_model_path, work, capsys, monkeypatch):
+    from prunedlora import vllm_compat
+
+    monkeypatch.setattr(vllm_compat, "vllm_has_architecture", lambda name: name != "LlamaForCausalLM")
+    line = refused(["serve", "--model", tiny_model_path, "--dry-run"], capsys, str(tiny_model_path), work)
+    assert "the installed vLLM" in line and "has no LlamaForCausalLM (Llama)" in line
+
+
 def test_target_module_matching_nothing_in_the_family(tiny_model_path, work, capsys):
     raw = good_recipe(tiny_model_path)
     raw["method"]["target_modules"] = ["q_proj", "qkv_proj"]

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from prunedlora.errors import PrunedLoraError
+from prunedlora.modelfacts import check_servable
 from prunedlora.models import resolve_model
 from prunedlora.serve.config import (
     DEFAULT_CPU_KV_CACHE_GIB,
@@ -72,6 +73,7 @@ class OfflineEngine:
         self.lora_ops = lora_ops
         ops_env = lora_ops_env(lora_ops)
         self.model_dir = resolve_model(str(model), tokenizer=True)
+        check_servable(self.model_dir)  # its architecture in the installed vLLM
         self.device = resolve_device(device)
         for name in adapters or {}:
             check_adapter_name(name)

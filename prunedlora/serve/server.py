@@ -25,6 +25,7 @@ import urllib.error
 from pathlib import Path
 
 from prunedlora.cpu import CpuChoice
+from prunedlora.modelfacts import check_servable
 from prunedlora.models import cache_dir, resolve_model
 from prunedlora.serve.config import (
     DEFAULT_CPU_KV_CACHE_GIB,
@@ -68,6 +69,7 @@ class VllmServer:
     def __init__(self, config: ServeConfig):
         self.config = config
         self.model_dir = resolve_model(str(config.model), tokenizer=True)
+        check_servable(self.model_dir)  # its architecture in the installed vLLM
         self.device = resolve_device(config.device)
         # dtype 'auto' and thread binding from the CPU (see prunedlora.cpu); None on a GPU
         self.cpu_choice: CpuChoice | None = cpu_choice(

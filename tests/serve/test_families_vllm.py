@@ -41,7 +41,7 @@ def _made(family, root: Path, tokenizer_from: Path) -> tuple[Path, dict[str, Pat
         ("uniform", 2, {"target_modules": list(family.projections[-2:]), "allocation": "uniform"}),
     ):
         recipe = family_recipe(model, root / f"run-{name}", **method)
-        recipe["training"].update(seed=seed, learning_rate=3e-2)
+        recipe["training"].update(seed=seed, learning_rate=family.serve_lr)
         train(recipe_from_dict(recipe))
         adapters[name] = export_adapter(root / f"run-{name}", root / name).out_dir
     ranks = [metadata.read_adapter_record(a).ranks for a in adapters.values()]
