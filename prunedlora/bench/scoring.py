@@ -98,7 +98,11 @@ def dev_examples(
 ) -> list[Example]:
     """The held-out split training never sees: the task's dev file, or the split carved from train by
     ``DataConfig`` (seeded by ``seed``, the data seed of the training runs, so the carve is theirs)."""
-    config = DataConfig(
+    return load_examples(_dev_config(task, data_path, settings, seed))
+
+
+def _dev_config(task: str, data_path: str | os.PathLike | None, settings: EvalSettings, seed: int) -> DataConfig:
+    return DataConfig(
         task=task,
         path=data_path,
         split="dev",
@@ -107,7 +111,6 @@ def dev_examples(
         max_length=settings.max_length,
         seed=seed,
     )
-    return load_examples(config)
 
 
 def _batches(items: list, size: int, desc: str):
@@ -418,16 +421,7 @@ def score_task(
     """Every metric of built-in ``task`` (see ``TASK_METRICS``) on its held-out split."""
     if task not in TASK_METRICS:
         raise ScoringError(f"no scorer for task {task!r}; known: {', '.join(TASK_METRICS)}")
-    config = DataConfig(
-        task=task,
-        path=data_path,
-        split="dev",
-        max_examples=settings.max_examples,
-        dev_size=settings.dev_size,
-        max_length=settings.max_length,
-        seed=data_seed,
-    )
-    return score_data(model, tokenizer, config, settings)
+    return score_data(model, tokenizer, _dev_config(task, data_path, settings, data_seed), settings)
 
 
 def score_adapter(
