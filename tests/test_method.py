@@ -64,7 +64,7 @@ def test_the_tagged_spelling_reads_as_the_older_one(new, old):
 
 def test_a_section_alone_names_its_method_without_prune_false():
     recipe = recipe_from_dict(_raw(loraprune={"sparsity": 0.3}))
-    assert recipe.method_class().name == "loraprune" and recipe.to_dict()["method_name"] == "loraprune"
+    assert recipe.method_class().name == "loraprune" and recipe.to_dict()["method"]["name"] == "loraprune"
     assert recipe.method_class().export_command == "prune-export"
 
 

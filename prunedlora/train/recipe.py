@@ -150,9 +150,8 @@ class TrainRecipe:
             "prune": self.prune,
             **sections,
             "data": self.data.to_dict(),
-            "method": self.method.to_dict(),
+            "method": {"name": self.method_class().name, **self.method.to_dict()},  # the tagged spelling
             "training": asdict(self.training),
-            "method_name": self.method_class().name,
         }
 
 
