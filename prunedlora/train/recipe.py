@@ -287,14 +287,6 @@ def recipe_from_dict(raw: dict[str, Any]) -> TrainRecipe:
     Every problem is a ConfigError (a PrunedLoraError) that names the section and key."""
     if not isinstance(raw, dict):
         raise ConfigError(f"a recipe must be a mapping with model, data, method, training; got a {type(raw).__name__}")
-    if "method_name" in raw:  # what to_dict (and so a run record) writes: method.name, read back the same
-        raw = dict(raw)
-        name = raw.pop("method_name")
-        method = raw.get("method")
-        if isinstance(method, dict) and "name" not in method:
-            raw["method"] = {**method, "name": name}
-        elif method is None:
-            raw["method"] = {"name": name}
     owners = _section_owners()
     unknown = sorted(map(str, set(raw) - {"model", "prune", *owners, *_SECTIONS}))
     if unknown:
