@@ -331,7 +331,8 @@ def _read(config: DataConfig, file_split: str) -> list[Example]:
     fmt.check_options(FormatOptions(template=template), where)
     check_columns(fmt, canonical, where, FormatOptions(template=template))
     options = FormatOptions(
-        labels=preset.labels if preset is not None else _own_label_words(config, fmt.name), template=template
+        labels=preset.labels if preset is not None else _own_label_words(config, fmt.name, rows, source),
+        template=template,
     )
     examples = fmt.examples(rows, where, options)
     if preset is not None and preset.clean is not None:
@@ -341,13 +342,19 @@ def _read(config: DataConfig, file_split: str) -> list[Example]:
     return examples
 
 
-def _own_label_words(config: DataConfig, fmt: str) -> dict[str, str] | None:
+def _own_label_words(
+    config: DataConfig, fmt: str, read: list[dict[str, Any]] | None = None, source: Any = None
+) -> dict[str, str] | None:
     """Label words of a classification file: the recipe's, else every label of the *training* file
-    (so a dev file with fewer classes is scored against the same candidates)."""
+    (so a dev file with fewer classes is scored against the same candidates). ``read`` (renamed rows of
+    ``source``) is used when ``source`` is that training file, which is then not read again."""
     if fmt != "classification" or config._label_words is not None:
         return config._label_words
-    rows, where = read_rows(config.path, "train")
-    rows = rename_columns(rows, config.columns, list(rows[0]) if rows else [], where)
+    if read is not None and source == config.path:
+        rows, where = read, str(source)
+    else:
+        rows, where = read_rows(config.path, "train")
+        rows = rename_columns(rows, config.columns, list(rows[0]) if rows else [], where)
     if rows and "label" not in rows[0]:
         return None  # check_columns names the missing column
     config._label_words = label_words(sorted({str(r["label"]).strip() for r in rows if r["label"] is not None}), where)

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from prunedlora import metadata
-from prunedlora.bench.paired import paired_bootstrap
+from prunedlora.bench.paired import example_values, paired_bootstrap
 from prunedlora.bench.scoring import EvalSettings, ScoringError, load_model, load_tokenizer, metrics_of, score_data
 from prunedlora.tasks import DataConfig
 
@@ -56,18 +56,12 @@ def resolve_adapter(path: str | os.PathLike) -> tuple[Path, str | None]:
 
 
 def _paired_values(result: dict, metric: str) -> tuple[dict[int, float], dict[int, float]]:
-    """(value, weight) per example: accuracy = correct (1); NLL and perplexity = -log-likelihood
-    (weight: tokens, so differences are per token); exact match = hit (1)."""
+    """(value, weight) per example: the quality cells' forms (``paired.example_values``: accuracy =
+    correct, NLL = -log-likelihood weighted by tokens), perplexity as its NLL, exact match = hit (1)."""
     if metric == "exact_match":
         hits = result.get("exact_match_per_example", [])
         return {i: float(h) for i, h in enumerate(hits)}, dict.fromkeys(range(len(hits)), 1.0)
-    per = result["per_example"]
-    if metric == "accuracy":
-        return {i: float(m > 0) for i, m in zip(per["index"], per["margin"])}, dict.fromkeys(per["index"], 1.0)
-    return (
-        {i: -s for i, s in zip(per["index"], per["logprob_sum"])},
-        {i: float(n) for i, n in zip(per["index"], per["tokens"])},
-    )
+    return example_values({"eval": result}, "nll" if metric == "perplexity" else metric)
 
 
 def compare_rows(rows: list[dict], metrics: tuple[tuple[str, str], ...]) -> list[dict]:
